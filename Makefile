@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test` (both install what is missing).
+# A machine that already has torch and triton (a GPU machine) keeps them; a CPU machine gets
+# the CPU build of torch (never the multi-GB CUDA one) and the triton of the GPU machines.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TORCH_CPU ?= torch==2.13.0+cpu
+TRITON ?= triton==3.6.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench tune
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)" \
+		|| $(PIP) install "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX)
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON)"
+	@$(PYTHON) -c "import numpy, pytest, pytest_timeout, matplotlib" 2>/dev/null \
+		|| $(PIP) install numpy pytest pytest-timeout matplotlib
+	@# Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which
+	@# numpy >= 2.4 refuses: CPU machines (interpreter) take numpy < 2.4.
+	@$(PYTHON) -c "import torch, numpy; v = tuple(map(int, numpy.__version__.split('.')[:2])); \
+		raise SystemExit(0 if torch.cuda.is_available() or v < (2, 4) else 1)" 2>/dev/null \
+		|| $(PIP) install "numpy<2.4"
+	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('moe_ep') is None)" 2>/dev/null \
+		|| $(PIP) install --no-deps --no-build-isolation -e .
+
+demo: install
+	$(PYTHON) -m moe_ep.demo
+
+test: install
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PYTHON) benchmarks/bench_ep.py
+
+tune: install
+	$(PYTHON) -m moe_ep.tune

@@ -1,0 +1,61 @@
+"""Vendor and run-mode specifics, in one place.
+
+Everything that differs between NVIDIA, AMD and the CPU (Triton's interpreter) is decided
+here; kernels and the transport ask this module instead of testing vendors themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+
+def gpu_available() -> bool:
+    """True when torch sees a CUDA or ROCm device."""
+    return torch.cuda.is_available()
+
+
+def use_interpreter_without_gpu() -> None:
+    """Run kernels through Triton's interpreter on a machine without a GPU.
+
+    Must run before any ``@triton.jit`` function is defined: Triton decides at decoration time
+    whether a function is compiled or interpreted. An explicit ``TRITON_INTERPRET`` wins.
+    """
+    if "TRITON_INTERPRET" not in os.environ and not gpu_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    if interpreting():
+        # The interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4
+        # allows it with this warning (numpy >= 2.4 refuses: see the Makefile's pin).
+        warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
+
+
+def interpreting() -> bool:
+    """True when ``@triton.jit`` kernels run in Triton's interpreter (on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def vendor() -> str:
+    """'nvidia', 'amd' or 'cpu': whose device the kernels run on in this process."""
+    if interpreting() or not gpu_available():
+        return "cpu"
+    return "amd" if torch.version.hip else "nvidia"
+
+
+def device_name(device: torch.device) -> str:
+    """The name of the card (or 'cpu') that runs the kernels on ``device``."""
+    if device.type == "cpu":
+        return "cpu"
+    return torch.cuda.get_device_name(device)
+
+
+# How many polls of a signal one second of waiting holds, by where the kernel runs. A wait is
+# bounded by a poll count (kernels have no portable clock), so the timeout is approximate: on a
+# GPU a system-scope acquire load takes about 0.3-1 us; in the interpreter a poll is Python work.
+_POLLS_PER_SECOND = {"nvidia": 2_000_000, "amd": 2_000_000, "cpu": 20_000}
+
+
+def max_polls(timeout_s: float) -> int:
+    """Poll budget of one wait for a timeout of ``timeout_s`` seconds (fits an int32)."""
+    return int(min(max(timeout_s, 0.0) * _POLLS_PER_SECOND[vendor()], 2**31 - 1))

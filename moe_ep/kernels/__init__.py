@@ -1,0 +1,1 @@
+"""Triton kernels, one file per family, each beside its launcher (see registry.py)."""

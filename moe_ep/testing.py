@@ -1,0 +1,175 @@
+"""Run a function on N ranks as real processes: the multi-rank harness of tests and demos.
+
+``RankPool(world_size, device)`` spawns one process per rank, each with a torch.distributed
+group (gloo over CPU tensors, with Triton's interpreter; nccl over one GPU per rank), and keeps
+them for many ``run(fn, *args)`` calls. ``fn(ctx, *args)`` runs on every rank; ``run`` returns
+the per-rank results, re-raises the first failure with its rank and traceback, and kills every
+process when the time runs out instead of hanging. After a failure the pool is closed (its
+ranks may disagree about the state of the group), so the next ``run`` needs a new pool.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What a function running on one rank gets."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    group: dist.ProcessGroup
+
+
+class RankError(RuntimeError):
+    """A rank raised; carries the rank and its traceback."""
+
+    def __init__(self, rank: int, message: str):
+        self.rank = rank
+        super().__init__(f"rank {rank} failed:\n{message}")
+
+
+class RankTimeout(TimeoutError):
+    """Some ranks did not finish in time; all processes were killed."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, device_type: str, port: int, tasks, results) -> None:
+    if device_type == "cpu":
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+        backend = "gloo"
+    else:
+        device = torch.device(device_type, rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size,
+                                device_id=device if device.type != "cpu" else None)
+        ctx = RankContext(rank, world_size, device, dist.group.WORLD)
+        results.put(("ready", rank, None))
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put(("ok", rank, fn(ctx, *args, **kwargs)))
+        except BaseException:
+            results.put(("error", rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    """``world_size`` rank processes on ``device`` ('cpu' or 'cuda'), reused across runs."""
+
+    def __init__(self, world_size: int, device: str = "cpu", start_timeout: float = 300.0):
+        if device != "cpu" and torch.cuda.device_count() < world_size:
+            raise RuntimeError(f"{world_size} ranks need {world_size} GPUs; "
+                               f"{torch.cuda.device_count()} are visible")
+        self.world_size = world_size
+        self.device = device
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, device, port, self._tasks[r], self._results))
+                       for r in range(world_size)]
+        # Children inherit the environment when started: CPU ranks must interpret kernels before
+        # anything (the pickled function's module, say) imports a kernel module.
+        saved = os.environ.get("TRITON_INTERPRET")
+        if device == "cpu":
+            os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        self.closed = False
+        self._collect("start", start_timeout)
+
+    def run(self, fn, *args, timeout: float = 300.0, **kwargs) -> list:
+        """Run ``fn(ctx, *args, **kwargs)`` on every rank; returns the results in rank order."""
+        if self.closed:
+            raise RuntimeError("this RankPool is closed (an earlier run failed); make a new one")
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        return self._collect(getattr(fn, "__name__", "task"), timeout)
+
+    def _collect(self, what: str, timeout: float) -> list:
+        deadline = time.monotonic() + timeout
+        results: dict[int, object] = {}
+        while len(results) < self.world_size:
+            try:
+                kind, rank, value = self._results.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in results]
+                if dead or time.monotonic() > deadline:
+                    self.kill()
+                    missing = sorted(set(range(self.world_size)) - set(results))
+                    why = f"ranks {dead} died" if dead else f"no answer in {timeout:.0f} s"
+                    raise RankTimeout(f"{what}: ranks {missing} did not finish ({why}); "
+                                      f"all {self.world_size} processes were killed")
+                continue
+            if kind == "error":
+                self.kill()
+                raise RankError(rank, value)
+            results[rank] = value
+        return [results[r] for r in range(self.world_size)]
+
+    def kill(self) -> None:
+        """Stop every rank process now."""
+        self.closed = True
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+        for p in self._procs:
+            p.join(timeout=10)
+
+    def close(self) -> None:
+        """Let every rank leave its group and exit."""
+        if self.closed:
+            return
+        self.closed = True
+        for q in self._tasks:
+            q.put(None)
+        for p in self._procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_ranks(fn, world_size: int, *args, device: str = "cpu", timeout: float = 300.0, **kwargs) -> list:
+    """Run ``fn(ctx, *args, **kwargs)`` once on ``world_size`` fresh rank processes."""
+    with RankPool(world_size, device) as pool:
+        return pool.run(fn, *args, timeout=timeout, **kwargs)

@@ -1,0 +1,165 @@
+"""Device-side primitives over the symmetric heap, as Triton ``@jit`` helpers.
+
+They hide where a peer's bytes live (a mapped file, CUDA/HIP IPC, NVSHMEM): a kernel gets the
+table of peer arena addresses and an offset, and works with plain pointers. They use only
+vendor-neutral Triton (int-to-pointer casts, system-scope atomics), so the same code compiles
+for NVIDIA and AMD and runs in Triton's interpreter across CPU processes.
+
+Ordering rules the kernels rely on:
+- data stores to a peer, then ``_signal`` (release, system scope) of a flag in that peer's
+  arena; the peer ``_wait_*`` (acquire, system scope) on the flag before it reads the data;
+- every flag has one writer, so a flag is written with an exchange, never an add that two
+  ranks could race on;
+- flags carry epochs (per-call sequence numbers kept on the device), so no flag is ever reset
+  and a CUDA-graph replay sees fresh values;
+- a wait polls a bounded number of times; on timeout it records who was missing in the
+  rank's local status words instead of hanging.
+"""
+
+import triton
+import triton.language as tl
+
+# Status words (int32, local to each rank): [code, peer, phase, epoch].
+STATUS_WORDS = 4
+STATUS_OK = tl.constexpr(0)
+STATUS_TIMEOUT = tl.constexpr(1)
+# Phases a wait can time out in; the host turns them into words.
+PHASE_BARRIER = tl.constexpr(1)
+PHASE_DISPATCH_CREDIT = tl.constexpr(2)
+PHASE_DISPATCH_RECV = tl.constexpr(3)
+PHASE_COMBINE_CREDIT = tl.constexpr(4)
+PHASE_COMBINE_RECV = tl.constexpr(5)
+PHASE_COPY_CREDIT = tl.constexpr(6)
+PHASE_COPY_RECV = tl.constexpr(7)
+PHASE_NAMES = {
+    PHASE_BARRIER.value: "barrier",
+    PHASE_DISPATCH_CREDIT.value: "dispatch (waiting for the peer to release its receive region)",
+    PHASE_DISPATCH_RECV.value: "dispatch (waiting for the peer's tokens)",
+    PHASE_COMBINE_CREDIT.value: "combine (waiting for the peer to release its receive region)",
+    PHASE_COMBINE_RECV.value: "combine (waiting for the peer's expert outputs)",
+    PHASE_COPY_CREDIT.value: "peer copy (waiting for the peer to release its receive region)",
+    PHASE_COPY_RECV.value: "peer copy (waiting for the peer's bytes)",
+}
+
+
+@triton.jit
+def _peer_ptr(peer_bases_ptr, rank, byte_offset, DTYPE: tl.constexpr):
+    """Pointer of type DTYPE* to ``byte_offset`` in ``rank``'s arena (scalar or block)."""
+    base = tl.load(peer_bases_ptr + rank)
+    return (base + byte_offset).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _signal(ptr, value):
+    """Publish ``value`` at ``ptr`` after every earlier store of this program (release, sys)."""
+    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+
+
+@triton.jit
+def _poll(ptrs, mask):
+    """Read flags with acquire semantics at system scope (an atomic add of zero)."""
+    return tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
+
+
+@triton.jit
+def _wait_geq(ptrs, targets, mask, max_polls, BLOCK: tl.constexpr):
+    """Poll the ``[BLOCK]`` flags ``ptrs`` until each (where ``mask``) is >= ``targets``.
+
+    Returns ``(values, missing)``: the last values read, and the lowest index of the block
+    that never reached its target (-1 when all did). Gives up after ``max_polls`` polls.
+    """
+    values = tl.where(mask, _poll(ptrs, mask), targets)
+    polls = 0
+    while (tl.max((values < targets).to(tl.int32), axis=0) > 0) & (polls < max_polls):
+        values = tl.where(values < targets, _poll(ptrs, mask & (values < targets)), values)
+        polls += 1
+    offs = tl.arange(0, BLOCK)
+    missing = tl.min(tl.where(values < targets, offs, BLOCK), axis=0)
+    missing = tl.where(missing == BLOCK, -1, missing)
+    return values, missing
+
+
+@triton.jit
+def _record_timeout(status_ptr, peer, phase, epoch):
+    """Record in the local status words that a wait for ``peer`` timed out in ``phase``."""
+    if tl.atomic_cas(status_ptr, STATUS_OK, STATUS_TIMEOUT) == STATUS_OK:
+        tl.store(status_ptr + 1, peer)
+        tl.store(status_ptr + 2, phase)
+        tl.store(status_ptr + 3, epoch)
+
+
+@triton.jit
+def _check_wait(status_ptr, missing, phase, epoch):
+    """Record a timeout when ``_wait_geq`` reports a missing peer (``missing`` >= 0)."""
+    if missing >= 0:
+        _record_timeout(status_ptr, missing, phase, epoch)
+
+
+@triton.jit
+def _launch_epoch(epoch_ptr):
+    """The epoch of the current call of an op: one more than the last finished call's."""
+    return tl.load(epoch_ptr, volatile=True) + 1
+
+
+@triton.jit
+def _finish_launch(done_ptr, epoch_ptr, epoch, NUM_PROGRAMS: tl.constexpr):
+    """Count this program out; the last program of the launch publishes ``epoch`` as done.
+
+    Every program read the epoch before it arrives here, so the last one may advance it.
+    """
+    arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == NUM_PROGRAMS - 1:
+        tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(epoch_ptr, epoch, sem="release", scope="gpu")
+
+
+@triton.jit
+def _barrier(peer_bases_ptr, flags_offset, status_ptr, rank, world_size, epoch, max_polls,
+             BLOCK_R: tl.constexpr):
+    """Cross-rank barrier of one program: tell every peer this rank reached ``epoch``, then wait
+    until every peer has told this rank the same.
+
+    ``flags_offset`` is a ``[world_size]`` int32 region; slot ``src_rank`` of ``dst_rank``'s copy
+    is written only by ``src_rank``. Epochs only grow, so no slot is ever reset.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < world_size
+    ptr_remote = _peer_ptr(peer_bases_ptr, offs_r, flags_offset + rank * 4, tl.int32)  # [BLOCK_R]
+    tl.debug_barrier()
+    tl.atomic_xchg(ptr_remote, tl.full([BLOCK_R], 0, tl.int32) + epoch, mask=mask_r,
+                   sem="release", scope="sys")
+    ptr_local = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r  # [BLOCK_R]
+    _, missing = _wait_geq(ptr_local, epoch, mask_r, max_polls, BLOCK_R)
+    _check_wait(status_ptr, missing, PHASE_BARRIER, epoch)
+    tl.debug_barrier()
+
+
+# Flow control between calls. A receive region written by ``src_rank`` in one call must not be
+# overwritten by its next call before ``dst_rank`` has consumed it. Each rank's arena holds a
+# ``[world_size, MAX_PARTS]`` int32 credit region: slot ``[dst_rank, q]`` is written only by
+# ``dst_rank`` with the epoch of the last call whose data it consumed. A launch whose receive
+# side has ``PARTS`` programs per peer writes, from part ``q``, every slot ``q' = q mod PARTS``,
+# so all MAX_PARTS slots advance on every call whatever PARTS is.
+MAX_PARTS = tl.constexpr(128)
+
+
+@triton.jit
+def _acquire_region(peer_bases_ptr, credit_offset, status_ptr, rank, dst_rank, epoch, phase,
+                    max_polls):
+    """Wait until ``dst_rank`` has consumed what this rank sent it in the previous call."""
+    offs_q = tl.arange(0, MAX_PARTS)
+    ptrs = _peer_ptr(peer_bases_ptr, rank, credit_offset + dst_rank * MAX_PARTS * 4, tl.int32) + offs_q
+    _, missing = _wait_geq(ptrs, epoch - 1, offs_q < MAX_PARTS, max_polls, MAX_PARTS)
+    if missing >= 0:
+        _record_timeout(status_ptr, dst_rank, phase, epoch)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _release_region(peer_bases_ptr, credit_offset, rank, src_rank, epoch, part, PARTS):
+    """Tell ``src_rank`` that part ``part`` (of ``PARTS``) of its data of this call is consumed."""
+    offs_q = tl.arange(0, MAX_PARTS)
+    ptrs = _peer_ptr(peer_bases_ptr, src_rank, credit_offset + rank * MAX_PARTS * 4, tl.int32) + offs_q
+    tl.debug_barrier()
+    tl.atomic_xchg(ptrs, tl.full([MAX_PARTS], 0, tl.int32) + epoch, mask=(offs_q % PARTS) == part,
+                   sem="release", scope="sys")
