@@ -7,6 +7,7 @@ here; kernels and the transport ask this module instead of testing vendors thems
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import torch
@@ -50,10 +51,18 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def yield_cpu() -> None:
+    """Sleep between two polls of a flag (interpreter only: a CPU rank waiting for a peer)."""
+    time.sleep(_POLL_PAUSE_S)
+
+
+_POLL_PAUSE_S = 0.001
+
 # How many polls of a signal one second of waiting holds, by where the kernel runs. A wait is
 # bounded by a poll count (kernels have no portable clock), so the timeout is approximate: on a
-# GPU a system-scope acquire load takes about 0.3-1 us; in the interpreter a poll is Python work.
-_POLLS_PER_SECOND = {"nvidia": 2_000_000, "amd": 2_000_000, "cpu": 20_000}
+# GPU a system-scope acquire load takes about 0.3-1 us; in the interpreter a poll is a pause of
+# 1 ms plus a few ms of Python work (measured on a 2-core CI machine).
+_POLLS_PER_SECOND = {"nvidia": 2_000_000, "amd": 2_000_000, "cpu": 250}
 
 
 def max_polls(timeout_s: float) -> int:

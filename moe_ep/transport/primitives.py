@@ -19,6 +19,8 @@ Ordering rules the kernels rely on:
 import triton
 import triton.language as tl
 
+from moe_ep import _platform
+
 # Status words (int32, local to each rank): [code, peer, phase, epoch].
 STATUS_WORDS = 4
 STATUS_OK = tl.constexpr(0)
@@ -61,6 +63,19 @@ def _poll(ptrs, mask):
     return tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
 
 
+if _platform.interpreting():
+    @triton.jit
+    def _pause():
+        """Between two polls, under the interpreter: give the CPU to the ranks that have work
+        (several rank processes share few cores)."""
+        _platform.yield_cpu()
+else:
+    @triton.jit
+    def _pause():
+        """Between two polls on a GPU: nothing."""
+        pass
+
+
 @triton.jit
 def _wait_geq(ptrs, targets, mask, max_polls, BLOCK: tl.constexpr):
     """Poll the ``[BLOCK]`` flags ``ptrs`` until each (where ``mask``) is >= ``targets``.
@@ -71,6 +86,7 @@ def _wait_geq(ptrs, targets, mask, max_polls, BLOCK: tl.constexpr):
     values = tl.where(mask, _poll(ptrs, mask), targets)
     polls = 0
     while (tl.max((values < targets).to(tl.int32), axis=0) > 0) & (polls < max_polls):
+        _pause()
         values = tl.where(values < targets, _poll(ptrs, mask & (values < targets)), values)
         polls += 1
     offs = tl.arange(0, BLOCK)

@@ -1,0 +1,33 @@
+"""The multi-rank fixture: a test written once runs on CPU ranks in CI and on GPUs with -m gpu."""
+
+import pytest
+import torch
+
+from moe_ep.testing import RankPool
+
+WORLD_SIZES = (2, 4)
+_pools: dict[tuple[str, int], RankPool] = {}
+
+
+def _rank_params():
+    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in WORLD_SIZES]
+    params += [pytest.param(("cuda", w), id=f"gpu{w}", marks=pytest.mark.gpu) for w in WORLD_SIZES]
+    return params
+
+
+@pytest.fixture(params=_rank_params())
+def ranks(request) -> RankPool:
+    """A pool of rank processes ('cpu' under the interpreter, or one GPU each), kept between
+    tests and replaced after a failure. ``ranks.run(fn, *args)`` runs ``fn(ctx, *args)`` on all."""
+    device, world_size = request.param
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+    pool = _pools.get((device, world_size))
+    if pool is None or pool.closed:
+        pool = _pools[(device, world_size)] = RankPool(world_size, device)
+    return pool
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for pool in _pools.values():
+        pool.close()
