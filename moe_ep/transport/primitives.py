@@ -129,6 +129,52 @@ def _finish_launch(done_ptr, epoch_ptr, epoch, NUM_PROGRAMS: tl.constexpr):
         tl.atomic_xchg(epoch_ptr, epoch, sem="release", scope="gpu")
 
 
+# Per-op counters of a rank (local, int32): [epoch, programs finished, arrivals per peer on the
+# send side (MAX_RANKS), arrivals per peer on the receive side (MAX_RANKS)].
+MAX_RANKS = tl.constexpr(64)
+SEND_ARRIVALS = tl.constexpr(2)
+RECV_ARRIVALS = tl.constexpr(2 + 64)
+COUNTER_WORDS = 2 + 2 * 64
+
+
+@triton.jit
+def _arrive(counter_ptrs, mask, expected):
+    """Count this program in at each (masked) local counter; returns where it arrived last of
+    ``expected`` (those counters are reset for the next call). Everything this program stored
+    before is visible, at system scope, to whoever the last arriver then signals."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptrs, 1, mask=mask, sem="acq_rel", scope="sys")
+    last = mask & (arrived == expected - 1)
+    tl.atomic_xchg(counter_ptrs, tl.zeros_like(arrived), mask=last, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask, epoch):
+    """Write ``epoch`` into slot ``rank`` of the ``[world_size]`` int32 flags of each masked peer."""
+    ptrs = _peer_ptr(peer_bases_ptr, offs_r, flags_offset + rank * 4, tl.int32)
+    tl.debug_barrier()
+    tl.atomic_xchg(ptrs, tl.zeros_like(offs_r) + epoch, mask=mask, sem="release", scope="sys")
+
+
+@triton.jit
+def _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, mask, target, epoch,
+                phase, max_polls, BLOCK_R: tl.constexpr):
+    """Wait until this rank's flag slot of each masked peer holds at least ``target``; record a
+    timeout naming the first peer that never got there."""
+    ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
+    _, missing = _wait_geq(ptrs, target, mask, max_polls, BLOCK_R)
+    _check_wait(status_ptr, missing, phase, epoch)
+    tl.debug_barrier()
+
+
+# Flow control between calls: a receive region that ``src_rank`` writes in call e must not be
+# overwritten by its call e + 1 before ``dst_rank`` has consumed it. Each rank's arena holds a
+# ``[world_size]`` int32 credit region: slot ``dst_rank`` is written only by ``dst_rank``, with the
+# epoch of the last call whose data it consumed; a sender waits for ``epoch - 1`` there before
+# its first store (``_wait_peers``), a receiver's last part releases it (``_signal_peers``).
+
+
 @triton.jit
 def _barrier(peer_bases_ptr, flags_offset, status_ptr, rank, world_size, epoch, max_polls,
              BLOCK_R: tl.constexpr):
@@ -140,42 +186,6 @@ def _barrier(peer_bases_ptr, flags_offset, status_ptr, rank, world_size, epoch, 
     """
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
-    ptr_remote = _peer_ptr(peer_bases_ptr, offs_r, flags_offset + rank * 4, tl.int32)  # [BLOCK_R]
-    tl.debug_barrier()
-    tl.atomic_xchg(ptr_remote, tl.full([BLOCK_R], 0, tl.int32) + epoch, mask=mask_r,
-                   sem="release", scope="sys")
-    ptr_local = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r  # [BLOCK_R]
-    _, missing = _wait_geq(ptr_local, epoch, mask_r, max_polls, BLOCK_R)
-    _check_wait(status_ptr, missing, PHASE_BARRIER, epoch)
-    tl.debug_barrier()
-
-
-# Flow control between calls. A receive region written by ``src_rank`` in one call must not be
-# overwritten by its next call before ``dst_rank`` has consumed it. Each rank's arena holds a
-# ``[world_size, MAX_PARTS]`` int32 credit region: slot ``[dst_rank, q]`` is written only by
-# ``dst_rank`` with the epoch of the last call whose data it consumed. A launch whose receive
-# side has ``PARTS`` programs per peer writes, from part ``q``, every slot ``q' = q mod PARTS``,
-# so all MAX_PARTS slots advance on every call whatever PARTS is.
-MAX_PARTS = tl.constexpr(128)
-
-
-@triton.jit
-def _acquire_region(peer_bases_ptr, credit_offset, status_ptr, rank, dst_rank, epoch, phase,
-                    max_polls):
-    """Wait until ``dst_rank`` has consumed what this rank sent it in the previous call."""
-    offs_q = tl.arange(0, MAX_PARTS)
-    ptrs = _peer_ptr(peer_bases_ptr, rank, credit_offset + dst_rank * MAX_PARTS * 4, tl.int32) + offs_q
-    _, missing = _wait_geq(ptrs, epoch - 1, offs_q < MAX_PARTS, max_polls, MAX_PARTS)
-    if missing >= 0:
-        _record_timeout(status_ptr, dst_rank, phase, epoch)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _release_region(peer_bases_ptr, credit_offset, rank, src_rank, epoch, part, PARTS):
-    """Tell ``src_rank`` that part ``part`` (of ``PARTS``) of its data of this call is consumed."""
-    offs_q = tl.arange(0, MAX_PARTS)
-    ptrs = _peer_ptr(peer_bases_ptr, src_rank, credit_offset + rank * MAX_PARTS * 4, tl.int32) + offs_q
-    tl.debug_barrier()
-    tl.atomic_xchg(ptrs, tl.full([MAX_PARTS], 0, tl.int32) + epoch, mask=(offs_q % PARTS) == part,
-                   sem="release", scope="sys")
+    _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask_r, epoch)
+    _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
+                PHASE_BARRIER, max_polls, BLOCK_R)

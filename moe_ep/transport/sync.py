@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moe_ep import _platform
-from moe_ep.transport.primitives import PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS
+from moe_ep.transport.primitives import COUNTER_WORDS, PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS
 
 
 class PeerTimeoutError(RuntimeError):
@@ -37,8 +37,9 @@ class SyncState:
         self.device = device
         self.max_polls = _platform.max_polls(timeout_s)
         self.status = torch.zeros(STATUS_WORDS, dtype=torch.int32, device=device)
-        # [op, 2] int32: (epoch of the last finished call, programs finished in the current call)
-        self._counters = torch.zeros(len(self.OPS), 2, dtype=torch.int32, device=device)
+        # [op, COUNTER_WORDS] int32: epoch of the last finished call, programs finished in the
+        # current call, then arrivals per peer (see transport.primitives)
+        self._counters = torch.zeros(len(self.OPS), COUNTER_WORDS, dtype=torch.int32, device=device)
         self._synchronous = device.type == "cpu"
         if not self._synchronous:
             self._mirror = torch.zeros(STATUS_WORDS, dtype=torch.int32, pin_memory=True)
@@ -47,7 +48,7 @@ class SyncState:
         self.failed: PeerTimeoutError | None = None
 
     def counters(self, op: str) -> torch.Tensor:
-        """``[2]`` int32 view (epoch, finished programs) of ``op``'s counters."""
+        """``[COUNTER_WORDS]`` int32 view of ``op``'s counters (epoch first)."""
         return self._counters[self.OPS.index(op)]
 
     def before_launch(self) -> None:

@@ -1,0 +1,69 @@
+"""EpConfig: the shape of one expert-parallel MoE layer and how its tokens move."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+MODES = ("auto", "ll", "ht")
+QUANT_BLOCK = 128  # values per fp8 scale
+
+
+@dataclass(frozen=True)
+class EpConfig:
+    """One MoE layer's expert parallelism.
+
+    hidden               values per token row
+    num_experts          experts over all ranks; rank r holds [r*E/R, (r+1)*E/R)
+    topk                 experts per token (ids of -1 mean "no expert")
+    max_tokens_per_rank  most tokens one rank may dispatch in one call
+    dispatch_dtype       torch.bfloat16, or torch.float8_e4m3fn (1x128 float32 block scales)
+    mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
+    backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
+    timeout_s            how long a kernel waits for a peer before reporting a timeout
+    """
+
+    hidden: int
+    num_experts: int
+    topk: int
+    max_tokens_per_rank: int
+    dispatch_dtype: torch.dtype = torch.bfloat16
+    mode: str = "auto"
+    backend: str | None = None
+    timeout_s: float = 60.0
+
+    def __post_init__(self):
+        for name in ("hidden", "num_experts", "topk", "max_tokens_per_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"EpConfig.{name} must be a positive int, got {value!r}")
+        if self.dispatch_dtype not in DISPATCH_DTYPES:
+            raise ValueError(f"EpConfig.dispatch_dtype must be one of {DISPATCH_DTYPES}, got {self.dispatch_dtype}")
+        if self.fp8 and self.hidden % QUANT_BLOCK:
+            raise ValueError(f"fp8 dispatch needs hidden to be a multiple of {QUANT_BLOCK}, got {self.hidden}")
+        if self.topk > self.num_experts:
+            raise ValueError(f"EpConfig.topk ({self.topk}) exceeds num_experts ({self.num_experts})")
+        if self.mode not in MODES:
+            raise ValueError(f"EpConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"EpConfig.timeout_s must be positive, got {self.timeout_s}")
+
+    @property
+    def fp8(self) -> bool:
+        return self.dispatch_dtype == torch.float8_e4m3fn
+
+    @property
+    def num_scales(self) -> int:
+        """float32 scales per token row (0 for bf16 dispatch)."""
+        return self.hidden // QUANT_BLOCK if self.fp8 else 0
+
+    def experts_per_rank(self, world_size: int) -> int:
+        if self.num_experts % world_size:
+            raise ValueError(f"num_experts ({self.num_experts}) is not divisible by the world size ({world_size})")
+        return self.num_experts // world_size
+
+    def capacity(self, world_size: int) -> int:
+        """Rows of every dispatch output: max_tokens_per_rank * world_size."""
+        return self.max_tokens_per_rank * world_size

@@ -1,0 +1,115 @@
+"""Pure-torch semantics of dispatch and combine over all ranks at once: the oracle of every test.
+
+Functions take every rank's inputs (lists indexed by rank) and return every rank's outputs,
+with the exact layout, order and rounding the kernels promise:
+- rank d receives, in order of source rank then token index, each token that has at least one
+  expert on d (once, however many of its experts live there);
+- fp8 quantisation: per 128 values, scale = max(amax, 1e-4) / 448, q = fp8(clamp(x / scale));
+- combine sums the partials of the ranks a token went to in rank order, in float32, then rounds
+  to bfloat16 (a token with no expert gets zeros).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_ep.config import QUANT_BLOCK
+
+FP8_MAX = 448.0
+FP8_AMAX_FLOOR = 1e-4
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T, H]`` -> (``[T, H]`` float8_e4m3fn, ``[T, H // 128]`` float32 scales)."""
+    t, h = x.shape
+    groups = x.float().view(t, h // QUANT_BLOCK, QUANT_BLOCK)
+    scales = groups.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR) / FP8_MAX
+    q = (groups / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(t, h), scales
+
+
+def dequantize_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``quantize_fp8`` up to rounding: ``[T, H]`` float32."""
+    t, h = q.shape
+    return (q.float().view(t, h // QUANT_BLOCK, QUANT_BLOCK) * scales[..., None]).view(t, h)
+
+
+@dataclass
+class RankDispatch:
+    """What one rank receives (only the valid rows; the kernels pad to capacity)."""
+
+    x: torch.Tensor  # [num_tokens, hidden] bf16 or fp8
+    x_scales: torch.Tensor | None  # [num_tokens, hidden // 128] float32 (fp8 only)
+    topk_ids: torch.Tensor  # [num_tokens, topk] int32, local expert index, -1 elsewhere
+    topk_weights: torch.Tensor  # [num_tokens, topk] float32, 0 where topk_ids is -1
+    src: torch.Tensor  # [num_tokens, 2] int32: (source rank, token index there)
+    tokens_per_expert: torch.Tensor  # [experts_per_rank] int32
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[0]
+
+
+def destinations(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> torch.Tensor:
+    """``[T, topk]`` global expert ids -> ``[T, world_size]`` bool: does rank d hold any."""
+    per_rank = num_experts // world_size
+    valid = topk_ids >= 0
+    dst = torch.where(valid, topk_ids // per_rank, torch.full_like(topk_ids, -1))
+    return torch.stack([(dst == d).any(dim=1) for d in range(world_size)], dim=1) \
+        if topk_ids.shape[0] else torch.zeros(0, world_size, dtype=torch.bool)
+
+
+def dispatch(xs, topk_ids, topk_weights, num_experts: int, dispatch_dtype: torch.dtype) -> list[RankDispatch]:
+    """Every rank's inputs (lists over ranks of ``[T_r, H]`` bf16 — or (fp8, scales) tuples —,
+    ``[T_r, topk]`` ids, ``[T_r, topk]`` float32 weights) -> every rank's ``RankDispatch``."""
+    world_size = len(xs)
+    per_rank = num_experts // world_size
+    fp8 = dispatch_dtype == torch.float8_e4m3fn
+    payloads = []
+    for x in xs:
+        if isinstance(x, tuple):
+            payloads.append(x)
+        elif fp8:
+            payloads.append(quantize_fp8(x))
+        else:
+            payloads.append((x, None))
+    out = []
+    for d in range(world_size):
+        rows_x, rows_s, rows_ids, rows_w, rows_src = [], [], [], [], []
+        for s in range(world_size):
+            ids = topk_ids[s].long()
+            sel = destinations(ids, num_experts, world_size)[:, d].nonzero().flatten()
+            rows_x.append(payloads[s][0][sel])
+            if fp8:
+                rows_s.append(payloads[s][1][sel])
+            local = ids[sel] - d * per_rank
+            here = (ids[sel] >= 0) & (local >= 0) & (local < per_rank)
+            rows_ids.append(torch.where(here, local, torch.full_like(local, -1)).int())
+            rows_w.append(torch.where(here, topk_weights[s][sel].float(), torch.zeros_like(topk_weights[s][sel].float())))
+            rows_src.append(torch.stack([torch.full_like(sel, s), sel], dim=1).int())
+        ids_d = torch.cat(rows_ids)
+        counts = torch.bincount(ids_d[ids_d >= 0].long(), minlength=per_rank).int()
+        out.append(RankDispatch(torch.cat(rows_x), torch.cat(rows_s) if fp8 else None, ids_d,
+                                torch.cat(rows_w), torch.cat(rows_src), counts))
+    return out
+
+
+def combine(ys, received: list[RankDispatch], num_tokens: list[int]) -> list[torch.Tensor]:
+    """Every rank's expert outputs (``[num_tokens_d, H]`` bf16, rows as in ``received[d]``) ->
+    every rank's combined ``[T_s, H]`` bf16: per token, the sum in rank order (float32) of the
+    rows its destination ranks send back."""
+    world_size = len(ys)
+    hidden = ys[0].shape[1]
+    out = []
+    for s in range(world_size):
+        acc = torch.zeros(num_tokens[s], hidden, dtype=torch.float32)
+        for d in range(world_size):
+            src = received[d].src
+            rows = (src[:, 0] == s).nonzero().flatten()
+            part = torch.zeros_like(acc)
+            part[src[rows, 1].long()] = ys[d][rows].float()
+            acc = acc + part
+        out.append(acc.to(torch.bfloat16))
+    return out
