@@ -1,0 +1,210 @@
+"""Buffer: the public dispatch and combine of one EP group.
+
+``Buffer(group, cfg)`` allocates the symmetric heap collectively (every rank of ``group`` must
+construct it) and owns the per-rank device state. ``dispatch`` sends each token to the ranks
+that hold its experts; ``combine`` brings the expert outputs back and sums them. Shapes are
+static (capacity = max_tokens_per_rank * world_size rows) and counts stay on the device, so
+nothing on the path waits for the host except the optional expert-id range check
+(``check_inputs``). Every input is validated before any kernel is launched; a bad call raises
+``ValueError``/``TypeError`` and leaves the Buffer usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from moe_ep.config import EpConfig
+from moe_ep.kernels import params as kernel_params
+from moe_ep.kernels.combine_ll import launch_combine_ll
+from moe_ep.kernels.dispatch_ll import launch_dispatch_ll
+from moe_ep.regions import heap_regions
+from moe_ep.transport import SymmetricHeap, SyncState
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What combine needs from a dispatch (keep it until that combine is done)."""
+
+    src: torch.Tensor  # [capacity, 2] int32: (source rank, token index there) of each received row
+    num_recv_tokens: torch.Tensor  # [1] int32 (device): received rows, [0, num_recv_tokens) valid
+    send_mask: torch.Tensor  # [max_tokens_per_rank] int64: bit d set when this rank's token t went to rank d
+    num_tokens: int  # tokens this rank dispatched: rows of combine's output
+    path: str  # "ll" or "ht": the path that dispatched
+    buffer_id: int  # id() of the Buffer that dispatched
+
+
+@dataclass(frozen=True)
+class DispatchOutput:
+    """Received rows, laid out compactly in (source rank, token index) order."""
+
+    x: torch.Tensor  # [capacity, hidden] bf16, or float8_e4m3fn for fp8 dispatch
+    x_scales: Optional[torch.Tensor]  # [capacity, hidden // 128] float32 (None for bf16)
+    topk_ids: torch.Tensor  # [capacity, topk] int32: local expert index on this rank, -1 elsewhere
+    topk_weights: torch.Tensor  # [capacity, topk] float32: 0 where topk_ids is -1
+    src: torch.Tensor  # [capacity, 2] int32: (source rank, token index on that rank)
+    num_tokens: torch.Tensor  # [1] int32 (device): rows [0, num_tokens) are valid
+    tokens_per_expert: torch.Tensor  # [experts_per_rank] int32 (device)
+    handle: DispatchHandle  # what combine needs
+
+
+XInput = Union[torch.Tensor, tuple]
+
+
+class Buffer:
+    """Dispatch and combine over ``group`` (gloo + CPU tensors, or nccl + GPUs) for ``cfg``."""
+
+    def __init__(self, group: dist.ProcessGroup, cfg: EpConfig, device: torch.device | None = None,
+                 check_inputs: bool = True):
+        """``check_inputs``: also check expert-id values (one device-to-host copy per dispatch;
+        skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked."""
+        self.group = group
+        self.cfg = cfg
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.experts_per_rank = cfg.experts_per_rank(self.world_size)
+        if device is None:
+            device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
+                torch.device("cuda", torch.cuda.current_device())
+        self.device = torch.device(device)
+        self.capacity = cfg.capacity(self.world_size)
+        self.check_inputs = check_inputs
+        self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
+        self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
+        self._on_gpu = self.device.type != "cpu"
+
+    @property
+    def heap_bytes(self) -> int:
+        """Symmetric-heap bytes this rank allocated (see ``moe_ep.regions``)."""
+        return self.heap.nbytes
+
+    def path(self, num_tokens: int) -> str:
+        """The path ("ll" or "ht") a call takes. Until the HT path exists, "auto" means LL."""
+        return "ll" if self.cfg.mode in ("auto", "ll") else "ht"
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(self, x: XInput, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 out: DispatchOutput | None = None) -> DispatchOutput:
+        """Send each token to the ranks that hold its experts.
+
+        x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank), or, for
+                      fp8 dispatch, a tuple ([num_tokens, hidden] float8_e4m3fn,
+                      [num_tokens, hidden // 128] float32 scales) already quantised
+        topk_ids      [num_tokens, topk] int32/int64 global expert ids; -1 means no expert
+        topk_weights  [num_tokens, topk] float32
+        out           optional outputs of an earlier dispatch to overwrite (no allocation)
+        Returns a DispatchOutput; its rows [0, num_tokens) are valid.
+        """
+        x, x_scales = self._check_dispatch(x, topk_ids, topk_weights)
+        num_tokens = x.shape[0]
+        if out is None:
+            out = self.empty_dispatch_output()
+        elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
+            raise TypeError("out must be a DispatchOutput made by this Buffer")
+        handle = dataclasses.replace(out.handle, num_tokens=num_tokens, path=self.path(num_tokens))
+        out = dataclasses.replace(out, handle=handle)
+        params = kernel_params.default_dispatch_ll(self.cfg.hidden, self.world_size, num_tokens, self._on_gpu)
+        launch_dispatch_ll(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
+        return out
+
+    def empty_dispatch_output(self) -> DispatchOutput:
+        """Freshly allocated (uninitialised) dispatch outputs."""
+        cfg, cap, dev = self.cfg, self.capacity, self.device
+        src = torch.empty(cap, 2, dtype=torch.int32, device=dev)
+        num_tokens = torch.empty(1, dtype=torch.int32, device=dev)
+        handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
+                                send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
+                                num_tokens=0, path="ll", buffer_id=id(self))
+        return DispatchOutput(
+            x=torch.empty(cap, cfg.hidden, dtype=cfg.dispatch_dtype, device=dev),
+            x_scales=torch.empty(cap, cfg.num_scales, dtype=torch.float32, device=dev) if cfg.fp8 else None,
+            topk_ids=torch.empty(cap, cfg.topk, dtype=torch.int32, device=dev),
+            topk_weights=torch.empty(cap, cfg.topk, dtype=torch.float32, device=dev),
+            src=src, num_tokens=num_tokens,
+            tokens_per_expert=torch.empty(self.experts_per_rank, dtype=torch.int32, device=dev),
+            handle=handle)
+
+    # -- combine --------------------------------------------------------------------------------
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Send expert outputs back to their tokens' ranks and sum them there.
+
+        y       [capacity, hidden] bf16: per valid row of the dispatch, sum_k w_k * expert_k(row)
+                over this rank's experts (rows past num_tokens are never read)
+        handle  the ``handle`` of the DispatchOutput these rows came from
+        out     optional [num_tokens, hidden] bf16 to write into
+        Returns [num_tokens, hidden] bf16, num_tokens being what this rank dispatched; each row is
+        the float32 sum, in rank order, of the rows sent back (zeros for a token with no expert).
+        """
+        self._check_combine(y, handle, out)
+        if out is None:
+            out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
+        params = kernel_params.default_combine_ll(self.cfg.hidden, self.world_size, handle.num_tokens, self._on_gpu)
+        launch_combine_ll(self.heap, self.sync, self.cfg, params, y, handle, out)
+        return out
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check_tensor(self, name, t, dtypes, shape):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if t.device != self.device:
+            raise ValueError(f"{name} is on {t.device}, this Buffer works on {self.device}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+    def _check_dispatch(self, x, topk_ids, topk_weights):
+        cfg = self.cfg
+        x_scales = None
+        if isinstance(x, tuple):
+            if not cfg.fp8 or len(x) != 2:
+                raise TypeError("x may be a (float8_e4m3fn values, float32 scales) tuple only for fp8 dispatch")
+            x, x_scales = x
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"x must be a [num_tokens, {cfg.hidden}] tensor")
+        num_tokens = x.shape[0]
+        if num_tokens > cfg.max_tokens_per_rank:
+            raise ValueError(f"x has {num_tokens} tokens, more than max_tokens_per_rank={cfg.max_tokens_per_rank}")
+        x_dtypes = (torch.float8_e4m3fn,) if x_scales is not None else (torch.bfloat16,)
+        self._check_tensor("x", x, x_dtypes, (num_tokens, cfg.hidden))
+        if x_scales is not None:
+            self._check_tensor("x_scales", x_scales, (torch.float32,), (num_tokens, cfg.num_scales))
+        self._check_tensor("topk_ids", topk_ids, (torch.int32, torch.int64), (num_tokens, cfg.topk))
+        self._check_tensor("topk_weights", topk_weights, (torch.float32,), (num_tokens, cfg.topk))
+        capturing = self._on_gpu and torch.cuda.is_current_stream_capturing()
+        if self.check_inputs and num_tokens and not capturing:
+            low, high = int(topk_ids.min()), int(topk_ids.max())
+            if low < -1 or high >= cfg.num_experts:
+                raise ValueError(f"topk_ids must lie in [-1, {cfg.num_experts}); got values in [{low}, {high}]")
+        return x, x_scales
+
+    def _check_combine(self, y, handle, out):
+        if not isinstance(handle, DispatchHandle) or handle.buffer_id != id(self):
+            raise TypeError("handle must be the handle of a DispatchOutput of this Buffer")
+        self._check_tensor("y", y, (torch.bfloat16,), (self.capacity, self.cfg.hidden))
+        if out is not None:
+            self._check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden))
+
+    # -- life -----------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Wait for the device and raise ``PeerTimeoutError`` if any call so far timed out."""
+        self.sync.check(blocking=True)
+
+    def close(self) -> None:
+        """Free the symmetric heap (collective: every rank closes its Buffer)."""
+        if self.heap is not None:
+            if self._on_gpu:
+                torch.cuda.synchronize(self.device)
+            self.heap.barrier()
+            self.heap.close()
+            self.heap = None

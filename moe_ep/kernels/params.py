@@ -1,0 +1,72 @@
+"""Launch parameters of every kernel family, in one place, with defaults from pure functions.
+
+Each family has a small validated dataclass; ``default_params(family, ...)`` gives values that
+are good everywhere and ``dataclasses.replace`` overrides them field by field. Parameters are
+local to a rank (no peer needs to know them), so ranks may even run different ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import triton
+
+
+def _check_positive(obj) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(obj).__name__}.{f.name} must be a positive int, got {value!r}")
+
+
+def _check_power_of_two(obj, *names) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value & (value - 1):
+            raise ValueError(f"{type(obj).__name__}.{name} must be a power of two, got {value}")
+
+
+@dataclass(frozen=True)
+class DispatchLLParams:
+    send_programs: int  # programs that pack and send tokens (token t goes to program t % this)
+    recv_parts: int  # programs per source rank that lay its rows out
+    block_h: int  # values of a row moved per step (a multiple of 128)
+    block_t: int  # tokens per step of the routing prefix sum
+    num_warps: int
+
+    def __post_init__(self):
+        _check_positive(self)
+        _check_power_of_two(self, "block_h", "block_t", "num_warps")
+        if self.block_h % 128:
+            raise ValueError(f"DispatchLLParams.block_h must be a multiple of 128, got {self.block_h}")
+
+
+@dataclass(frozen=True)
+class CombineLLParams:
+    send_programs: int  # programs that send expert outputs back (row i goes to program i % this)
+    reduce_programs: int  # programs that sum the partials of this rank's tokens
+    block_h: int  # values of a row per step
+    num_warps: int
+
+    def __post_init__(self):
+        _check_positive(self)
+        _check_power_of_two(self, "block_h", "num_warps")
+
+
+def default_dispatch_ll(hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchLLParams:
+    """Defaults for the LL dispatch of ``num_tokens`` tokens of ``hidden`` values."""
+    block_h = min(2048, max(128, triton.next_power_of_2(hidden)))
+    if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
+        return DispatchLLParams(send_programs=2, recv_parts=1, block_h=block_h, block_t=64, num_warps=4)
+    return DispatchLLParams(send_programs=max(1, min(num_tokens, 96)), recv_parts=max(1, 32 // world_size),
+                            block_h=block_h, block_t=128, num_warps=8)
+
+
+def default_combine_ll(hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> CombineLLParams:
+    """Defaults for the LL combine back to ``num_tokens`` tokens of ``hidden`` values."""
+    block_h = min(2048, max(128, triton.next_power_of_2(hidden)))
+    if not on_gpu:
+        return CombineLLParams(send_programs=2, reduce_programs=2, block_h=block_h, num_warps=4)
+    return CombineLLParams(send_programs=64, reduce_programs=max(1, min(num_tokens, 64)),
+                           block_h=block_h, num_warps=8)
