@@ -145,7 +145,8 @@ def _arrive(counter_ptrs, mask, expected):
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptrs, 1, mask=mask, sem="acq_rel", scope="sys")
     last = mask & (arrived == expected - 1)
-    tl.atomic_xchg(counter_ptrs, tl.zeros_like(arrived), mask=last, sem="relaxed", scope="gpu")
+    # Every other program has arrived already, and the next use is the next launch: a plain store.
+    tl.store(counter_ptrs, tl.zeros_like(arrived), mask=last)
     return last
 
 
