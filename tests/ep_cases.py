@@ -1,0 +1,162 @@
+"""Inputs and checks of dispatch/combine tests, importable by rank processes.
+
+Every rank draws every rank's inputs from one seed, so each can run the reference for the
+whole group and check its own outputs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import moe_ep
+from moe_ep import reference
+from rank_checks import assert_equal
+
+POISON_INT = -7777
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    num_experts_per_rank: int
+    topk: int
+    max_tokens_per_rank: int
+
+
+CPU_SHAPE = Shape(hidden=256, num_experts_per_rank=4, topk=3, max_tokens_per_rank=12)
+GPU_SHAPE = Shape(hidden=7168, num_experts_per_rank=64, topk=8, max_tokens_per_rank=128)  # DeepSeek-V3 at EP4
+
+
+def routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size: int, gen) -> torch.Tensor:
+    """``[num_tokens, topk]`` int64 global expert ids of one rank for a routing ``kind``."""
+    per_rank = num_experts // world_size
+    ids = torch.stack([torch.randperm(num_experts, generator=gen)[:topk] for _ in range(num_tokens)]) \
+        if num_tokens else torch.zeros(0, topk, dtype=torch.int64)
+    if kind == "uniform":
+        pass
+    elif kind == "masked":  # some ids -1, and some tokens with no expert at all
+        ids[torch.rand(ids.shape, generator=gen) < 0.25] = -1
+        ids[torch.rand(num_tokens, generator=gen) < 0.2] = -1
+    elif kind == "one_rank":  # every expert of a token on one rank
+        for t in range(num_tokens):
+            r = int(torch.randint(0, world_size, (1,), generator=gen))
+            ids[t] = r * per_rank + torch.randperm(per_rank, generator=gen)[:topk]
+    elif kind == "to_rank0":  # every expert on rank 0: the other ranks receive nothing
+        ids = torch.stack([torch.randperm(per_rank, generator=gen)[:topk] for _ in range(num_tokens)]) \
+            if num_tokens else ids
+    elif kind == "skewed":  # most ids on a few hot experts of rank 0, so other ranks get little
+        hot = torch.rand(ids.shape, generator=gen) < 0.8
+        hot_ids = torch.randint(0, min(per_rank, 2 * topk), ids.shape, generator=gen)
+        ids = torch.where(hot, hot_ids, ids)
+        # keep ids of a token distinct (as a router's top-k are)
+        for t in range(num_tokens):
+            seen = set()
+            for k in range(topk):
+                v = int(ids[t, k])
+                if v in seen:
+                    ids[t, k] = -1
+                seen.add(v)
+    else:
+        raise ValueError(kind)
+    return ids
+
+
+def make_inputs(call: int, kind: str, shape: Shape, world_size: int, seed: int = 0):
+    """Every rank's (x, topk_ids, topk_weights) for one call: rank (call % R) sends no token,
+    rank (call + 1) % R sends max_tokens_per_rank, the others a random count."""
+    gen = torch.Generator().manual_seed(seed * 7919 + call)
+    num_experts = shape.num_experts_per_rank * world_size
+    counts = [int(torch.randint(1, shape.max_tokens_per_rank + 1, (1,), generator=gen)) for _ in range(world_size)]
+    counts[call % world_size] = 0
+    counts[(call + 1) % world_size] = shape.max_tokens_per_rank
+    xs = [(torch.randn(t, shape.hidden, generator=gen) * (1 + 3 * torch.rand(t, 1, generator=gen))).to(torch.bfloat16)
+          for t in counts]
+    ids = [routing(kind, t, num_experts, shape.topk, world_size, gen) for t in counts]
+    weights = [torch.rand(t, shape.topk, generator=gen) for t in counts]
+    return xs, ids, weights
+
+
+def poisoned_dispatch_output(buf: moe_ep.Buffer) -> moe_ep.DispatchOutput:
+    out = buf.empty_dispatch_output()
+    out.x.view(torch.uint8).fill_(0xFF)  # NaN in bf16 and in fp8 e4m3fn
+    if out.x_scales is not None:
+        out.x_scales.fill_(float("nan"))
+    out.topk_ids.fill_(POISON_INT)
+    out.topk_weights.fill_(float("nan"))
+    out.src.fill_(POISON_INT)
+    out.num_tokens.fill_(POISON_INT)
+    out.tokens_per_expert.fill_(POISON_INT)
+    return out
+
+
+def expert_outputs(received: reference.RankDispatch, rank: int) -> torch.Tensor:
+    """A stand-in for the experts of ``rank``: bf16(x * (rank + 1) * sum of local weights)."""
+    x = received.x.float() if received.x_scales is None else reference.dequantize_fp8(received.x, received.x_scales)
+    return (x * (rank + 1) * received.topk_weights.sum(dim=1, keepdim=True)).to(torch.bfloat16)
+
+
+def check_dispatch(out: moe_ep.DispatchOutput, exp: reference.RankDispatch, capacity: int) -> int:
+    """Every valid row bit-exact against the reference; rows past num_tokens untouched."""
+    n = int(out.num_tokens.item())
+    assert n == exp.num_tokens, f"num_tokens: expected {exp.num_tokens}, got {n}"
+    assert_equal("x", exp.x.view(torch.uint8), out.x[:n].cpu().view(torch.uint8))
+    if exp.x_scales is not None:
+        assert_equal("x_scales", exp.x_scales, out.x_scales[:n].cpu())
+    assert_equal("topk_ids", exp.topk_ids, out.topk_ids[:n].cpu())
+    assert_equal("topk_weights", exp.topk_weights, out.topk_weights[:n].cpu())
+    assert_equal("src", exp.src, out.src[:n].cpu())
+    assert_equal("tokens_per_expert", exp.tokens_per_expert, out.tokens_per_expert.cpu())
+    return n
+
+
+def check_untouched(out: moe_ep.DispatchOutput, n: int) -> None:
+    """Rows past num_tokens still hold the poison (no stray writes)."""
+    assert bool((out.x[n:].view(torch.uint8) == 0xFF).all()), "x written past num_tokens"
+    assert bool((out.topk_ids[n:] == POISON_INT).all()), "topk_ids written past num_tokens"
+    assert bool((out.src[n:] == POISON_INT).all()), "src written past num_tokens"
+
+
+def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
+              hidden: int | None = None, topk: int | None = None, seed: int = 0) -> int:
+    """``calls`` dispatch + combine pairs on one Buffer with fresh inputs, each checked against the
+    reference; returns the rows this rank received over all calls."""
+    import dataclasses
+
+    shape = dataclasses.replace(shape, hidden=hidden or shape.hidden, topk=topk or shape.topk)
+    dtype = getattr(torch, dtype_name)
+    world = ctx.world_size
+    num_experts = shape.num_experts_per_rank * world
+    cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
+                          max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype)
+    buf = moe_ep.Buffer(ctx.group, cfg)
+    received = 0
+    try:
+        for call in range(calls):
+            xs, ids, weights = make_inputs(call, kind, shape, world, seed)
+            if prequantized:
+                xs = [reference.quantize_fp8(x) for x in xs]
+            expected = reference.dispatch(xs, ids, weights, num_experts, dtype)
+            me = ctx.rank
+            x_in = tuple(t.to(ctx.device) for t in xs[me]) if prequantized else xs[me].to(ctx.device)
+            ids_in = ids[me].to(ctx.device) if call % 2 else ids[me].int().to(ctx.device)
+            use_out = call % 3 != 2  # also exercise freshly allocated outputs
+            out = buf.dispatch(x_in, ids_in, weights[me].to(ctx.device),
+                               out=poisoned_dispatch_output(buf) if use_out else None)
+            n = check_dispatch(out, expected[me], buf.capacity)
+            if use_out:
+                check_untouched(out, n)
+            received += n
+            ys = [expert_outputs(expected[r], r) for r in range(world)]
+            y = torch.full((buf.capacity, shape.hidden), float("nan"), dtype=torch.bfloat16)
+            y[:n] = ys[me]  # rows past num_tokens stay NaN: combine must never read them
+            z_out = torch.full((xs[me][0].shape[0] if prequantized else xs[me].shape[0], shape.hidden),
+                               float("nan"), dtype=torch.bfloat16, device=ctx.device)
+            z = buf.combine(y.to(ctx.device), out.handle, out=z_out if use_out else None)
+            z_expected = reference.combine(ys, expected, [len(i) for i in ids])[me]
+            assert_equal(f"combine (call {call})", z_expected, z.cpu())
+        buf.check()
+    finally:
+        buf.close()
+    return received
