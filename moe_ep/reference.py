@@ -58,7 +58,7 @@ def destinations(topk_ids: torch.Tensor, num_experts: int, world_size: int) -> t
     valid = topk_ids >= 0
     dst = torch.where(valid, topk_ids // per_rank, torch.full_like(topk_ids, -1))
     return torch.stack([(dst == d).any(dim=1) for d in range(world_size)], dim=1) \
-        if topk_ids.shape[0] else torch.zeros(0, world_size, dtype=torch.bool)
+        if topk_ids.shape[0] else torch.zeros(0, world_size, dtype=torch.bool, device=topk_ids.device)
 
 
 def dispatch(xs, topk_ids, topk_weights, num_experts: int, dispatch_dtype: torch.dtype) -> list[RankDispatch]:
@@ -104,7 +104,7 @@ def combine(ys, received: list[RankDispatch], num_tokens: list[int]) -> list[tor
     hidden = ys[0].shape[1]
     out = []
     for s in range(world_size):
-        acc = torch.zeros(num_tokens[s], hidden, dtype=torch.float32)
+        acc = torch.zeros(num_tokens[s], hidden, dtype=torch.float32, device=ys[0].device)
         for d in range(world_size):
             src = received[d].src
             rows = (src[:, 0] == s).nonzero().flatten()

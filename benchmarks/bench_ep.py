@@ -1,0 +1,390 @@
+"""Token sweeps of moe_ep dispatch/combine against the baselines of the same run.
+
+    python benchmarks/bench_ep.py                      # every GPU count >= 2 the machine has
+    python benchmarks/bench_ep.py --worlds 4 --tokens 128,4096 --dtypes fp8
+    python benchmarks/bench_ep.py --smoke              # tiny CPU run (the tests use it)
+
+For each world size, dispatch dtype (fp8, bf16), routing (uniform; skewed: a few hot experts)
+and tokens per rank it:
+  1. checks one dispatch + combine against moe_ep.reference (a failing case is not reported);
+  2. times, per rank, dispatch and combine (CUDA events; a device barrier before each op so rank
+     skew is not counted; input sets rotated), for moe_ep's paths and for the NCCL path a torch
+     user writes (benchmarks/baselines.py, host synchronisation included), and the peer-to-peer
+     limit: moe_ep's plain peer copy of the same bytes to the same peers;
+  3. reports per-rank min/avg/max latency (us), bandwidth = bytes received from other ranks /
+     time, and mori's bandwidth = all received rows x row bytes / time.
+Writes results.json, results.csv, results.md and PNG plots to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+NUM_INPUT_SETS = 3
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+def make_inputs(set_index, routing, num_tokens, hidden, num_experts, topk, world, device):
+    """Every rank's (x, topk_ids, topk_weights); the same on every rank (seeded)."""
+    gen = torch.Generator(device=device).manual_seed(1234 + set_index)
+    xs, ids, weights = [], [], []
+    for _ in range(world):
+        xs.append(torch.randn(num_tokens, hidden, generator=gen, device=device).to(torch.bfloat16))
+        scores = torch.rand(num_tokens, num_experts, generator=gen, device=device)
+        if routing == "skewed":  # a few hot experts draw most tokens
+            hot = torch.arange(num_experts, device=device) < max(topk, num_experts // 32)
+            scores = scores + hot * 0.9
+        ids.append(scores.topk(topk, dim=1).indices)
+        weights.append(torch.rand(num_tokens, topk, generator=gen, device=device))
+    return xs, ids, weights
+
+
+# -- one rank -------------------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Timer:
+    """Per-op times: CUDA events on GPUs, the host clock (after the synchronous call) on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.pairs = []
+
+    def run(self, fn):
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            self.pairs.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            result = fn()
+            self.pairs.append(time.perf_counter() - t0)
+        return result
+
+    def seconds(self, skip):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            return [s.elapsed_time(e) / 1e3 for s, e in self.pairs[skip:]]
+        return self.pairs[skip:]
+
+
+def _stats(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def _bench_rank(ctx, opts):
+    import torch.distributed as dist
+
+    import moe_ep
+    from baselines import nccl_combine, nccl_dispatch
+    from moe_ep import reference
+    from moe_ep.kernels.barrier import barrier_region_bytes, launch_barrier
+    from moe_ep.kernels.peer_copy import launch_peer_copy, peer_copy_regions
+    from moe_ep.transport import SymmetricHeap, SyncState
+
+    dev, world, rank = ctx.device, ctx.world_size, ctx.rank
+    hidden, topk = opts["hidden"], opts["topk"]
+    num_experts = opts["num_experts"]
+    max_tokens = max(opts["tokens"])
+    # A side heap for the barrier before each timed op and for the peer-copy limit.
+    max_copy_bytes = max_tokens * (hidden * 2 + 64)
+    side = SymmetricHeap(ctx.group, [("barrier_flags", barrier_region_bytes(world))]
+                         + peer_copy_regions(world, max_copy_bytes), dev)
+    side_sync = SyncState(rank, dev, timeout_s=120)
+    rows = []
+    for dtype_name in opts["dtypes"]:
+        dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
+        row_bytes = hidden + 4 * (hidden // 128) if dtype_name == "fp8" else 2 * hidden
+        buffers = {}
+        for path in opts["paths"]:
+            cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=max_tokens,
+                                  dispatch_dtype=dtype, mode=path)
+            buffers[path] = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
+        for routing in opts["routings"]:
+            for num_tokens in opts["tokens"]:
+                if routing != "uniform" and num_tokens not in opts["skewed_tokens"]:
+                    continue
+                sets = [make_inputs(i, routing, num_tokens, hidden, num_experts, topk, world, dev)
+                        for i in range(NUM_INPUT_SETS)]
+                expected = reference.dispatch(*sets[0], num_experts, dtype)
+                y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
+                                generator=torch.Generator(device=dev).manual_seed(99)).to(torch.bfloat16)
+                ys = [y[:e.num_tokens] for e in expected]
+                z_expected = reference.combine(ys, expected, [num_tokens] * world)[rank]
+                mine = expected[rank]
+                remote_rows = int((mine.src[:, 0] != rank).sum())
+                point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
+                for path, buf in buffers.items():
+                    xs, ids, ws = sets[0]
+                    out = buf.dispatch(xs[rank], ids[rank], ws[rank])
+                    n = int(out.num_tokens.item())
+                    ok = (n == mine.num_tokens
+                          and torch.equal(out.x[:n].view(torch.uint8), mine.x.view(torch.uint8))
+                          and torch.equal(out.src[:n], mine.src) and torch.equal(out.topk_ids[:n], mine.topk_ids)
+                          and torch.equal(out.tokens_per_expert, mine.tokens_per_expert))
+                    z = buf.combine(y, out.handle)
+                    ok = ok and torch.equal(z, z_expected)
+                    all_ok = [None] * world
+                    dist.all_gather_object(all_ok, bool(ok), group=ctx.group)
+                    if not all(all_ok):
+                        raise AssertionError(f"moe_ep {path} failed its check at {point}: ranks ok = {all_ok}; "
+                                             "refusing to report it")
+                    t_dispatch, t_combine = _Timer(dev), _Timer(dev)
+                    for i in range(opts["warmup"] + opts["iters"]):
+                        xs, ids, ws = sets[i % NUM_INPUT_SETS]
+                        launch_barrier(side, side_sync)
+                        out = t_dispatch.run(lambda: buf.dispatch(xs[rank], ids[rank], ws[rank]))
+                        launch_barrier(side, side_sync)
+                        t_combine.run(lambda: buf.combine(y, out.handle))
+                    buf.check()
+                    rows += _report(ctx, point, f"moe_ep-{path}", t_dispatch.seconds(opts["warmup"]),
+                                    t_combine.seconds(opts["warmup"]), remote_rows, mine.num_tokens, row_bytes, hidden)
+                # The NCCL path.
+                t_dispatch, t_combine = _Timer(dev), _Timer(dev)
+                for i in range(opts["warmup"] + opts["iters"]):
+                    xs, ids, ws = sets[i % NUM_INPUT_SETS]
+                    launch_barrier(side, side_sync)
+                    received, state = t_dispatch.run(
+                        lambda: nccl_dispatch(xs[rank], ids[rank], ws[rank], num_experts, dtype_name == "fp8", ctx.group))
+                    launch_barrier(side, side_sync)
+                    t_combine.run(lambda: nccl_combine(y[:received.shape[0]], state, ctx.group))
+                rows += _report(ctx, point, "nccl", t_dispatch.seconds(opts["warmup"]), t_combine.seconds(opts["warmup"]),
+                                remote_rows, mine.num_tokens, row_bytes, hidden)
+                # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
+                # dispatches there (a plain copy, no packing, no layout).
+                chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
+                src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
+                t_copy = _Timer(dev)
+                for i in range(opts["warmup"] + opts["iters"]):
+                    launch_barrier(side, side_sync)
+                    t_copy.run(lambda: launch_peer_copy(side, side_sync, src, None, parts=opts["copy_parts"],
+                                                        num_warps=opts["copy_warps"]))
+                side_sync.check()
+                rows += _report(ctx, point, "p2p-copy", t_copy.seconds(opts["warmup"]), None,
+                                (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
+                if rank == 0 and opts["progress"]:
+                    print(f"  world {world} {dtype_name} {routing} {num_tokens:5d} tokens: done", file=sys.stderr, flush=True)
+        for buf in buffers.values():
+            buf.close()
+    side.barrier()
+    side.close()
+    return rows if rank == 0 else None
+
+
+def _report(ctx, point, impl, dispatch_s, combine_s, remote_rows, all_rows, row_bytes, hidden):
+    """Gather each rank's median times and bytes; rank 0 gets one row per op."""
+    import torch.distributed as dist
+
+    mine = {"dispatch": _stats(dispatch_s), "combine": _stats(combine_s) if combine_s else None,
+            "remote_rows": remote_rows, "all_rows": all_rows}
+    every = [None] * ctx.world_size
+    dist.all_gather_object(every, mine, group=ctx.group)
+    rows = []
+    for op, bytes_per_row in (("dispatch", row_bytes), ("combine", 2 * hidden)):
+        if every[0][op] is None:
+            continue
+        lat = [e[op] * 1e6 for e in every]
+        bw = [e["remote_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
+        bw_mori = [e["all_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
+        op_name = "copy" if impl == "p2p-copy" else op
+        rows.append(dict(point, impl=impl, op=op_name, lat_min_us=min(lat), lat_avg_us=sum(lat) / len(lat),
+                         lat_max_us=max(lat), bw_gbps=sum(bw) / len(bw), bw_mori_gbps=sum(bw_mori) / len(bw_mori),
+                         remote_mb_per_rank=sum(e["remote_rows"] for e in every) * bytes_per_row / len(every) / 1e6))
+    return rows
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def _environment(device_kind, gpus):
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    card = torch.cuda.get_device_name(0) if device_kind == "cuda" else platform.processor() or "cpu"
+    return dict(card=card, gpus=gpus, torch=torch.__version__, triton=triton.__version__, commit=commit,
+                date=datetime.date.today().isoformat(), host_python=platform.python_version())
+
+
+def _write(rows, env, opts, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"environment": env, "options": opts, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(_markdown(rows, env, opts))
+    try:
+        _plots(rows, env, out_dir)
+    except ImportError:
+        print("matplotlib is missing: no plots", file=sys.stderr)
+
+
+def _lookup(rows, **keys):
+    for row in rows:
+        if all(row[k] == v for k, v in keys.items()):
+            return row
+    return None
+
+
+def _markdown(rows, env, opts):
+    lines = [f"# moe_ep benchmark: {env['gpus']} x {env['card']}",
+             "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}; hidden "
+             f"{opts['hidden']}, {opts['num_experts']} experts, top-{opts['topk']}; {opts['iters']} timed calls "
+             f"(median per rank) after {opts['warmup']} warm-up.",
+             "",
+             "Latency: per-rank median, min/avg/max over ranks (us). BW: bytes received from other ranks / time "
+             "(GB/s, mean over ranks). mori BW: all received rows x row bytes / time. p2p: moe_ep's plain peer "
+             "copy of the same remote bytes. Speedup: NCCL path latency / moe_ep latency.",
+             ""]
+    impls = sorted({r["impl"] for r in rows if r["impl"].startswith("moe_ep")})
+    for world in sorted({r["world"] for r in rows}):
+        for dtype in sorted({r["dtype"] for r in rows}):
+            for routing in sorted({r["routing"] for r in rows}):
+                sel = [r for r in rows if r["world"] == world and r["dtype"] == dtype and r["routing"] == routing]
+                if not sel:
+                    continue
+                lines += [f"## EP{world}, {dtype} dispatch, {routing} routing", "",
+                          "| tokens | impl | op | latency min/avg/max (us) | BW (GB/s) | mori BW | NCCL (us) | speedup | p2p copy BW |",
+                          "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+                for tokens in sorted({r["tokens"] for r in sel}):
+                    copy = _lookup(sel, tokens=tokens, impl="p2p-copy")
+                    for impl in impls:
+                        for op in ("dispatch", "combine"):
+                            r = _lookup(sel, tokens=tokens, impl=impl, op=op)
+                            n = _lookup(sel, tokens=tokens, impl="nccl", op=op)
+                            if r is None:
+                                continue
+                            lines.append(
+                                f"| {tokens} | {impl} | {op} | {r['lat_min_us']:.1f} / {r['lat_avg_us']:.1f} / "
+                                f"{r['lat_max_us']:.1f} | {r['bw_gbps']:.1f} | {r['bw_mori_gbps']:.1f} | "
+                                f"{n['lat_avg_us']:.1f} | {n['lat_avg_us'] / r['lat_avg_us']:.2f}x | "
+                                f"{copy['bw_gbps']:.1f} |")
+                lines.append("")
+    return "\n".join(lines)
+
+
+def _plots(rows, env, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r["routing"] == "uniform"]
+    worlds, dtypes = sorted({r["world"] for r in sel}), sorted({r["dtype"] for r in sel})
+    impls = sorted({r["impl"] for r in sel})
+    for kind in ("latency", "bandwidth", "speedup"):
+        fig, axes = plt.subplots(len(worlds), len(dtypes), figsize=(6 * len(dtypes), 4 * len(worlds)), squeeze=False)
+        for i, world in enumerate(worlds):
+            for j, dtype in enumerate(dtypes):
+                ax = axes[i][j]
+                for impl in impls:
+                    for op in ("dispatch", "combine", "copy"):
+                        pts = sorted((r["tokens"], r) for r in sel if r["world"] == world and r["dtype"] == dtype
+                                     and r["impl"] == impl and r["op"] == op)
+                        if not pts:
+                            continue
+                        x = [p[0] for p in pts]
+                        if kind == "latency" and impl != "p2p-copy":
+                            ax.plot(x, [p[1]["lat_avg_us"] for p in pts], marker="o", label=f"{impl} {op}")
+                            ax.fill_between(x, [p[1]["lat_min_us"] for p in pts], [p[1]["lat_max_us"] for p in pts], alpha=0.2)
+                        elif kind == "bandwidth":
+                            ax.plot(x, [p[1]["bw_gbps"] for p in pts], marker="o", label=f"{impl} {op}")
+                        elif kind == "speedup" and impl.startswith("moe_ep"):
+                            base = {r["tokens"]: r for r in sel if r["world"] == world and r["dtype"] == dtype
+                                    and r["impl"] == "nccl" and r["op"] == op}
+                            ax.plot(x, [base[t]["lat_avg_us"] / p["lat_avg_us"] for t, p in pts], marker="o",
+                                    label=f"{impl} {op} vs NCCL")
+                ax.set_xscale("log", base=2)
+                if kind == "latency":
+                    ax.set_yscale("log")
+                ax.set_xlabel("tokens per rank")
+                ax.set_ylabel({"latency": "us (min-max band over ranks)", "bandwidth": "GB/s from other ranks",
+                               "speedup": "x over NCCL path"}[kind])
+                ax.set_title(f"EP{world} {dtype}, {env['card']}")
+                ax.grid(True, alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"{kind}.png"), dpi=110)
+        plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worlds", default=None, help="world sizes, e.g. 2,4 (default: 2..all GPUs, powers of two)")
+    p.add_argument("--tokens", default=",".join(str(1 << i) for i in range(14)))
+    p.add_argument("--skewed-tokens", default="128,4096")
+    p.add_argument("--dtypes", default="fp8,bf16")
+    p.add_argument("--routings", default="uniform,skewed")
+    p.add_argument("--paths", default="ll")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--num-experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--copy-parts", type=int, default=16)
+    p.add_argument("--copy-warps", type=int, default=8)
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<card>-x<gpus>)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 ranks, small shape, 1 call")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from moe_ep.testing import RankPool
+
+    args = parse_args(argv)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.smoke:
+        device_kind, worlds = "cpu", [2]
+        args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "1,3", "3", 256, 8, 2
+        args.iters, args.warmup, args.copy_parts, args.copy_warps = 1, 0, 1, 4
+    else:
+        if gpus < 2:
+            raise SystemExit("the benchmark needs at least 2 GPUs (or --smoke for a CPU run)")
+        device_kind = "cuda"
+        worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else \
+            [w for w in (2, 4, 8, 16) if w <= gpus]
+    opts = dict(tokens=[int(t) for t in args.tokens.split(",")], skewed_tokens=[int(t) for t in args.skewed_tokens.split(",")],
+                dtypes=args.dtypes.split(","), routings=args.routings.split(","), paths=args.paths.split(","),
+                hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
+                copy_parts=args.copy_parts, copy_warps=args.copy_warps, progress=not args.smoke)
+    env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
+    rows = []
+    for world in worlds:
+        print(f"EP{world}: {len(opts['tokens'])} token counts x {opts['dtypes']} x {opts['routings']}", file=sys.stderr)
+        with RankPool(world, device_kind) as pool:
+            rows += pool.run(_bench_rank, opts, timeout=3600)[0]
+    slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}-x{env['gpus']}")
+    _write(rows, env, opts, out_dir)
+    print(_markdown(rows, env, opts))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""The benchmark runs end to end on CPU ranks (tiny shape), so it cannot rot."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_ep.py"), "--smoke",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["rows"]
+    impls = {(r["impl"], r["op"]) for r in rows}
+    assert {("moe_ep-ll", "dispatch"), ("moe_ep-ll", "combine"), ("nccl", "dispatch"), ("nccl", "combine"),
+            ("p2p-copy", "copy")} <= impls
+    assert all(r["lat_avg_us"] > 0 and r["lat_min_us"] <= r["lat_avg_us"] <= r["lat_max_us"] for r in rows)
+    assert {r["tokens"] for r in rows} == {1, 3} and {r["dtype"] for r in rows} == {"fp8", "bf16"}
+    assert result["environment"]["commit"] and result["environment"]["torch"]
+    for name in ("results.csv", "results.md", "latency.png", "bandwidth.png", "speedup.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
