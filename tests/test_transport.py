@@ -117,11 +117,15 @@ def _one_rank_stays_away(ctx, absent, timeout_s):
     return outcome, time.time() - start
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_missing_rank_gives_timeout_naming_it(world_size):
+@pytest.mark.parametrize("device, world_size", [
+    ("cpu", 2), ("cpu", 4),
+    pytest.param("cuda", 2, marks=pytest.mark.gpu), pytest.param("cuda", 4, marks=pytest.mark.gpu)])
+def test_missing_rank_gives_timeout_naming_it(device, world_size):
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
     absent = world_size - 1
     timeout_s = 2.0
-    results = run_ranks(_one_rank_stays_away, world_size, absent, timeout_s, timeout=120)
+    results = run_ranks(_one_rank_stays_away, world_size, absent, timeout_s, device=device, timeout=120)
     for rank, (outcome, elapsed) in enumerate(results):
         if rank == absent:
             continue
