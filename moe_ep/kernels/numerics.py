@@ -1,10 +1,9 @@
 """Rounding conversions that give the same bits on every device.
 
 Both conversions round to nearest even in integer arithmetic, bit for bit as torch does, on
-every target. Native conversions are not used because they disagree: Triton's interpreter
-truncates (and mishandles mantissa carries), and on an H200 the native fp32 -> float8_e4m3fn
-cast rounded about 0.1% of values differently from torch (measured 2026-11-26). The few integer
-operations per value cost nothing in these memory-bound kernels.
+every target: Triton's interpreter truncates in its native casts (and mishandles mantissa
+carries), and native fp8 casts differ between vendors. The few integer operations per value
+cost nothing in these memory-bound kernels.
 Quantisation follows the reference: one float32 scale per 128 values,
 ``scale = max(amax, FP8_AMAX_FLOOR) / FP8_MAX``.
 """
@@ -51,8 +50,10 @@ def _quantize_fp8(x, BLOCK_H: tl.constexpr):
     """
     groups = tl.reshape(x, (BLOCK_H // QUANT_BLOCK, QUANT_BLOCK))  # [G, 128]
     amax = tl.max(tl.abs(groups), axis=1)  # [G]
-    scales = tl.maximum(amax, FP8_AMAX_FLOOR) / FP8_MAX
-    scaled = groups / scales[:, None]
+    # IEEE divisions (div_rn), as torch's: bf16 inputs often put x / scale exactly on an fp8
+    # rounding tie, where the approximate division of ``/`` (div.full.f32 on NVIDIA) tips it.
+    scales = tl.math.div_rn(tl.maximum(amax, FP8_AMAX_FLOOR), tl.full(amax.shape, FP8_MAX, tl.float32))
+    scaled = tl.math.div_rn(groups, tl.broadcast_to(scales[:, None], groups.shape))
     scaled = tl.minimum(tl.maximum(scaled, -FP8_MAX), FP8_MAX)
     q = _to_fp8e4m3(scaled)
     return tl.reshape(q, (BLOCK_H,)), scales
