@@ -126,10 +126,13 @@ def _bench_rank(ctx, opts):
                     continue
                 sets = [make_inputs(i, routing, num_tokens, hidden, num_experts, topk, world, dev)
                         for i in range(NUM_INPUT_SETS)]
-                expected = reference.dispatch(*sets[0], num_experts, dtype)
+                # The oracle runs on the CPU, as in the tests (torch's CUDA division is not the
+                # IEEE one, so a GPU-side reference would disagree with both).
+                cpu_set = [[t.cpu() for t in part] for part in sets[0]]
+                expected = reference.dispatch(*cpu_set, num_experts, dtype)
                 y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
                                 generator=torch.Generator(device=dev).manual_seed(99)).to(torch.bfloat16)
-                ys = [y[:e.num_tokens] for e in expected]
+                ys = [y[:e.num_tokens].cpu() for e in expected]
                 z_expected = reference.combine(ys, expected, [num_tokens] * world)[rank]
                 mine = expected[rank]
                 remote_rows = int((mine.src[:, 0] != rank).sum())
@@ -139,11 +142,12 @@ def _bench_rank(ctx, opts):
                     out = buf.dispatch(xs[rank], ids[rank], ws[rank])
                     n = int(out.num_tokens.item())
                     ok = (n == mine.num_tokens
-                          and torch.equal(out.x[:n].view(torch.uint8), mine.x.view(torch.uint8))
-                          and torch.equal(out.src[:n], mine.src) and torch.equal(out.topk_ids[:n], mine.topk_ids)
-                          and torch.equal(out.tokens_per_expert, mine.tokens_per_expert))
+                          and torch.equal(out.x[:n].cpu().view(torch.uint8), mine.x.view(torch.uint8))
+                          and torch.equal(out.src[:n].cpu(), mine.src)
+                          and torch.equal(out.topk_ids[:n].cpu(), mine.topk_ids)
+                          and torch.equal(out.tokens_per_expert.cpu(), mine.tokens_per_expert))
                     z = buf.combine(y, out.handle)
-                    ok = ok and torch.equal(z, z_expected)
+                    ok = ok and torch.equal(z.cpu(), z_expected)
                     all_ok = [None] * world
                     dist.all_gather_object(all_ok, bool(ok), group=ctx.group)
                     if not all(all_ok):
