@@ -126,8 +126,7 @@ def _bench_rank(ctx, opts):
                     continue
                 sets = [make_inputs(i, routing, num_tokens, hidden, num_experts, topk, world, dev)
                         for i in range(NUM_INPUT_SETS)]
-                # The oracle runs on the CPU, as in the tests (torch's CUDA division is not the
-                # IEEE one, so a GPU-side reference would disagree with both).
+                # The oracle runs on the CPU, as in the tests.
                 cpu_set = [[t.cpu() for t in part] for part in sets[0]]
                 expected = reference.dispatch(*cpu_set, num_experts, dtype)
                 y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
