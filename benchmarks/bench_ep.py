@@ -60,24 +60,40 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-class _Timer:
-    """Per-op times: CUDA events on GPUs, the host clock (after the synchronous call) on CPU."""
+GPU_SLEEP_CYCLES = 400_000  # ~200 us: the host queues barrier and op before the GPU gets there
 
-    def __init__(self, device):
+
+class _Timer:
+    """Per-op times: CUDA events on GPUs, the host clock (after the synchronous call) on CPU.
+
+    On GPUs each op is preceded by a GPU sleep and a device barrier, both queued before the op:
+    the GPU reaches the barrier only after the host has queued the op too, so the events time
+    the op on the GPU (no host gaps) and every rank starts it together. The host time of the
+    call (Python, checks, launch) is recorded separately."""
+
+    def __init__(self, device, barrier):
         self.device = device
+        self.barrier = barrier
         self.pairs = []
+        self.host = []
 
     def run(self, fn):
         if self.device.type == "cuda":
+            torch.cuda._sleep(GPU_SLEEP_CYCLES)
+        self.barrier()
+        if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             result = fn()
+            self.host.append(time.perf_counter() - t0)
             end.record()
             self.pairs.append((start, end))
         else:
             t0 = time.perf_counter()
             result = fn()
             self.pairs.append(time.perf_counter() - t0)
+            self.host.append(self.pairs[-1])
         return result
 
     def seconds(self, skip):
@@ -85,6 +101,9 @@ class _Timer:
         if self.device.type == "cuda":
             return [s.elapsed_time(e) / 1e3 for s, e in self.pairs[skip:]]
         return self.pairs[skip:]
+
+    def host_seconds(self, skip):
+        return self.host[skip:]
 
 
 def _stats(values):
@@ -111,6 +130,10 @@ def _bench_rank(ctx, opts):
     side = SymmetricHeap(ctx.group, [("barrier_flags", barrier_region_bytes(world))]
                          + peer_copy_regions(world, max_copy_bytes), dev)
     side_sync = SyncState(rank, dev, timeout_s=120)
+
+    def barrier():
+        launch_barrier(side, side_sync)
+
     rows = []
     for dtype_name in opts["dtypes"]:
         dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
@@ -126,7 +149,8 @@ def _bench_rank(ctx, opts):
                     continue
                 sets = [make_inputs(i, routing, num_tokens, hidden, num_experts, topk, world, dev)
                         for i in range(NUM_INPUT_SETS)]
-                # The oracle runs on the CPU, as in the tests.
+                # The oracle runs on the CPU, as in the tests: torch's CUDA division by a Python
+                # scalar (amax / 448) rounds differently (benchmarks/NOTES.md, run 1).
                 cpu_set = [[t.cpu() for t in part] for part in sets[0]]
                 expected = reference.dispatch(*cpu_set, num_experts, dtype)
                 y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
@@ -152,38 +176,33 @@ def _bench_rank(ctx, opts):
                     if not all(all_ok):
                         raise AssertionError(f"moe_ep {path} failed its check at {point}: ranks ok = {all_ok}; "
                                              "refusing to report it")
-                    t_dispatch, t_combine = _Timer(dev), _Timer(dev)
+                    t_dispatch, t_combine = _Timer(dev, barrier), _Timer(dev, barrier)
                     for i in range(opts["warmup"] + opts["iters"]):
                         xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                        launch_barrier(side, side_sync)
                         out = t_dispatch.run(lambda: buf.dispatch(xs[rank], ids[rank], ws[rank]))
-                        launch_barrier(side, side_sync)
                         t_combine.run(lambda: buf.combine(y, out.handle))
                     buf.check()
-                    rows += _report(ctx, point, f"moe_ep-{path}", t_dispatch.seconds(opts["warmup"]),
-                                    t_combine.seconds(opts["warmup"]), remote_rows, mine.num_tokens, row_bytes, hidden)
+                    rows += _report(ctx, point, f"moe_ep-{path}", t_dispatch, t_combine, opts["warmup"],
+                                    remote_rows, mine.num_tokens, row_bytes, hidden)
                 # The NCCL path.
-                t_dispatch, t_combine = _Timer(dev), _Timer(dev)
+                t_dispatch, t_combine = _Timer(dev, barrier), _Timer(dev, barrier)
                 for i in range(opts["warmup"] + opts["iters"]):
                     xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                    launch_barrier(side, side_sync)
                     received, state = t_dispatch.run(
                         lambda: nccl_dispatch(xs[rank], ids[rank], ws[rank], num_experts, dtype_name == "fp8", ctx.group))
-                    launch_barrier(side, side_sync)
                     t_combine.run(lambda: nccl_combine(y[:received.shape[0]], state, ctx.group))
-                rows += _report(ctx, point, "nccl", t_dispatch.seconds(opts["warmup"]), t_combine.seconds(opts["warmup"]),
+                rows += _report(ctx, point, "nccl", t_dispatch, t_combine, opts["warmup"],
                                 remote_rows, mine.num_tokens, row_bytes, hidden)
                 # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
                 # dispatches there (a plain copy, no packing, no layout).
                 chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
                 src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-                t_copy = _Timer(dev)
+                t_copy = _Timer(dev, barrier)
                 for i in range(opts["warmup"] + opts["iters"]):
-                    launch_barrier(side, side_sync)
                     t_copy.run(lambda: launch_peer_copy(side, side_sync, src, None, parts=opts["copy_parts"],
                                                         num_warps=opts["copy_warps"]))
                 side_sync.check()
-                rows += _report(ctx, point, "p2p-copy", t_copy.seconds(opts["warmup"]), None,
+                rows += _report(ctx, point, "p2p-copy", t_copy, None, opts["warmup"],
                                 (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
                 if rank == 0 and opts["progress"]:
                     print(f"  world {world} {dtype_name} {routing} {num_tokens:5d} tokens: done", file=sys.stderr, flush=True)
@@ -194,11 +213,14 @@ def _bench_rank(ctx, opts):
     return rows if rank == 0 else None
 
 
-def _report(ctx, point, impl, dispatch_s, combine_s, remote_rows, all_rows, row_bytes, hidden):
+def _report(ctx, point, impl, t_dispatch, t_combine, warmup, remote_rows, all_rows, row_bytes, hidden):
     """Gather each rank's median times and bytes; rank 0 gets one row per op."""
     import torch.distributed as dist
 
-    mine = {"dispatch": _stats(dispatch_s), "combine": _stats(combine_s) if combine_s else None,
+    mine = {"dispatch": _stats(t_dispatch.seconds(warmup)),
+            "combine": _stats(t_combine.seconds(warmup)) if t_combine else None,
+            "dispatch_host": _stats(t_dispatch.host_seconds(warmup)),
+            "combine_host": _stats(t_combine.host_seconds(warmup)) if t_combine else None,
             "remote_rows": remote_rows, "all_rows": all_rows}
     every = [None] * ctx.world_size
     dist.all_gather_object(every, mine, group=ctx.group)
@@ -211,7 +233,8 @@ def _report(ctx, point, impl, dispatch_s, combine_s, remote_rows, all_rows, row_
         bw_mori = [e["all_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
         op_name = "copy" if impl == "p2p-copy" else op
         rows.append(dict(point, impl=impl, op=op_name, lat_min_us=min(lat), lat_avg_us=sum(lat) / len(lat),
-                         lat_max_us=max(lat), bw_gbps=sum(bw) / len(bw), bw_mori_gbps=sum(bw_mori) / len(bw_mori),
+                         lat_max_us=max(lat), host_us=sum(e[op + "_host"] for e in every) * 1e6 / len(every),
+                         bw_gbps=sum(bw) / len(bw), bw_mori_gbps=sum(bw_mori) / len(bw_mori),
                          remote_mb_per_rank=sum(e["remote_rows"] for e in every) * bytes_per_row / len(every) / 1e6))
     return rows
 
@@ -263,7 +286,8 @@ def _markdown(rows, env, opts):
              "",
              "Latency: per-rank median, min/avg/max over ranks (us). BW: bytes received from other ranks / time "
              "(GB/s, mean over ranks). mori BW: all received rows x row bytes / time. p2p: moe_ep's plain peer "
-             "copy of the same remote bytes. Speedup: NCCL path latency / moe_ep latency.",
+             "copy of the same remote bytes. Speedup: NCCL path latency / moe_ep latency. Host: time the "
+             "call takes on the host (Python, checks, launch; the GPU work is asynchronous except NCCL's).",
              ""]
     impls = sorted({r["impl"] for r in rows if r["impl"].startswith("moe_ep")})
     for world in sorted({r["world"] for r in rows}):
@@ -273,8 +297,8 @@ def _markdown(rows, env, opts):
                 if not sel:
                     continue
                 lines += [f"## EP{world}, {dtype} dispatch, {routing} routing", "",
-                          "| tokens | impl | op | latency min/avg/max (us) | BW (GB/s) | mori BW | NCCL (us) | speedup | p2p copy BW |",
-                          "|---:|---|---|---|---:|---:|---:|---:|---:|"]
+                          "| tokens | impl | op | latency min/avg/max (us) | host (us) | BW (GB/s) | mori BW | NCCL (us) | speedup | p2p copy BW |",
+                          "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
                 for tokens in sorted({r["tokens"] for r in sel}):
                     copy = _lookup(sel, tokens=tokens, impl="p2p-copy")
                     for impl in impls:
@@ -285,7 +309,7 @@ def _markdown(rows, env, opts):
                                 continue
                             lines.append(
                                 f"| {tokens} | {impl} | {op} | {r['lat_min_us']:.1f} / {r['lat_avg_us']:.1f} / "
-                                f"{r['lat_max_us']:.1f} | {r['bw_gbps']:.1f} | {r['bw_mori_gbps']:.1f} | "
+                                f"{r['lat_max_us']:.1f} | {r['host_us']:.0f} | {r['bw_gbps']:.1f} | {r['bw_mori_gbps']:.1f} | "
                                 f"{n['lat_avg_us']:.1f} | {n['lat_avg_us'] / r['lat_avg_us']:.2f}x | "
                                 f"{copy['bw_gbps']:.1f} |")
                 lines.append("")
@@ -350,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--copy-parts", type=int, default=16)
+    p.add_argument("--copy-parts", type=int, default=32)
     p.add_argument("--copy-warps", type=int, default=8)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<card>-x<gpus>)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 ranks, small shape, 1 call")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_ep.kernels.common import _copy_span
 from moe_ep.kernels.numerics import _quantize_fp8
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
@@ -35,10 +36,10 @@ from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_R
 @triton.jit
 def _send_token(t, rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
                 peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-                max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k,
+                world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k,
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
                 QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                BLOCK_H: tl.constexpr):
+                BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """Store token t into row ``[rank, slot[d]]`` of every destination d where ``is_dst[d]``."""
     mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
     row = (rank * max_tokens + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
@@ -53,59 +54,60 @@ def _send_token(t, rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_pt
     tl.store(ptr_w, tl.where(here, weights[None, :], 0.0), mask=mask_rk)
     tl.store(_peer_ptr(peer_bases_ptr, offs_r, src_offset, tl.int32) + row, tl.zeros_like(slot) + t, mask=mask_d)
     tl.store(send_mask_ptr + t, tl.sum(tl.where(mask_d, (tl.zeros_like(row) + 1) << offs_r.to(tl.int64), 0), axis=0))
-    # Payload, BLOCK_H values at a time, loaded once and stored to every destination.
-    ptr_x = _peer_ptr(peer_bases_ptr, offs_r, x_offset, OUT_DTYPE)[:, None] + row[:, None] * HIDDEN  # [BLOCK_R, 1]
+    # Payload, BLOCK_H values at a time: loaded (and quantised) once, stored to each destination.
     for start in range(0, HIDDEN, BLOCK_H):
         offs_h = start + tl.arange(0, BLOCK_H)
         mask_h = offs_h < HIDDEN
-        mask_rh = mask_d[:, None] & mask_h[None, :]
+        offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
+        mask_s = offs_s < NUM_SCALES
         if QUANTIZE:
-            values = tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h, other=0.0).to(tl.float32)
-            q, scales = _quantize_fp8(values, BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
-            tl.store(ptr_x + offs_h[None, :], q[None, :], mask=mask_rh)
+            values, scales = _quantize_fp8(tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h, other=0.0).to(tl.float32),
+                                           BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
         else:
             values = tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h)
-            tl.store(ptr_x + offs_h[None, :], values[None, :], mask=mask_rh)
-        if NUM_SCALES > 0:
-            offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
-            mask_s = offs_s < NUM_SCALES
             if X_FP8:
                 scales = tl.load(x_scales_ptr + t * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
-            ptr_s = _peer_ptr(peer_bases_ptr, offs_r, scales_offset, tl.float32)[:, None] + row[:, None] * NUM_SCALES
-            tl.store(ptr_s + offs_s[None, :], scales[None, :], mask=mask_d[:, None] & mask_s[None, :])
+        for d in range(0, world_size):
+            if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
+                row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)
+                ptr_x = _peer_ptr(peer_bases_ptr, d, x_offset, OUT_DTYPE) + row_d * HIDDEN
+                if ALIGNED:
+                    ptr_x = tl.multiple_of(ptr_x, 16)
+                tl.store(ptr_x + offs_h, values, mask=mask_h)
+                if NUM_SCALES > 0:
+                    ptr_s = _peer_ptr(peer_bases_ptr, d, scales_offset, tl.float32) + row_d * NUM_SCALES
+                    tl.store(ptr_s + offs_s, scales, mask=mask_s)
 
 
 @triton.jit
-def _copy_rows(src_rank, first_row, end_row, out_row, rank, peer_bases_ptr,
-               x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-               out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-               max_tokens, offs_k, mask_k,
-               HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
-               OUT_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Copy received rows ``[first_row, end_row)`` of ``src_rank`` to output rows from ``out_row``."""
-    base_x = _peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE)
-    base_s = _peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32)
-    base_ids = _peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32)
-    base_w = _peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32)
-    base_src = _peer_ptr(peer_bases_ptr, rank, src_offset, tl.int32)
-    for i in range(first_row, end_row):
-        row = (src_rank * max_tokens + i).to(tl.int64)
-        dst = (out_row + i - first_row).to(tl.int64)
-        for start in range(0, HIDDEN, BLOCK_H):
-            offs_h = start + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < HIDDEN
-            tl.store(out_x_ptr + dst * HIDDEN + offs_h, tl.load(base_x + row * HIDDEN + offs_h, mask=mask_h), mask=mask_h)
-        if NUM_SCALES > 0:
-            for start in range(0, NUM_SCALES, BLOCK_H):
-                offs_s = start + tl.arange(0, BLOCK_H)
-                mask_s = offs_s < NUM_SCALES
-                tl.store(out_scales_ptr + dst * NUM_SCALES + offs_s,
-                         tl.load(base_s + row * NUM_SCALES + offs_s, mask=mask_s), mask=mask_s)
-        tl.store(out_topk_ids_ptr + dst * TOPK + offs_k, tl.load(base_ids + row * TOPK + offs_k, mask=mask_k), mask=mask_k)
-        tl.store(out_topk_weights_ptr + dst * TOPK + offs_k, tl.load(base_w + row * TOPK + offs_k, mask=mask_k), mask=mask_k)
-        offs_2 = tl.arange(0, 2)
-        token = tl.load(base_src + row)
-        tl.store(out_src_ptr + dst * 2 + offs_2, tl.where(offs_2 == 0, src_rank, token))
+def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
+                    x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                    out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+                    max_tokens, RECV_PARTS, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                    NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    """Copy part ``part`` of the ``count`` rows received from ``src_rank`` (contiguous in the
+    receive region) to output rows ``[out_row, out_row + count)``: one flat copy per field."""
+    first = (src_rank * max_tokens).to(tl.int64)
+    out_row = out_row.to(tl.int64)
+    _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN, out_x_ptr + out_row * HIDDEN,
+               count * HIDDEN, part, RECV_PARTS, BLOCK_COPY, ALIGNED)
+    if NUM_SCALES > 0:
+        _copy_span(_peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32) + first * NUM_SCALES,
+                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, RECV_PARTS, BLOCK_COPY, False)
+    _copy_span(_peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32) + first * TOPK, out_topk_ids_ptr + out_row * TOPK,
+               count * TOPK, part, RECV_PARTS, BLOCK_COPY, False)
+    _copy_span(_peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32) + first * TOPK,
+               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, RECV_PARTS, BLOCK_COPY, False)
+    # src: (src_rank, token) pairs, rows split between the parts.
+    per_part = tl.cdiv(count, RECV_PARTS)
+    base_src = _peer_ptr(peer_bases_ptr, rank, src_offset, tl.int32) + first
+    for block in range(part * per_part, tl.minimum((part + 1) * per_part, count), BLOCK_COPY // 2):
+        offs = block + tl.arange(0, BLOCK_COPY // 2)
+        mask = offs < tl.minimum((part + 1) * per_part, count)
+        token = tl.load(base_src + offs, mask=mask)
+        tl.store(out_src_ptr + (out_row + offs) * 2, tl.zeros_like(token) + src_rank, mask=mask)
+        tl.store(out_src_ptr + (out_row + offs) * 2 + 1, token, mask=mask)
 
 
 @triton.jit
@@ -119,8 +121,8 @@ def _dispatch_ll_kernel(
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr,
         SEND_PROGRAMS: tl.constexpr, RECV_PARTS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_E: tl.constexpr):
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16 (or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8)
     # topk_ids / topk_weights [num_tokens, TOPK]; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
@@ -148,8 +150,8 @@ def _dispatch_ll_kernel(
                 _send_token(t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0), tl.sum(tl.where(sel, slots, 0), axis=0),
                             tl.sum(tl.where(sel, ids, 0), axis=0), x_ptr, x_scales_ptr, topk_weights_ptr,
                             send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
-                            src_offset, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H)
+                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
+                            HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
             carry += tl.sum(is_dst, axis=0)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
         tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + rank * 4, tl.int32), carry, mask=last)
@@ -184,12 +186,10 @@ def _dispatch_ll_kernel(
         else:
             offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
             count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
-            per_part = tl.cdiv(count, RECV_PARTS)
-            first_row = part * per_part
-            _copy_rows(src_rank, first_row, tl.minimum(first_row + per_part, count), offset + first_row, rank,
-                       peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-                       out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-                       max_tokens, offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES, OUT_DTYPE, BLOCK_H)
+            _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
+                            ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
+                            out_topk_weights_ptr, out_src_ptr, max_tokens, RECV_PARTS, HIDDEN, TOPK, NUM_SCALES,
+                            OUT_DTYPE, BLOCK_COPY, ALIGNED)
             mask_src = offs_r == src_rank
             last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_src, RECV_PARTS + 1)
             _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
@@ -207,8 +207,8 @@ register(_dispatch_ll_kernel,
                                       "count_offset", "signal_offset", "credit_offset")},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1, "BLOCK_T": 128, "BLOCK_H": 2048,
-          "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64})
+          "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1, "BLOCK_T": 128, "BLOCK_H": 8192,
+          "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64, "ALIGNED": True})
 
 
 def launch_dispatch_ll(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
@@ -241,7 +241,8 @@ def launch_dispatch_ll(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales,
         QUANTIZE=cfg.fp8 and not x_fp8, X_FP8=x_fp8,
         SEND_PROGRAMS=params.send_programs, RECV_PARTS=params.recv_parts, NUM_PROGRAMS=num_programs,
-        BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
+        BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
+        BLOCK_R=triton.next_power_of_2(world), ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0,
         BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(experts_per_rank),
         num_warps=params.num_warps)
     sync.after_launch()

@@ -33,11 +33,12 @@ class DispatchLLParams:
     recv_parts: int  # programs per source rank that lay its rows out
     block_h: int  # values of a row moved per step (a multiple of 128)
     block_t: int  # tokens per step of the routing prefix sum
+    block_copy: int  # elements per step of the receive side's flat copies
     num_warps: int
 
     def __post_init__(self):
         _check_positive(self)
-        _check_power_of_two(self, "block_h", "block_t", "num_warps")
+        _check_power_of_two(self, "block_h", "block_t", "block_copy", "num_warps")
         if self.block_h % 128:
             raise ValueError(f"DispatchLLParams.block_h must be a multiple of 128, got {self.block_h}")
 
@@ -54,19 +55,24 @@ class CombineLLParams:
         _check_power_of_two(self, "block_h", "num_warps")
 
 
+def _row_block(hidden: int) -> int:
+    """A whole row per step up to 8192 values (one load per token), else 8192 at a time."""
+    return min(8192, max(128, triton.next_power_of_2(hidden)))
+
+
 def default_dispatch_ll(hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchLLParams:
     """Defaults for the LL dispatch of ``num_tokens`` tokens of ``hidden`` values."""
-    block_h = min(2048, max(128, triton.next_power_of_2(hidden)))
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
-        return DispatchLLParams(send_programs=2, recv_parts=1, block_h=block_h, block_t=64, num_warps=4)
-    return DispatchLLParams(send_programs=max(1, min(num_tokens, 96)), recv_parts=max(1, 32 // world_size),
-                            block_h=block_h, block_t=128, num_warps=8)
+        return DispatchLLParams(send_programs=2, recv_parts=1, block_h=_row_block(hidden), block_t=64,
+                                block_copy=4096, num_warps=4)
+    # One token per send program up to 128 tokens; the receive side copies ~1 MB per source.
+    return DispatchLLParams(send_programs=max(1, min(num_tokens, 128)), recv_parts=max(2, 64 // world_size),
+                            block_h=_row_block(hidden), block_t=128, block_copy=8192, num_warps=8)
 
 
 def default_combine_ll(hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> CombineLLParams:
     """Defaults for the LL combine back to ``num_tokens`` tokens of ``hidden`` values."""
-    block_h = min(2048, max(128, triton.next_power_of_2(hidden)))
     if not on_gpu:
-        return CombineLLParams(send_programs=2, reduce_programs=2, block_h=block_h, num_warps=4)
-    return CombineLLParams(send_programs=64, reduce_programs=max(1, min(num_tokens, 64)),
-                           block_h=block_h, num_warps=8)
+        return CombineLLParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
+    return CombineLLParams(send_programs=128, reduce_programs=max(1, min(num_tokens, 128)),
+                           block_h=min(4096, _row_block(hidden)), num_warps=8)
