@@ -7,10 +7,12 @@
 For each world size, dispatch dtype (fp8, bf16), routing (uniform; skewed: a few hot experts)
 and tokens per rank it:
   1. checks one dispatch + combine against moe_ep.reference (a failing case is not reported);
-  2. times, per rank, dispatch and combine (CUDA events; a device barrier before each op so rank
-     skew is not counted; input sets rotated), for moe_ep's paths and for the NCCL path a torch
-     user writes (benchmarks/baselines.py, host synchronisation included), and the peer-to-peer
-     limit: moe_ep's plain peer copy of the same bytes to the same peers;
+  2. times, per rank, dispatch and combine: CUDA events around CUDA-graph replays of --batch
+     calls, each call preceded by a device barrier (so rank skew is not counted; the barrier's
+     own time is subtracted), input sets rotated — for moe_ep's paths, for the NCCL path a
+     torch user writes (benchmarks/baselines.py; it synchronises with the host, so it runs
+     eagerly, host time included), and for the peer-to-peer limit: moe_ep's plain peer copy of
+     the same bytes to the same peers. The host time of an eager moe_ep call is reported apart;
   3. reports per-rank min/avg/max latency (us), bandwidth = bytes received from other ranks /
      time, and mori's bandwidth = all received rows x row bytes / time.
 Writes results.json, results.csv, results.md and PNG plots to --out.
@@ -60,55 +62,62 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-GPU_SLEEP_CYCLES = 400_000  # ~200 us: the host queues barrier and op before the GPU gets there
-
-
-class _Timer:
-    """Per-op times: CUDA events on GPUs, the host clock (after the synchronous call) on CPU.
-
-    On GPUs each op is preceded by a GPU sleep and a device barrier, both queued before the op:
-    the GPU reaches the barrier only after the host has queued the op too, so the events time
-    the op on the GPU (no host gaps) and every rank starts it together. The host time of the
-    call (Python, checks, launch) is recorded separately."""
-
-    def __init__(self, device, barrier):
-        self.device = device
-        self.barrier = barrier
-        self.pairs = []
-        self.host = []
-
-    def run(self, fn):
-        if self.device.type == "cuda":
-            torch.cuda._sleep(GPU_SLEEP_CYCLES)
-        self.barrier()
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+def _batch_seconds(device, enqueue, reps, warmup, graph, batch):
+    """Median-able list (one entry per rep) of the time of one ``enqueue(i)``, measured over ``batch``
+    back-to-back calls: as a CUDA-graph replay when ``graph`` (no host work in the timed span:
+    GPU time only), else eagerly (ops that synchronise with the host, and CPU runs)."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(warmup + reps):
             t0 = time.perf_counter()
-            result = fn()
-            self.host.append(time.perf_counter() - t0)
-            end.record()
-            self.pairs.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            result = fn()
-            self.pairs.append(time.perf_counter() - t0)
-            self.host.append(self.pairs[-1])
-        return result
+            for i in range(batch):
+                enqueue(i)
+            times.append((time.perf_counter() - t0) / batch)
+        return times[warmup:]
+    if graph:
+        enqueue(0)  # compiles and allocates outside the capture
+        torch.cuda.synchronize(device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(batch):
+                enqueue(i)
+        run = g.replay
+    else:
+        def run():
+            for i in range(batch):
+                enqueue(i)
+    pairs = []
+    for r in range(warmup + reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize(device)
+    return [s.elapsed_time(e) / 1e3 / batch for s, e in pairs[warmup:]]
 
-    def seconds(self, skip):
-        _sync(self.device)
-        if self.device.type == "cuda":
-            return [s.elapsed_time(e) / 1e3 for s, e in self.pairs[skip:]]
-        return self.pairs[skip:]
 
-    def host_seconds(self, skip):
-        return self.host[skip:]
+def _host_seconds(device, fn, calls=5):
+    """Host time of an eager call (Python, checks, launch), after a synchronisation."""
+    times = []
+    for _ in range(calls):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    _sync(device)
+    return _stats(times)
 
 
 def _stats(values):
     values = sorted(values)
     return values[len(values) // 2]
+
+
+def _minus(times, barrier_times):
+    """Per-rep op times without the barrier's median time."""
+    b = _stats(barrier_times)
+    return [max(t - b, 1e-9) for t in times]
 
 
 def _bench_rank(ctx, opts):
@@ -133,6 +142,10 @@ def _bench_rank(ctx, opts):
 
     def barrier():
         launch_barrier(side, side_sync)
+
+    # Every timed call is preceded by a device barrier (so rank skew is not counted); its own
+    # time, measured alone, is subtracted.
+    t_b = _batch_seconds(dev, lambda i: barrier(), opts["iters"], opts["warmup"], True, opts["batch"])
 
     rows = []
     for dtype_name in opts["dtypes"]:
@@ -176,33 +189,52 @@ def _bench_rank(ctx, opts):
                     if not all(all_ok):
                         raise AssertionError(f"moe_ep {path} failed its check at {point}: ranks ok = {all_ok}; "
                                              "refusing to report it")
-                    t_dispatch, t_combine = _Timer(dev, barrier), _Timer(dev, barrier)
-                    for i in range(opts["warmup"] + opts["iters"]):
+                    held = {}
+
+                    def dispatch_call(i, buf=buf):
                         xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                        out = t_dispatch.run(lambda: buf.dispatch(xs[rank], ids[rank], ws[rank]))
-                        t_combine.run(lambda: buf.combine(y, out.handle))
+                        held["out"] = buf.dispatch(xs[rank], ids[rank], ws[rank])
+
+                    def with_barrier(*ops):
+                        def enqueue(i):
+                            for op in ops:
+                                barrier()
+                                op(i)
+                        return enqueue
+
+                    t_d = _batch_seconds(dev, with_barrier(dispatch_call), opts["iters"], opts["warmup"], True, opts["batch"])
+                    t_dc = _batch_seconds(dev, with_barrier(dispatch_call, lambda i, buf=buf: buf.combine(y, held["out"].handle)),
+                                          opts["iters"], opts["warmup"], True, opts["batch"])
+                    host_d = _host_seconds(dev, lambda: dispatch_call(0))
+                    host_c = _host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle))
                     buf.check()
-                    rows += _report(ctx, point, f"moe_ep-{path}", t_dispatch, t_combine, opts["warmup"],
+                    rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_dc, t_d), host_d, host_c,
                                     remote_rows, mine.num_tokens, row_bytes, hidden)
-                # The NCCL path.
-                t_dispatch, t_combine = _Timer(dev, barrier), _Timer(dev, barrier)
-                for i in range(opts["warmup"] + opts["iters"]):
+                # The NCCL path (it synchronises with the host, so it runs eagerly).
+                nccl_held = {}
+
+                def nccl_dispatch_call(i):
                     xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                    received, state = t_dispatch.run(
-                        lambda: nccl_dispatch(xs[rank], ids[rank], ws[rank], num_experts, dtype_name == "fp8", ctx.group))
-                    t_combine.run(lambda: nccl_combine(y[:received.shape[0]], state, ctx.group))
-                rows += _report(ctx, point, "nccl", t_dispatch, t_combine, opts["warmup"],
+                    nccl_held["out"] = nccl_dispatch(xs[rank], ids[rank], ws[rank], num_experts, dtype_name == "fp8", ctx.group)
+
+                def nccl_combine_call(i):
+                    received, state = nccl_held["out"]
+                    nccl_combine(y[:received.shape[0]], state, ctx.group)
+
+                t_d = _batch_seconds(dev, lambda i: (barrier(), nccl_dispatch_call(i)), opts["iters"], opts["warmup"], False, opts["batch"])
+                t_dc = _batch_seconds(dev, lambda i: (barrier(), nccl_dispatch_call(i), barrier(), nccl_combine_call(i)),
+                                      opts["iters"], opts["warmup"], False, opts["batch"])
+                rows += _report(ctx, point, "nccl", _minus(t_d, t_b), _minus(t_dc, t_d), None, None,
                                 remote_rows, mine.num_tokens, row_bytes, hidden)
                 # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
                 # dispatches there (a plain copy, no packing, no layout).
                 chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
                 src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-                t_copy = _Timer(dev, barrier)
-                for i in range(opts["warmup"] + opts["iters"]):
-                    t_copy.run(lambda: launch_peer_copy(side, side_sync, src, None, parts=opts["copy_parts"],
-                                                        num_warps=opts["copy_warps"]))
+                t_copy = _batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
+                    side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),
+                    opts["iters"], opts["warmup"], True, opts["batch"])
                 side_sync.check()
-                rows += _report(ctx, point, "p2p-copy", t_copy, None, opts["warmup"],
+                rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
                                 (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
                 if rank == 0 and opts["progress"]:
                     print(f"  world {world} {dtype_name} {routing} {num_tokens:5d} tokens: done", file=sys.stderr, flush=True)
@@ -213,14 +245,13 @@ def _bench_rank(ctx, opts):
     return rows if rank == 0 else None
 
 
-def _report(ctx, point, impl, t_dispatch, t_combine, warmup, remote_rows, all_rows, row_bytes, hidden):
+def _report(ctx, point, impl, dispatch_s, combine_s, dispatch_host, combine_host, remote_rows, all_rows,
+            row_bytes, hidden):
     """Gather each rank's median times and bytes; rank 0 gets one row per op."""
     import torch.distributed as dist
 
-    mine = {"dispatch": _stats(t_dispatch.seconds(warmup)),
-            "combine": _stats(t_combine.seconds(warmup)) if t_combine else None,
-            "dispatch_host": _stats(t_dispatch.host_seconds(warmup)),
-            "combine_host": _stats(t_combine.host_seconds(warmup)) if t_combine else None,
+    mine = {"dispatch": _stats(dispatch_s), "combine": _stats(combine_s) if combine_s else None,
+            "dispatch_host": dispatch_host, "combine_host": combine_host,
             "remote_rows": remote_rows, "all_rows": all_rows}
     every = [None] * ctx.world_size
     dist.all_gather_object(every, mine, group=ctx.group)
@@ -233,7 +264,8 @@ def _report(ctx, point, impl, t_dispatch, t_combine, warmup, remote_rows, all_ro
         bw_mori = [e["all_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
         op_name = "copy" if impl == "p2p-copy" else op
         rows.append(dict(point, impl=impl, op=op_name, lat_min_us=min(lat), lat_avg_us=sum(lat) / len(lat),
-                         lat_max_us=max(lat), host_us=sum(e[op + "_host"] for e in every) * 1e6 / len(every),
+                         lat_max_us=max(lat),
+                         host_us=sum(e[op + "_host"] for e in every) * 1e6 / len(every) if every[0][op + "_host"] else None,
                          bw_gbps=sum(bw) / len(bw), bw_mori_gbps=sum(bw_mori) / len(bw_mori),
                          remote_mb_per_rank=sum(e["remote_rows"] for e in every) * bytes_per_row / len(every) / 1e6))
     return rows
@@ -281,8 +313,8 @@ def _markdown(rows, env, opts):
     lines = [f"# moe_ep benchmark: {env['gpus']} x {env['card']}",
              "",
              f"{env['date']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}; hidden "
-             f"{opts['hidden']}, {opts['num_experts']} experts, top-{opts['topk']}; {opts['iters']} timed calls "
-             f"(median per rank) after {opts['warmup']} warm-up.",
+             f"{opts['hidden']}, {opts['num_experts']} experts, top-{opts['topk']}; {opts['iters']} timed batches "
+             f"of {opts['batch']} calls (median per rank) after {opts['warmup']} warm-up batches.",
              "",
              "Latency: per-rank median, min/avg/max over ranks (us). BW: bytes received from other ranks / time "
              "(GB/s, mean over ranks). mori BW: all received rows x row bytes / time. p2p: moe_ep's plain peer "
@@ -372,7 +404,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=int, default=20, help="timed batches (one CUDA-graph replay each)")
+    p.add_argument("--batch", type=int, default=10, help="calls per timed batch")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--copy-parts", type=int, default=32)
     p.add_argument("--copy-warps", type=int, default=8)
@@ -389,7 +422,7 @@ def main(argv=None):
     if args.smoke:
         device_kind, worlds = "cpu", [2]
         args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "1,3", "3", 256, 8, 2
-        args.iters, args.warmup, args.copy_parts, args.copy_warps = 1, 0, 1, 4
+        args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, 1, 4
     else:
         if gpus < 2:
             raise SystemExit("the benchmark needs at least 2 GPUs (or --smoke for a CPU run)")
@@ -399,6 +432,7 @@ def main(argv=None):
     opts = dict(tokens=[int(t) for t in args.tokens.split(",")], skewed_tokens=[int(t) for t in args.skewed_tokens.split(",")],
                 dtypes=args.dtypes.split(","), routings=args.routings.split(","), paths=args.paths.split(","),
                 hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
+                batch=args.batch,
                 copy_parts=args.copy_parts, copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
     rows = []

@@ -55,7 +55,8 @@ class SyncState:
         """Raise if an earlier call timed out (without waiting for the device)."""
         if self.failed is not None:
             raise self.failed
-        if not self._synchronous and self._mirror_pending and self._mirror_ready.query():
+        if (not self._synchronous and self._mirror_pending and not torch.cuda.is_current_stream_capturing()
+                and self._mirror_ready.query()):
             self._mirror_pending = False
             self._raise_from(self._mirror)
 
