@@ -276,11 +276,14 @@ def _report(ctx, point, impl, dispatch_s, combine_s, dispatch_host, combine_host
 def _environment(device_kind, gpus):
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = os.environ.get("MOE_EP_COMMIT", "")  # set by the caller where the tree has no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except OSError:
+            pass
+    commit = commit or "unknown"
     card = torch.cuda.get_device_name(0) if device_kind == "cuda" else platform.processor() or "cpu"
     return dict(card=card, gpus=gpus, torch=torch.__version__, triton=triton.__version__, commit=commit,
                 date=datetime.date.today().isoformat(), host_python=platform.python_version())
