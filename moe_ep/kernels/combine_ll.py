@@ -1,15 +1,15 @@
 """Low-latency combine: one launch sends expert outputs back and sums them at their source.
 
-Protocol (regions in ``moe_ep.regions``; R = world size, M = max_tokens_per_rank):
-  Send programs ``[0, SEND_PROGRAMS)`` wait for every rank's credit of the previous call
-  (``combine_credit``), then store each valid received row i (i % SEND_PROGRAMS == pid) of ``y``
-  into row ``[rank, token]`` of ``combine_x`` on its source rank, where (source, token) =
-  ``src[i]``. Each arrives on the send counter; the last one signals every rank
+Protocol (regions in ``moe_ep.regions``; R = world size, M = max_tokens_per_rank), double-
+buffered like the LL dispatch (call e uses half e % 2; see dispatch_ll for why that is safe):
+  Send programs ``[0, SEND_PROGRAMS)`` store each valid received row i (i % SEND_PROGRAMS == pid)
+  of ``y`` into row ``[rank, token]`` of ``combine_x`` on its source rank, where (source, token)
+  = ``src[i]``. Each arrives on the send counter; the last one signals every rank
   (``combine_signal[rank] = epoch``), whether or not it sent it anything.
   Reduce programs wait for every rank's signal, then for each token t of this rank
   (t % REDUCE_PROGRAMS == pid) add, in float32 and in rank order, row ``[d, t]`` of
   ``combine_x`` for every rank d the token was dispatched to (``send_mask[t]`` bit d), and round
-  to bfloat16. The last reduce program gives every rank its credit.
+  to bfloat16.
 Rows of ``y`` past ``num_recv_tokens`` are never read. A token dispatched nowhere gets zeros.
 """
 
@@ -20,14 +20,13 @@ import triton.language as tl
 
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import register
-from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch,
-                                         _peer_ptr, _signal_peers, _wait_peers)
+from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, SEND_ARRIVALS, _arrive, _finish_launch,
+                                         _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
 
 
 @triton.jit
 def _combine_ll_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
-                       peer_bases_ptr, x_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
+                       peer_bases_ptr, x_offset, signal_offset, counters_ptr, status_ptr,
                        rank, world_size, num_tokens, max_tokens, max_polls,
                        HIDDEN: tl.constexpr, SEND_PROGRAMS: tl.constexpr, REDUCE_PROGRAMS: tl.constexpr,
                        NUM_PROGRAMS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -35,11 +34,11 @@ def _combine_ll_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
     # out [num_tokens, HIDDEN] bf16
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
+    x_offset += (world_size * max_tokens).to(tl.int64) * HIDDEN * 2 * (epoch % 2)  # this call's half
+    signal_offset += (epoch % 2) * world_size * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     if pid < SEND_PROGRAMS:
-        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
-                    PHASE_COMBINE_CREDIT, max_polls, BLOCK_R)
         num_recv = tl.load(num_recv_ptr)
         for i in range(pid, num_recv, SEND_PROGRAMS):
             src_rank = tl.load(src_ptr + 2 * i)
@@ -68,14 +67,12 @@ def _combine_ll_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                                    mask=mask_h & sent, other=0.0)
                     acc += part.to(tl.float32)
                 tl.store(out_ptr + tl.cast(t, tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
-        last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_r, REDUCE_PROGRAMS)
-        _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
 
 
 register(_combine_ll_kernel,
          {"y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64", "out_ptr": "*bf16",
-          "peer_bases_ptr": "*i64", "x_offset": "i64", "signal_offset": "i64", "credit_offset": "i64",
+          "peer_bases_ptr": "*i64", "x_offset": "i64", "signal_offset": "i64",
           "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32", "world_size": "i32",
           "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"},
          {"HIDDEN": 7168, "SEND_PROGRAMS": 64, "REDUCE_PROGRAMS": 64, "NUM_PROGRAMS": 128, "BLOCK_H": 2048,
@@ -90,7 +87,7 @@ def launch_combine_ll(heap, sync, cfg, params, y, handle, out) -> None:
     _combine_ll_kernel[(num_programs,)](
         y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens, send_mask_ptr=handle.send_mask,
         out_ptr=out, peer_bases_ptr=heap.peer_bases, x_offset=heap.offset("combine_x"),
-        signal_offset=heap.offset("combine_signal"), credit_offset=heap.offset("combine_credit"),
+        signal_offset=heap.offset("combine_signal"),
         counters_ptr=sync.counters("combine"), status_ptr=sync.status, rank=heap.rank,
         world_size=heap.world_size, num_tokens=handle.num_tokens, max_tokens=cfg.max_tokens_per_rank,
         max_polls=sync.max_polls, HIDDEN=cfg.hidden, SEND_PROGRAMS=params.send_programs,

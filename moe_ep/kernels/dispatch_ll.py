@@ -1,23 +1,23 @@
 """Low-latency dispatch: one launch packs, quantises, sends and lays out the tokens.
 
-Protocol (regions in ``moe_ep.regions``; R = world size, M = max_tokens_per_rank):
+Protocol (regions in ``moe_ep.regions``; R = world size, M = max_tokens_per_rank). Every LL
+region is double-buffered: call e uses half ``e % 2``.
   Send programs ``[0, SEND_PROGRAMS)``. Each computes the routing prefix sum over all of this
-  rank's tokens (so token t's slot on rank d is the number of earlier tokens bound for d), waits
-  for the credit of every destination (it consumed this rank's rows of the previous call), then
-  for each of its tokens (t % SEND_PROGRAMS == pid): loads the row once, quantises it to fp8
+  rank's tokens (so token t's slot on rank d is the number of earlier tokens bound for d), then
+  for each of its tokens (t % SEND_PROGRAMS == pid) loads the row once, quantises it to fp8
   (when asked), and stores payload, scales, local expert ids, weights and the token index
   straight into row ``[rank, slot]`` of every destination's receive regions. It then arrives on
   the per-destination counter; the last sender of each destination stores the row count in
   ``dispatch_count[rank]`` there and signals ``dispatch_signal[rank]`` with the epoch.
   Receive programs, RECV_PARTS per source rank s. Each waits for the signals of sources
-  ``0..s`` (its output offset is the sum of their counts), copies its share of s's rows into
-  the compact outputs, then arrives on s's counter.
-  One more program waits for every source, writes ``num_tokens`` and ``tokens_per_expert``
-  (reading the received expert ids) and arrives on every source's counter. The last arrival
-  for source s (RECV_PARTS + 1 of them) gives s its credit: ``dispatch_credit[rank] = epoch``.
-Outputs are in source-rank order, then token order: deterministic. Sends have lower program
-ids than waits, and senders wait only for credits of the previous call, so the launch cannot
-deadlock in the interpreter or on a GPU whose grid is not all resident.
+  ``0..s`` (its output offset is the sum of their counts) and copies its share of s's rows,
+  contiguous in the receive region, into the compact outputs.
+  One more program waits for every source and writes ``num_tokens`` and ``tokens_per_expert``.
+Reuse without a handshake: half e % 2 is written again by call e + 2, which a sender starts only
+after its call e + 1 received from every rank, i.e. after every rank finished call e (stream
+order) and so read its half. Outputs are in source-rank order, then token order:
+deterministic. Sends have lower program ids than waits, so the launch cannot deadlock in the
+interpreter or on a GPU whose grid is not all resident.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import triton.language as tl
 from moe_ep.kernels.common import _copy_span
 from moe_ep.kernels.numerics import _quantize_fp8
 from moe_ep.kernels.registry import register
-from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch,
-                                         _peer_ptr, _signal_peers, _wait_peers)
+from moe_ep.transport.primitives import (PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _finish_launch,
+                                         _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -116,7 +115,7 @@ def _dispatch_ll_kernel(
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-        count_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
+        count_offset, signal_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr,
@@ -128,13 +127,20 @@ def _dispatch_ll_kernel(
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
+    # This call's half of every double-buffered region.
+    rows_per_half = (world_size * max_tokens).to(tl.int64) * (epoch % 2)
+    x_offset += rows_per_half * HIDDEN * (OUT_DTYPE.primitive_bitwidth // 8)
+    scales_offset += rows_per_half * NUM_SCALES * 4
+    ids_offset += rows_per_half * TOPK * 4
+    weights_offset += rows_per_half * TOPK * 4
+    src_offset += rows_per_half * 4
+    count_offset += (epoch % 2) * world_size * 4
+    signal_offset += (epoch % 2) * world_size * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     if pid < SEND_PROGRAMS:
-        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
-                    PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
         carry = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
         for chunk in range(0, num_tokens, BLOCK_T):
             offs_t = chunk + tl.arange(0, BLOCK_T)
@@ -181,8 +187,6 @@ def _dispatch_ll_kernel(
                     flat = tl.reshape(ids, (BLOCK_T * BLOCK_K,))
                     hist += tl.histogram(tl.maximum(flat, 0), BLOCK_E, mask=flat >= 0).to(tl.int32)
             tl.store(out_tokens_per_expert_ptr + offs_e, hist, mask=offs_e < EXPERTS_PER_RANK)
-            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_r, RECV_PARTS + 1)
-            _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
         else:
             offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
             count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
@@ -190,9 +194,6 @@ def _dispatch_ll_kernel(
                             ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
                             out_topk_weights_ptr, out_src_ptr, max_tokens, RECV_PARTS, HIDDEN, TOPK, NUM_SCALES,
                             OUT_DTYPE, BLOCK_COPY, ALIGNED)
-            mask_src = offs_r == src_rank
-            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_src, RECV_PARTS + 1)
-            _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
 
 
@@ -204,7 +205,7 @@ _POINTER_TYPES = ("*bf16", "*fp32", "*i64", "*fp32", "*fp8e4nv", "*fp32", "*i32"
 register(_dispatch_ll_kernel,
          {**dict(zip(_POINTERS, _POINTER_TYPES)),
           **{name: "i64" for name in ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset",
-                                      "count_offset", "signal_offset", "credit_offset")},
+                                      "count_offset", "signal_offset")},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
           "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1, "BLOCK_T": 128, "BLOCK_H": 8192,
@@ -234,7 +235,7 @@ def launch_dispatch_ll(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         x_offset=heap.offset("dispatch_x"), scales_offset=heap.offset("dispatch_scales"),
         ids_offset=heap.offset("dispatch_topk_ids"), weights_offset=heap.offset("dispatch_topk_weights"),
         src_offset=heap.offset("dispatch_src_token"), count_offset=heap.offset("dispatch_count"),
-        signal_offset=heap.offset("dispatch_signal"), credit_offset=heap.offset("dispatch_credit"),
+        signal_offset=heap.offset("dispatch_signal"),
         counters_ptr=sync.counters("dispatch"), status_ptr=sync.status,
         rank=heap.rank, world_size=world, num_tokens=num_tokens, max_tokens=cfg.max_tokens_per_rank,
         max_polls=sync.max_polls,
