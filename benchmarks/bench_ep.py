@@ -175,7 +175,7 @@ def _bench_rank(ctx, opts):
                 point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
                 for path, buf in buffers.items():
                     xs, ids, ws = sets[0]
-                    out = buf.dispatch(xs[rank], ids[rank], ws[rank])
+                    out = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
                     n = int(out.num_tokens.item())
                     ok = (n == mine.num_tokens
                           and torch.equal(out.x[:n].cpu().view(torch.uint8), mine.x.view(torch.uint8))
@@ -193,7 +193,7 @@ def _bench_rank(ctx, opts):
 
                     def dispatch_call(i, buf=buf):
                         xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                        held["out"] = buf.dispatch(xs[rank], ids[rank], ws[rank])
+                        held["out"] = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
 
                     def with_barrier(*ops):
                         def enqueue(i):
@@ -406,7 +406,7 @@ def parse_args(argv=None):
     p.add_argument("--skewed-tokens", default="128,4096")
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--routings", default="uniform,skewed")
-    p.add_argument("--paths", default="ll")
+    p.add_argument("--paths", default="ll,ht,auto")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)

@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from moe_ep.config import EpConfig
 from moe_ep.kernels import params as kernel_params
-from moe_ep.kernels.combine_ll import launch_combine_ll
-from moe_ep.kernels.dispatch_ll import launch_dispatch_ll
+from moe_ep.kernels.combine import launch_combine
+from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
 
@@ -76,20 +76,28 @@ class Buffer:
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
         self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
         self._on_gpu = self.device.type != "cpu"
+        self._staging = HtStaging.allocate(cfg, self.world_size, self.device) if cfg.ht_tokens else None
 
     @property
     def heap_bytes(self) -> int:
         """Symmetric-heap bytes this rank allocated (see ``moe_ep.regions``)."""
         return self.heap.nbytes
 
-    def path(self, num_tokens: int) -> str:
-        """The path ("ll" or "ht") a call takes. Until the HT path exists, "auto" means LL."""
-        return "ll" if self.cfg.mode in ("auto", "ll") else "ht"
+    def path(self, num_tokens_hint: int | None = None) -> str:
+        """The path ("ll" or "ht") of a dispatch. Every rank must take the same one, so "auto"
+        decides from a count all ranks share: ``num_tokens_hint`` (e.g. the step's largest
+        per-rank batch, which serving stacks know) or else ``cfg.max_tokens_per_rank``.
+        LL up to ``cfg.crossover_tokens`` (and the LL capacity), HT above."""
+        cfg = self.cfg
+        if cfg.mode != "auto":
+            return cfg.mode
+        shared = cfg.max_tokens_per_rank if num_tokens_hint is None else num_tokens_hint
+        return "ll" if shared <= min(cfg.crossover_tokens, cfg.ll_tokens) else "ht"
 
     # -- dispatch -------------------------------------------------------------------------------
 
     def dispatch(self, x: XInput, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 out: DispatchOutput | None = None) -> DispatchOutput:
+                 out: DispatchOutput | None = None, num_tokens_hint: int | None = None) -> DispatchOutput:
         """Send each token to the ranks that hold its experts.
 
         x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank), or, for
@@ -98,18 +106,23 @@ class Buffer:
         topk_ids      [num_tokens, topk] int32/int64 global expert ids; -1 means no expert
         topk_weights  [num_tokens, topk] float32
         out           optional outputs of an earlier dispatch to overwrite (no allocation)
+        num_tokens_hint  for mode "auto": a token count every rank passes alike (>= num_tokens),
+                      from which all ranks pick the same path (see ``path``)
         Returns a DispatchOutput; its rows [0, num_tokens) are valid.
         """
         x, x_scales = self._check_dispatch(x, topk_ids, topk_weights)
         num_tokens = x.shape[0]
+        if num_tokens_hint is not None and num_tokens_hint < num_tokens:
+            raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {num_tokens} tokens")
+        path = self.path(num_tokens_hint)  # its capacity holds num_tokens: see ``path``
         if out is None:
             out = self.empty_dispatch_output()
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
-        handle = dataclasses.replace(out.handle, num_tokens=num_tokens, path=self.path(num_tokens))
-        out = dataclasses.replace(out, handle=handle)
-        params = kernel_params.default_dispatch_ll(self.cfg.hidden, self.world_size, num_tokens, self._on_gpu)
-        launch_dispatch_ll(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
+        out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
+        params = kernel_params.default_dispatch(path, self.cfg.hidden, self.world_size, num_tokens, self._on_gpu)
+        launch_dispatch(self.heap, self.sync, self.cfg, params, path, x, x_scales, topk_ids, topk_weights, out,
+                        self._staging)
         return out
 
     def empty_dispatch_output(self) -> DispatchOutput:
@@ -144,8 +157,9 @@ class Buffer:
         self._check_combine(y, handle, out)
         if out is None:
             out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
-        params = kernel_params.default_combine_ll(self.cfg.hidden, self.world_size, handle.num_tokens, self._on_gpu)
-        launch_combine_ll(self.heap, self.sync, self.cfg, params, y, handle, out)
+        params = kernel_params.default_combine(handle.path, self.cfg.hidden, self.world_size, handle.num_tokens,
+                                               self._on_gpu)
+        launch_combine(self.heap, self.sync, self.cfg, params, handle.path, y, handle, out)
         return out
 
     # -- checks ---------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ import torch
 DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 MODES = ("auto", "ll", "ht")
 QUANT_BLOCK = 128  # values per fp8 scale
+DEFAULT_LL_MAX_TOKENS = 256  # LL capacity per rank in "auto" mode
+# "auto" takes LL up to this many tokens per rank (the count all ranks share), HT above.
+DEFAULT_CROSSOVER_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,8 @@ class EpConfig:
     mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
     backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
     timeout_s            how long a kernel waits for a peer before reporting a timeout
+    ll_max_tokens        "auto": tokens per rank the LL path can take (its heap grows with it)
+    crossover_tokens     "auto": LL up to this shared token count, HT above
     """
 
     hidden: int
@@ -33,9 +38,11 @@ class EpConfig:
     mode: str = "auto"
     backend: str | None = None
     timeout_s: float = 60.0
+    ll_max_tokens: int = DEFAULT_LL_MAX_TOKENS
+    crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
 
     def __post_init__(self):
-        for name in ("hidden", "num_experts", "topk", "max_tokens_per_rank"):
+        for name in ("hidden", "num_experts", "topk", "max_tokens_per_rank", "ll_max_tokens", "crossover_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EpConfig.{name} must be a positive int, got {value!r}")
@@ -58,6 +65,18 @@ class EpConfig:
     def num_scales(self) -> int:
         """float32 scales per token row (0 for bf16 dispatch)."""
         return self.hidden // QUANT_BLOCK if self.fp8 else 0
+
+    @property
+    def ll_tokens(self) -> int:
+        """Tokens per rank the LL path takes (0: no LL path)."""
+        if self.mode == "ht":
+            return 0
+        return self.max_tokens_per_rank if self.mode == "ll" else min(self.max_tokens_per_rank, self.ll_max_tokens)
+
+    @property
+    def ht_tokens(self) -> int:
+        """Tokens per rank the HT path takes (0: no HT path)."""
+        return 0 if self.mode == "ll" else self.max_tokens_per_rank
 
     def experts_per_rank(self, world_size: int) -> int:
         if self.num_experts % world_size:

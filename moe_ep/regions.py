@@ -1,24 +1,29 @@
 """How the symmetric heap is carved: every region, its shape, and who writes it.
 
 ``heap_bytes(cfg, world_size)`` tells the bytes per rank before anything is allocated. With
-R = world size, M = max_tokens_per_rank, H = hidden, K = topk, S = H / 128 scales (fp8 only),
-b = bytes per dispatched value (1 for fp8, 2 for bf16):
+R = world size, H = hidden, K = topk, S = H / 128 scales (fp8 only), b = bytes per dispatched
+value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p tokens per source
+(``cfg.ll_tokens``, ``cfg.ht_tokens``; a path with capacity 0 has no regions):
 
-  region                 shape / dtype                 written by
-  barrier_flags          [R] int32                     slot s: rank s
-  dispatch_x             [2, R, M, H] dispatch dtype   rows [., s, :]: rank s (its tokens for this rank)
-  dispatch_scales        [2, R, M, S] float32          as dispatch_x (fp8 only)
-  dispatch_topk_ids      [2, R, M, K] int32            as dispatch_x (local expert ids, -1 elsewhere)
-  dispatch_topk_weights  [2, R, M, K] float32          as dispatch_x
-  dispatch_src_token     [2, R, M] int32               as dispatch_x (token index on rank s)
-  dispatch_count         [2, R] int32                  slot [., s]: rank s (rows it sent in the call)
-  dispatch_signal        [2, R] int32                  slot [., s]: rank s (epoch, after its rows)
-  combine_x              [2, R, M, H] bfloat16         rows [., d, :]: rank d (partials per token)
-  combine_signal         [2, R] int32                  slot [., d]: rank d
+  region                   shape / dtype                  written by
+  barrier_flags            [R] int32                      slot s: rank s
+  p_dispatch_x             [B, R, M_p, H] dispatch dtype  rows [., s, :]: rank s (its tokens for this rank)
+  p_dispatch_scales        [B, R, M_p, S] float32         as p_dispatch_x (fp8 only)
+  p_dispatch_topk_ids      [B, R, M_p, K] int32           as p_dispatch_x (local expert ids, -1 elsewhere)
+  p_dispatch_topk_weights  [B, R, M_p, K] float32         as p_dispatch_x
+  p_dispatch_src_token     [B, R, M_p] int32              as p_dispatch_x (token index on rank s)
+  p_dispatch_count         [B, R] int32                   slot [., s]: rank s (rows it sent in the call)
+  p_dispatch_signal        [B, R] int32                   slot [., s]: rank s (epoch, after its rows)
+  ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
+  p_combine_x              [B, R, M_p, H] bfloat16        rows [., d, :]: rank d (partials per token)
+  p_combine_signal         [B, R] int32                   slot [., d]: rank d
+  ht_combine_credit        [R] int32                      slot s: rank s
 
-The leading 2 is the double buffer of the LL kernels (call e uses half e % 2: see
-kernels/dispatch_ll.py). Bytes per rank ~= 2 * R * M * (H * (b + 2) + 4 * S + 8 * K + 4):
-linear in each of R, M and H. DeepSeek-V3 shape, fp8, R = 4: 128 tokens -> 22.3 MB.
+B = 2 for LL (double buffer: call e uses half e % 2, no handshake; see kernels/dispatch.py) and
+1 for HT (one buffer with credits: the big path keeps one copy). Bytes per rank ~=
+R * (2 * M_ll + M_ht) * (H * (b + 2) + 4 * S + 8 * K + 4): linear in R, in each capacity and in H.
+DeepSeek-V3 shape, fp8, R = 4: LL 128 tokens -> 22.3 MB; auto with 4096 tokens (LL 256 +
+HT 4096) -> 402 MB.
 """
 
 from __future__ import annotations
@@ -27,24 +32,34 @@ from moe_ep.config import EpConfig
 from moe_ep.transport import carve
 
 
+def _path_regions(path: str, cfg: EpConfig, world_size: int, tokens: int, halves: int,
+                  credits: bool) -> list[tuple[str, int]]:
+    if tokens == 0:
+        return []
+    rows = halves * world_size * tokens
+    flags = halves * 4 * world_size
+    value_bytes = 1 if cfg.fp8 else 2
+    sizes = [
+        (f"{path}_dispatch_x", rows * cfg.hidden * value_bytes),
+        (f"{path}_dispatch_scales", rows * cfg.num_scales * 4),
+        (f"{path}_dispatch_topk_ids", rows * cfg.topk * 4),
+        (f"{path}_dispatch_topk_weights", rows * cfg.topk * 4),
+        (f"{path}_dispatch_src_token", rows * 4),
+        (f"{path}_dispatch_count", flags),
+        (f"{path}_dispatch_signal", flags),
+        (f"{path}_combine_x", rows * cfg.hidden * 2),
+        (f"{path}_combine_signal", flags),
+    ]
+    if credits:
+        sizes += [(f"{path}_dispatch_credit", 4 * world_size), (f"{path}_combine_credit", 4 * world_size)]
+    return sizes
+
+
 def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     """(name, bytes) of every region of one rank's arena, in order."""
-    r, m, h, k = world_size, cfg.max_tokens_per_rank, cfg.hidden, cfg.topk
-    value_bytes = 1 if cfg.fp8 else 2
-    flags = 4 * r
-    halves = 2  # double buffer of the LL kernels
-    return [
-        ("barrier_flags", flags),
-        ("dispatch_x", halves * r * m * h * value_bytes),
-        ("dispatch_scales", halves * r * m * cfg.num_scales * 4),
-        ("dispatch_topk_ids", halves * r * m * k * 4),
-        ("dispatch_topk_weights", halves * r * m * k * 4),
-        ("dispatch_src_token", halves * r * m * 4),
-        ("dispatch_count", halves * flags),
-        ("dispatch_signal", halves * flags),
-        ("combine_x", halves * r * m * h * 2),
-        ("combine_signal", halves * flags),
-    ]
+    return ([("barrier_flags", 4 * world_size)]
+            + _path_regions("ll", cfg, world_size, cfg.ll_tokens, halves=2, credits=False)
+            + _path_regions("ht", cfg, world_size, cfg.ht_tokens, halves=1, credits=True))
 
 
 def heap_bytes(cfg: EpConfig, world_size: int) -> int:

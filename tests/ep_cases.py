@@ -119,22 +119,28 @@ def check_untouched(out: moe_ep.DispatchOutput, n: int) -> None:
 
 
 def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
-              hidden: int | None = None, topk: int | None = None, seed: int = 0) -> int:
+              hidden: int | None = None, topk: int | None = None, seed: int = 0, mode: str = "auto",
+              crossover_tokens: int | None = None, hints: list | None = None):
     """``calls`` dispatch + combine pairs on one Buffer with fresh inputs, each checked against the
-    reference; returns the rows this rank received over all calls."""
+    reference; returns the rows this rank received over all calls (or, with ``hints``, the path
+    each call took; in "auto" mode a call with hint h holds at most h tokens per rank)."""
     import dataclasses
 
     shape = dataclasses.replace(shape, hidden=hidden or shape.hidden, topk=topk or shape.topk)
     dtype = getattr(torch, dtype_name)
     world = ctx.world_size
     num_experts = shape.num_experts_per_rank * world
+    extra = {} if crossover_tokens is None else {"crossover_tokens": crossover_tokens}
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
-                          max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype)
+                          max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype, mode=mode, **extra)
     buf = moe_ep.Buffer(ctx.group, cfg)
     received = 0
+    paths = []
     try:
         for call in range(calls):
-            xs, ids, weights = make_inputs(call, kind, shape, world, seed)
+            hint = hints[call] if hints else None
+            xs, ids, weights = make_inputs(call, kind, dataclasses.replace(shape, max_tokens_per_rank=hint)
+                                           if hint else shape, world, seed)
             if prequantized:
                 xs = [reference.quantize_fp8(x) for x in xs]
             expected = reference.dispatch(xs, ids, weights, num_experts, dtype)
@@ -143,7 +149,8 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             ids_in = ids[me].to(ctx.device) if call % 2 else ids[me].int().to(ctx.device)
             use_out = call % 3 != 2  # also exercise freshly allocated outputs
             out = buf.dispatch(x_in, ids_in, weights[me].to(ctx.device),
-                               out=poisoned_dispatch_output(buf) if use_out else None)
+                               out=poisoned_dispatch_output(buf) if use_out else None, num_tokens_hint=hint)
+            paths.append(out.handle.path)
             n = check_dispatch(out, expected[me], buf.capacity)
             if use_out:
                 check_untouched(out, n)
@@ -159,4 +166,4 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
         buf.check()
     finally:
         buf.close()
-    return received
+    return paths if hints else received

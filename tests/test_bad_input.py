@@ -37,6 +37,7 @@ def _bad_calls_then_good_one(ctx, shape):
         "fp8 tuple of one": (lambda: buf.dispatch((x,), ids, w), TypeError, "tuple"),
         "scales wrong shape": (lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(t, 1, device=dev)), ids, w),
                                ValueError, "x_scales must have shape"),
+        "hint below the tokens": (lambda: buf.dispatch(x, ids, w, num_tokens_hint=t - 1), ValueError, "num_tokens_hint"),
         "combine without handle": (lambda: buf.combine(torch.zeros(buf.capacity, h, dtype=torch.bfloat16, device=dev), None),
                                    TypeError, "handle"),
     }

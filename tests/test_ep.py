@@ -8,28 +8,45 @@ from ep_cases import CPU_SHAPE, GPU_SHAPE, run_calls
 CALLS = 5
 
 CASES = [
-    # id, routing, dispatch dtype, extra
-    pytest.param("uniform", "bfloat16", {}, id="bf16-uniform"),
-    pytest.param("uniform", "float8_e4m3fn", {}, id="fp8-uniform"),
-    pytest.param("masked", "float8_e4m3fn", {}, id="fp8-masked-ids"),
-    pytest.param("one_rank", "bfloat16", {}, id="bf16-experts-on-one-rank"),
-    pytest.param("to_rank0", "float8_e4m3fn", {}, id="fp8-others-receive-nothing"),
-    pytest.param("skewed", "bfloat16", {"hidden_cpu": 200, "hidden_gpu": 7000}, id="bf16-skewed-odd-hidden"),
-    pytest.param("uniform", "bfloat16", {"topk": 1}, id="bf16-topk1"),
-    pytest.param("masked", "float8_e4m3fn", {"prequantized": True}, id="fp8-prequantized"),
+    # routing, dispatch dtype, extra
+    ("uniform", "bfloat16", {}, "bf16-uniform"),
+    ("uniform", "float8_e4m3fn", {}, "fp8-uniform"),
+    ("masked", "float8_e4m3fn", {}, "fp8-masked-ids"),
+    ("one_rank", "bfloat16", {}, "bf16-experts-on-one-rank"),
+    ("to_rank0", "float8_e4m3fn", {}, "fp8-others-receive-nothing"),
+    ("skewed", "bfloat16", {"hidden_cpu": 200, "hidden_gpu": 7000}, "bf16-skewed-odd-hidden"),
+    ("uniform", "bfloat16", {"topk": 1}, "bf16-topk1"),
+    ("masked", "float8_e4m3fn", {"prequantized": True}, "fp8-prequantized"),
 ]
+# Every case on the LL path (mode "ll"); the HT path (mode "ht") on the cases that differ for it
+# (its staging quantises, or not, and lays the routing out); "auto" below.
+HT_CASES = ("fp8-uniform", "fp8-masked-ids", "fp8-others-receive-nothing", "bf16-skewed-odd-hidden",
+            "fp8-prequantized")
+PARAMS = [pytest.param("ll", *case[:3], id=f"ll-{case[3]}") for case in CASES] + \
+         [pytest.param("ht", *case[:3], id=f"ht-{case[3]}") for case in CASES if case[3] in HT_CASES]
 
 
-@pytest.mark.parametrize("kind, dtype, extra", CASES)
-def test_dispatch_combine_match_reference(ranks, kind, dtype, extra):
+@pytest.mark.parametrize("mode, kind, dtype, extra", PARAMS)
+def test_dispatch_combine_match_reference(ranks, mode, kind, dtype, extra):
     """Five dispatch + combine pairs on one Buffer, fresh inputs each call, a rank with no token
     and one with max_tokens_per_rank, outputs poisoned; every valid row checked bit-exact."""
     on_cpu = ranks.device == "cpu"
     shape = CPU_SHAPE if on_cpu else GPU_SHAPE
     hidden = extra.get("hidden_cpu" if on_cpu else "hidden_gpu")
     received = ranks.run(run_calls, kind, dtype, shape, CALLS, prequantized=extra.get("prequantized", False),
-                         hidden=hidden, topk=extra.get("topk"))
+                         hidden=hidden, topk=extra.get("topk"), mode=mode)
     if kind == "to_rank0":
         assert received[0] > 0 and not any(received[1:]), received
     else:
         assert all(r > 0 for r in received), f"some rank received nothing: {received}"
+
+
+def test_auto_switches_between_paths(ranks):
+    """mode "auto" on one Buffer: LL, HT, LL, HT, LL chosen from a shared token count, every call
+    checked against the reference (the paths' epochs and regions do not disturb each other)."""
+    on_cpu = ranks.device == "cpu"
+    shape = CPU_SHAPE if on_cpu else GPU_SHAPE
+    hints = [4, shape.max_tokens_per_rank, 4, shape.max_tokens_per_rank, 4]
+    paths = ranks.run(run_calls, "uniform", "float8_e4m3fn", shape, len(hints), mode="auto", crossover_tokens=4,
+                      hints=hints)
+    assert all(p == ["ll", "ht", "ll", "ht", "ll"] for p in paths), paths

@@ -28,9 +28,10 @@ def _check_power_of_two(obj, *names) -> None:
 
 
 @dataclass(frozen=True)
-class DispatchLLParams:
-    send_programs: int  # programs that pack and send tokens (token t goes to program t % this)
+class DispatchParams:
+    send_programs: int  # programs that send tokens (token t goes to program t % this)
     recv_parts: int  # programs per source rank that lay its rows out
+    stage_programs: int  # HT: programs of the stage kernel (layout + quantisation)
     block_h: int  # values of a row moved per step (a multiple of 128)
     block_t: int  # tokens per step of the routing prefix sum
     block_copy: int  # elements per step of the receive side's flat copies
@@ -40,11 +41,11 @@ class DispatchLLParams:
         _check_positive(self)
         _check_power_of_two(self, "block_h", "block_t", "block_copy", "num_warps")
         if self.block_h % 128:
-            raise ValueError(f"DispatchLLParams.block_h must be a multiple of 128, got {self.block_h}")
+            raise ValueError(f"DispatchParams.block_h must be a multiple of 128, got {self.block_h}")
 
 
 @dataclass(frozen=True)
-class CombineLLParams:
+class CombineParams:
     send_programs: int  # programs that send expert outputs back (row i goes to program i % this)
     reduce_programs: int  # programs that sum the partials of this rank's tokens
     block_h: int  # values of a row per step
@@ -60,19 +61,30 @@ def _row_block(hidden: int) -> int:
     return min(8192, max(128, triton.next_power_of_2(hidden)))
 
 
-def default_dispatch_ll(hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchLLParams:
-    """Defaults for the LL dispatch of ``num_tokens`` tokens of ``hidden`` values."""
+# Programs that keep every multiprocessor of an H100/H200 (132) busy twice over.
+_HT_PROGRAMS = 264
+
+
+def default_dispatch(path: str, hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchParams:
+    """Defaults for the ``path`` dispatch of ``num_tokens`` tokens of ``hidden`` values."""
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
-        return DispatchLLParams(send_programs=2, recv_parts=1, block_h=_row_block(hidden), block_t=64,
-                                block_copy=4096, num_warps=4)
-    # One token per send program up to 128 tokens; the receive side copies ~1 MB per source.
-    return DispatchLLParams(send_programs=max(1, min(num_tokens, 128)), recv_parts=max(2, 64 // world_size),
-                            block_h=_row_block(hidden), block_t=128, block_copy=8192, num_warps=8)
+        return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
+                              block_t=64, block_copy=4096, num_warps=4)
+    if path == "ll":  # one token per send program up to 128 tokens
+        return DispatchParams(send_programs=max(1, min(num_tokens, 128)), recv_parts=max(2, 64 // world_size),
+                              stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
+                              num_warps=8)
+    return DispatchParams(send_programs=_HT_PROGRAMS, recv_parts=max(2, 128 // world_size),
+                          stage_programs=_HT_PROGRAMS, block_h=_row_block(hidden), block_t=128, block_copy=8192,
+                          num_warps=8)
 
 
-def default_combine_ll(hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> CombineLLParams:
-    """Defaults for the LL combine back to ``num_tokens`` tokens of ``hidden`` values."""
+def default_combine(path: str, hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> CombineParams:
+    """Defaults for the ``path`` combine back to ``num_tokens`` tokens of ``hidden`` values."""
     if not on_gpu:
-        return CombineLLParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
-    return CombineLLParams(send_programs=128, reduce_programs=max(1, min(num_tokens, 128)),
-                           block_h=min(4096, _row_block(hidden)), num_warps=8)
+        return CombineParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
+    if path == "ll":
+        return CombineParams(send_programs=128, reduce_programs=max(1, min(num_tokens, 128)),
+                             block_h=min(4096, _row_block(hidden)), num_warps=8)
+    return CombineParams(send_programs=_HT_PROGRAMS, reduce_programs=max(1, min(num_tokens, _HT_PROGRAMS)),
+                         block_h=min(4096, _row_block(hidden)), num_warps=8)

@@ -1,0 +1,393 @@
+"""Dispatch: send each token to the ranks that hold its experts, lay the rows out compactly.
+
+Two paths share one kernel (``_dispatch_kernel``), chosen by constexprs:
+  LL (low latency): one launch. Every send program computes the routing prefix sum itself and
+     quantises its own tokens while sending them. LL regions are double-buffered (call e uses
+     half e % 2), so no handshake is needed between calls.
+  HT (high throughput): first ``_dispatch_stage_kernel`` uses the whole GPU to compute the
+     routing layout once (each token's slot on each destination, the per-destination counts,
+     send_mask) and to quantise every token once into a local staging buffer; then the dispatch
+     kernel, with many more programs, only copies staged rows. HT regions are single-buffered
+     with credits.
+
+Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity per source):
+  Send programs ``[0, SEND_PROGRAMS)``. (HT first waits for every destination's credit: it
+  consumed this rank's rows of the previous HT call.) For each of its tokens
+  (t % SEND_PROGRAMS == pid) a program loads the row once and stores payload, scales, local
+  expert ids, weights and the token index straight into row ``[rank, slot]`` of every
+  destination's receive regions, slot being the number of earlier tokens bound there. It then
+  arrives on the per-destination counter; the last sender of each destination stores the row
+  count in ``count[rank]`` there and signals ``signal[rank]`` with the epoch.
+  Receive programs, RECV_PARTS per source rank s. Each waits for the signals of sources
+  ``0..s`` (its output offset is the sum of their counts) and copies its share of s's rows,
+  contiguous in the receive region, into the compact outputs.
+  One more program waits for every source and writes ``num_tokens`` and ``tokens_per_expert``.
+  (HT: the receive programs and this one arrive on the per-source counter; the last of the
+  RECV_PARTS + 1 gives the source its credit: ``credit[rank] = epoch``.)
+Why LL needs no handshake: half e % 2 is written again by LL call e + 2, which a sender starts
+only after its call e + 1 received from every rank, i.e. after every rank finished call e
+(stream order) and so read its half. Each path counts its own epochs.
+Outputs are in source-rank order, then token order: deterministic. Sends have lower program
+ids than waits, and senders wait only for the previous call, so a launch cannot deadlock in the
+interpreter or on a GPU whose grid is not all resident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_ep.kernels.common import _copy_span
+from moe_ep.kernels.numerics import _quantize_fp8
+from moe_ep.kernels.registry import register
+from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
+                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr,
+                                         _signal_peers, _wait_peers)
+
+
+@triton.jit
+def _bits(mask_r, offs_r):
+    """``[BLOCK_R]`` bools -> one int64 with bit r set where ``mask_r[r]``."""
+    return tl.sum(tl.where(mask_r, tl.full(offs_r.shape, 1, tl.int64) << offs_r.to(tl.int64), 0), axis=0)
+
+
+@triton.jit
+def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: tl.constexpr,
+                 EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Tokens ``[start, start + BLOCK_T)``: returns (offs_t, ids [BLOCK_T, BLOCK_K] int32 with -1
+    past the end, is_dst [BLOCK_T, BLOCK_R] int32: 1 where a rank holds one of the token's experts)."""
+    offs_t = start + tl.arange(0, BLOCK_T)
+    ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
+                  mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
+    dst = tl.where(ids >= 0, ids // EXPERTS_PER_RANK, -1)
+    is_dst = tl.max((dst[:, :, None] == offs_r[None, None, :]).to(tl.int32), axis=1)
+    return offs_t, ids, is_dst
+
+
+@triton.jit
+def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
+                           send_mask_ptr, world_size, num_tokens,
+                           HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
+                           NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """HT staging, with the whole GPU: program b < cdiv(T, BLOCK_T) lays out token block b
+    (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64; the last block also
+    counts [R] int32); every program quantises tokens t % num_programs == pid into
+    staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE)."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < world_size
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < TOPK
+    num_blocks = tl.maximum(tl.cdiv(num_tokens, BLOCK_T), 1)
+    if pid < num_blocks:
+        carry = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier blocks bound for each rank
+        for start in range(0, pid * BLOCK_T, BLOCK_T):
+            _, _, is_dst = _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                        EXPERTS_PER_RANK, BLOCK_T)
+            carry += tl.sum(is_dst, axis=0)
+        offs_t, _, is_dst = _route_block(topk_ids_ptr, pid * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                         EXPERTS_PER_RANK, BLOCK_T)
+        slots = tl.cumsum(is_dst, axis=0) - is_dst + carry[None, :]  # [BLOCK_T, BLOCK_R]
+        mask_t = offs_t < num_tokens
+        tl.store(slots_ptr + offs_t[:, None] * world_size + offs_r[None, :], tl.where(is_dst > 0, slots, -1),
+                 mask=mask_t[:, None] & mask_r[None, :])
+        bits = tl.sum(tl.where(is_dst > 0, tl.full(is_dst.shape, 1, tl.int64) << offs_r[None, :].to(tl.int64), 0),
+                      axis=1)  # [BLOCK_T]
+        tl.store(send_mask_ptr + offs_t, bits, mask=mask_t)
+        if pid == num_blocks - 1:
+            tl.store(counts_ptr + offs_r, carry + tl.sum(is_dst, axis=0), mask=mask_r)
+    if QUANTIZE:
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_s = tl.arange(0, BLOCK_H // 128)
+        for t in range(pid, num_tokens, tl.num_programs(0)):
+            row = tl.cast(t, tl.int64)
+            for start in range(0, HIDDEN, BLOCK_H):
+                mask_h = start + offs_h < HIDDEN
+                q, scales = _quantize_fp8(tl.load(x_ptr + row * HIDDEN + start + offs_h, mask=mask_h,
+                                                  other=0.0).to(tl.float32), BLOCK_H)
+                tl.store(staging_x_ptr + row * HIDDEN + start + offs_h, q, mask=mask_h)
+                tl.store(staging_scales_ptr + row * NUM_SCALES + start // 128 + offs_s, scales,
+                         mask=start // 128 + offs_s < NUM_SCALES)
+
+
+@triton.jit
+def _send_token(t, rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
+                peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k,
+                HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr, WRITE_SEND_MASK: tl.constexpr):
+    """Store token t into row ``[rank, slot[d]]`` of every destination d where ``is_dst[d]``."""
+    mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
+    row = (rank * max_tokens + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
+    # Expert ids local to each destination (-1 elsewhere) and their weights (0 elsewhere).
+    local = ids[None, :] - offs_r[:, None] * experts_per_rank  # [BLOCK_R, BLOCK_K]
+    here = (ids[None, :] >= 0) & (local >= 0) & (local < experts_per_rank)
+    weights = tl.load(topk_weights_ptr + t * TOPK + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
+    mask_rk = mask_d[:, None] & mask_k[None, :]
+    ptr_ids = _peer_ptr(peer_bases_ptr, offs_r, ids_offset, tl.int32)[:, None] + row[:, None] * TOPK + offs_k[None, :]
+    tl.store(ptr_ids, tl.where(here, local, -1), mask=mask_rk)
+    ptr_w = _peer_ptr(peer_bases_ptr, offs_r, weights_offset, tl.float32)[:, None] + row[:, None] * TOPK + offs_k[None, :]
+    tl.store(ptr_w, tl.where(here, weights[None, :], 0.0), mask=mask_rk)
+    tl.store(_peer_ptr(peer_bases_ptr, offs_r, src_offset, tl.int32) + row, tl.zeros_like(slot) + t, mask=mask_d)
+    if WRITE_SEND_MASK:
+        tl.store(send_mask_ptr + t, _bits(mask_d, offs_r))
+    # Payload, BLOCK_H values at a time: loaded (and quantised) once, stored to each destination.
+    for start in range(0, HIDDEN, BLOCK_H):
+        offs_h = start + tl.arange(0, BLOCK_H)
+        mask_h = offs_h < HIDDEN
+        offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
+        mask_s = offs_s < NUM_SCALES
+        if QUANTIZE:
+            values, scales = _quantize_fp8(tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h, other=0.0).to(tl.float32),
+                                           BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
+        else:
+            values = tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h)
+            if X_FP8:
+                scales = tl.load(x_scales_ptr + t * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
+        for d in range(0, world_size):
+            if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
+                row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)
+                ptr_x = _peer_ptr(peer_bases_ptr, d, x_offset, OUT_DTYPE) + row_d * HIDDEN
+                if ALIGNED:
+                    ptr_x = tl.multiple_of(ptr_x, 16)
+                tl.store(ptr_x + offs_h, values, mask=mask_h)
+                if NUM_SCALES > 0:
+                    ptr_s = _peer_ptr(peer_bases_ptr, d, scales_offset, tl.float32) + row_d * NUM_SCALES
+                    tl.store(ptr_s + offs_s, scales, mask=mask_s)
+
+
+@triton.jit
+def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
+                    x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                    out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+                    max_tokens, RECV_PARTS, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                    NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
+                    ALIGNED: tl.constexpr):
+    """Copy part ``part`` of the ``count`` rows received from ``src_rank`` (contiguous in the
+    receive region) to output rows ``[out_row, out_row + count)``: one flat copy per field."""
+    first = (src_rank * max_tokens).to(tl.int64)
+    out_row = out_row.to(tl.int64)
+    _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN, out_x_ptr + out_row * HIDDEN,
+               count * HIDDEN, part, RECV_PARTS, BLOCK_COPY, ALIGNED)
+    if NUM_SCALES > 0:
+        _copy_span(_peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32) + first * NUM_SCALES,
+                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, RECV_PARTS, BLOCK_COPY, False)
+    _copy_span(_peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32) + first * TOPK, out_topk_ids_ptr + out_row * TOPK,
+               count * TOPK, part, RECV_PARTS, BLOCK_COPY, False)
+    _copy_span(_peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32) + first * TOPK,
+               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, RECV_PARTS, BLOCK_COPY, False)
+    # src: (src_rank, token) pairs, rows split between the parts.
+    per_part = tl.cdiv(count, RECV_PARTS)
+    base_src = _peer_ptr(peer_bases_ptr, rank, src_offset, tl.int32) + first
+    for block in range(part * per_part, tl.minimum((part + 1) * per_part, count), BLOCK_COPY // 2):
+        offs = block + tl.arange(0, BLOCK_COPY // 2)
+        mask = offs < tl.minimum((part + 1) * per_part, count)
+        token = tl.load(base_src + offs, mask=mask)
+        tl.store(out_src_ptr + (out_row + offs) * 2, tl.zeros_like(token) + src_rank, mask=mask)
+        tl.store(out_src_ptr + (out_row + offs) * 2 + 1, token, mask=mask)
+
+
+@triton.jit
+def _dispatch_kernel(
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr,
+        out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+        out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
+        peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+        count_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
+        rank, world_size, num_tokens, max_tokens, max_polls,
+        HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
+        NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, STAGED: tl.constexpr,
+        CREDITS: tl.constexpr, SEND_PROGRAMS: tl.constexpr, RECV_PARTS: tl.constexpr,
+        NUM_PROGRAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
+    # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
+    # topk_ids / topk_weights [num_tokens, TOPK]; STAGED: slots [num_tokens, R] int32 and counts [R]
+    # from the stage kernel; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64
+    OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    epoch = _launch_epoch(counters_ptr)
+    if not CREDITS:  # this call's half of every double-buffered region
+        rows_per_half = (world_size * max_tokens).to(tl.int64) * (epoch % 2)
+        x_offset += rows_per_half * HIDDEN * (OUT_DTYPE.primitive_bitwidth // 8)
+        scales_offset += rows_per_half * NUM_SCALES * 4
+        ids_offset += rows_per_half * TOPK * 4
+        weights_offset += rows_per_half * TOPK * 4
+        src_offset += rows_per_half * 4
+        count_offset += (epoch % 2) * world_size * 4
+        signal_offset += (epoch % 2) * world_size * 4
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < world_size
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < TOPK
+    if pid < SEND_PROGRAMS:
+        if CREDITS:
+            _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
+                        PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
+        if STAGED:
+            counts = tl.load(counts_ptr + offs_r, mask=mask_r, other=0)  # [BLOCK_R]
+            for t in range(pid, num_tokens, SEND_PROGRAMS):
+                slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
+                ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
+                _send_token(t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
+                            send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
+                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
+                            HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+        else:
+            counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
+            for chunk in range(0, num_tokens, BLOCK_T):
+                offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                                   EXPERTS_PER_RANK, BLOCK_T)
+                slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]  # [BLOCK_T, BLOCK_R]
+                first = chunk + (pid - chunk % SEND_PROGRAMS + SEND_PROGRAMS) % SEND_PROGRAMS
+                for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), SEND_PROGRAMS):
+                    sel = (offs_t == t)[:, None]
+                    _send_token(t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
+                                tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
+                                x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
+                                scales_offset, ids_offset, weights_offset, src_offset, world_size, max_tokens,
+                                EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES,
+                                QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
+                counts += tl.sum(is_dst, axis=0)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
+        tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + rank * 4, tl.int32), counts, mask=last)
+        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
+    else:
+        j = pid - SEND_PROGRAMS
+        meta = j == world_size * RECV_PARTS  # the program that writes num_tokens / tokens_per_expert
+        src_rank = tl.where(meta, world_size - 1, j // RECV_PARTS)
+        part = j % RECV_PARTS
+        mask_wait = mask_r & (offs_r <= src_rank)
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
+                    PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+        counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
+                         other=0, volatile=True)  # [BLOCK_R] rows from each source
+        if meta:
+            tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
+            offs_e = tl.arange(0, BLOCK_E)
+            hist = tl.zeros([BLOCK_E], tl.int32)
+            base_ids = _peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32)
+            for s in range(0, world_size):
+                count_s = tl.sum(tl.where(offs_r == s, counts, 0), axis=0)
+                for start in range(0, count_s, BLOCK_T):
+                    offs_t = start + tl.arange(0, BLOCK_T)
+                    mask_tk = (offs_t < count_s)[:, None] & mask_k[None, :]
+                    ids = tl.load(base_ids + (s * max_tokens + offs_t)[:, None] * TOPK + offs_k[None, :],
+                                  mask=mask_tk, other=-1)  # [BLOCK_T, BLOCK_K]
+                    flat = tl.reshape(ids, (BLOCK_T * BLOCK_K,))
+                    hist += tl.histogram(tl.maximum(flat, 0), BLOCK_E, mask=flat >= 0).to(tl.int32)
+            tl.store(out_tokens_per_expert_ptr + offs_e, hist, mask=offs_e < EXPERTS_PER_RANK)
+            mask_done = mask_r
+        else:
+            offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
+            count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
+            _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
+                            ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
+                            out_topk_weights_ptr, out_src_ptr, max_tokens, RECV_PARTS, HIDDEN, TOPK, NUM_SCALES,
+                            OUT_DTYPE, BLOCK_COPY, ALIGNED)
+            mask_done = offs_r == src_rank
+        if CREDITS:
+            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, RECV_PARTS + 1)
+            _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+
+
+_OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
+            "signal_offset", "credit_offset")
+register(_dispatch_kernel,
+         {"x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
+          "out_topk_ids_ptr": "*i32", "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32",
+          "out_num_tokens_ptr": "*i32", "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64",
+          "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
+          **{name: "i64" for name in _OFFSETS},
+          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
+          "STAGED": False, "CREDITS": False, "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1,
+          "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
+          "ALIGNED": True})
+register(_dispatch_stage_kernel,
+         {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "send_mask_ptr": "*i64", "world_size": "i32",
+          "num_tokens": "i32"},
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "BLOCK_T": 128,
+          "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_K": 8})
+
+
+@dataclass(frozen=True)
+class HtStaging:
+    """Local (not symmetric) buffers of the HT stage kernel, reused by every HT call."""
+
+    x: torch.Tensor  # [ht_tokens, hidden] float8_e4m3fn: quantised tokens (fp8 dispatch only)
+    scales: torch.Tensor  # [ht_tokens, hidden // 128] float32
+    slots: torch.Tensor  # [ht_tokens, world_size] int32: row of token t on rank d, -1 if none
+    counts: torch.Tensor  # [world_size] int32: rows this rank sends to each rank
+
+    @staticmethod
+    def allocate(cfg, world_size: int, device) -> "HtStaging":
+        rows = cfg.ht_tokens if cfg.fp8 else 0
+        return HtStaging(x=torch.empty(rows, cfg.hidden, dtype=torch.float8_e4m3fn, device=device),
+                         scales=torch.empty(rows, cfg.num_scales, dtype=torch.float32, device=device),
+                         slots=torch.empty(cfg.ht_tokens, world_size, dtype=torch.int32, device=device),
+                         counts=torch.empty(world_size, dtype=torch.int32, device=device))
+
+
+def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_weights, out, staging=None) -> None:
+    """Launch the ``path`` ("ll" or "ht") dispatch of this rank's tokens into ``out`` (a
+    ``DispatchOutput``).
+
+    ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
+    ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
+    ``staging`` (HT): the local ``HtStaging`` buffers. Inputs are validated by the caller (``Buffer``).
+    """
+    world = heap.world_size
+    num_tokens = x.shape[0]
+    experts_per_rank = cfg.experts_per_rank(world)
+    ht = path == "ht"
+    capacity = cfg.ht_tokens if ht else cfg.ll_tokens
+    block_r = triton.next_power_of_2(world)
+    block_k = triton.next_power_of_2(cfg.topk)
+    send_mask = out.handle.send_mask
+    slots = counts = send_mask  # placeholders the LL kernel never reads
+    if ht:
+        quantize = cfg.fp8 and x_scales is None
+        slots, counts = staging.slots, staging.counts
+        sync.before_launch()
+        _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
+            x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
+            staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=slots, counts_ptr=counts,
+            send_mask_ptr=send_mask, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+            EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
+            BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_R=block_r, BLOCK_K=block_k,
+            num_warps=params.num_warps)
+        if quantize:
+            x, x_scales = staging.x[:num_tokens], staging.scales[:num_tokens]
+    prefix = f"{path}_dispatch_"
+    num_programs = params.send_programs + world * params.recv_parts + 1
+    sync.before_launch()
+    _dispatch_kernel[(num_programs,)](
+        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
+        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=slots, counts_ptr=counts,
+        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+        out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
+        out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
+        send_mask_ptr=send_mask, peer_bases_ptr=heap.peer_bases,
+        x_offset=heap.offset(prefix + "x"), scales_offset=heap.offset(prefix + "scales"),
+        ids_offset=heap.offset(prefix + "topk_ids"), weights_offset=heap.offset(prefix + "topk_weights"),
+        src_offset=heap.offset(prefix + "src_token"), count_offset=heap.offset(prefix + "count"),
+        signal_offset=heap.offset(prefix + "signal"),
+        credit_offset=heap.offset(prefix + "credit") if ht else 0,
+        counters_ptr=sync.counters(f"dispatch_{path}"), status_ptr=sync.status,
+        rank=heap.rank, world_size=world, num_tokens=num_tokens, max_tokens=capacity,
+        max_polls=sync.max_polls,
+        HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales,
+        QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None, STAGED=ht, CREDITS=ht,
+        SEND_PROGRAMS=params.send_programs, RECV_PARTS=params.recv_parts, NUM_PROGRAMS=num_programs,
+        BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
+        BLOCK_R=block_r, ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0,
+        BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), num_warps=params.num_warps)
+    sync.after_launch()
