@@ -61,8 +61,9 @@ def _row_block(hidden: int) -> int:
     return min(8192, max(128, triton.next_power_of_2(hidden)))
 
 
-# Programs that keep every multiprocessor of an H100/H200 (132) busy twice over.
-_HT_PROGRAMS = 264
+# Programs for the HT path: 8 per multiprocessor of an H100/H200 (132), so that many rows are
+# in flight at once (each program moves its rows one after another).
+_HT_PROGRAMS = 1056
 
 
 def default_dispatch(path: str, hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchParams:
