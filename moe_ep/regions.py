@@ -13,6 +13,7 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   p_dispatch_topk_weights  [B, R, M_p, K] float32         as p_dispatch_x
   p_dispatch_src_token     [B, R, M_p] int32              as p_dispatch_x (token index on rank s)
   p_dispatch_count         [B, R] int32                   slot [., s]: rank s (rows it sent in the call)
+  p_dispatch_expert_counts [B, R, E/R] int32              row [., s]: rank s (its (token, k) pairs per local expert)
   p_dispatch_signal        [B, R] int32                   slot [., s]: rank s (epoch, after its rows)
   ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
   p_combine_x              [B, R, M_p, H] bfloat16        rows [., d, :]: rank d (partials per token)
@@ -46,6 +47,7 @@ def _path_regions(path: str, cfg: EpConfig, world_size: int, tokens: int, halves
         (f"{path}_dispatch_topk_weights", rows * cfg.topk * 4),
         (f"{path}_dispatch_src_token", rows * 4),
         (f"{path}_dispatch_count", flags),
+        (f"{path}_dispatch_expert_counts", flags * cfg.num_experts // world_size),
         (f"{path}_dispatch_signal", flags),
         (f"{path}_combine_x", rows * cfg.hidden * 2),
         (f"{path}_combine_signal", flags),

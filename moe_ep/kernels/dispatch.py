@@ -17,11 +17,14 @@ Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity
   expert ids, weights and the token index straight into row ``[rank, slot]`` of every
   destination's receive regions, slot being the number of earlier tokens bound there. It then
   arrives on the per-destination counter; the last sender of each destination stores the row
-  count in ``count[rank]`` there and signals ``signal[rank]`` with the epoch.
+  count in ``count[rank]`` there, and the destination's slice of this rank's tokens per expert
+  in ``expert_counts[rank, :]`` (every send program counts all tokens while it lays them out;
+  HT: the stage kernel did), then signals ``signal[rank]`` with the epoch.
   Receive programs, RECV_PARTS per source rank s. Each waits for the signals of sources
   ``0..s`` (its output offset is the sum of their counts) and copies its share of s's rows,
   contiguous in the receive region, into the compact outputs.
-  One more program waits for every source and writes ``num_tokens`` and ``tokens_per_expert``.
+  One more program waits for every source and writes ``num_tokens`` and ``tokens_per_expert``
+  (the sum over sources of ``expert_counts``).
   (HT: the receive programs and this one arrive on the per-source counter; the last of the
   RECV_PARTS + 1 gives the source its credit: ``credit[rank] = epoch``.)
 Why LL needs no handshake: half e % 2 is written again by LL call e + 2, which a sender starts
@@ -68,15 +71,37 @@ def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: 
 
 
 @triton.jit
+def _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size,
+                           EXPERTS_PER_RANK: tl.constexpr):
+    """Store, for each destination d where ``last[d]``, its slice of ``hist`` (this rank's
+    tokens per global expert, ``[BLOCK_ALL_E]``) into ``expert_counts[rank, :]`` on d."""
+    offs_all = tl.arange(0, hist.shape[0])
+    for d in range(0, world_size):
+        if tl.sum(tl.where(tl.arange(0, last.shape[0]) == d, last.to(tl.int32), 0), axis=0) > 0:
+            local = offs_all - d * EXPERTS_PER_RANK
+            ptr = _peer_ptr(peer_bases_ptr, d, expert_counts_offset, tl.int32) + rank * EXPERTS_PER_RANK + local
+            tl.store(ptr, hist, mask=(local >= 0) & (local < EXPERTS_PER_RANK))
+
+
+@triton.jit
+def _expert_histogram(ids, BLOCK_ALL_E: tl.constexpr):
+    """``[BLOCK_T, BLOCK_K]`` global expert ids (-1: none) -> ``[BLOCK_ALL_E]`` counts per expert."""
+    flat = tl.reshape(ids, (ids.shape[0] * ids.shape[1],))
+    return tl.histogram(tl.maximum(flat, 0), BLOCK_ALL_E, mask=flat >= 0).to(tl.int32)
+
+
+@triton.jit
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
-                           send_mask_ptr, world_size, num_tokens,
+                           expert_counts_ptr, send_mask_ptr, world_size, num_tokens,
                            HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
                            NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_ALL_E: tl.constexpr):
     """HT staging, with the whole GPU: program b < cdiv(T, BLOCK_T) lays out token block b
     (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64; the last block also
-    counts [R] int32); every program quantises tokens t % num_programs == pid into
-    staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE)."""
+    counts [R] int32 and expert_counts [num_experts] int32); every program quantises tokens
+    t % num_programs == pid into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES]
+    float32 (when QUANTIZE)."""
     pid = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
@@ -85,12 +110,16 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
     num_blocks = tl.maximum(tl.cdiv(num_tokens, BLOCK_T), 1)
     if pid < num_blocks:
         carry = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier blocks bound for each rank
+        last_block = pid == num_blocks - 1
+        hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # the last block: (token, k) pairs per expert
         for start in range(0, pid * BLOCK_T, BLOCK_T):
-            _, _, is_dst = _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                        EXPERTS_PER_RANK, BLOCK_T)
+            _, ids, is_dst = _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                          EXPERTS_PER_RANK, BLOCK_T)
             carry += tl.sum(is_dst, axis=0)
-        offs_t, _, is_dst = _route_block(topk_ids_ptr, pid * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                         EXPERTS_PER_RANK, BLOCK_T)
+            if last_block:
+                hist += _expert_histogram(ids, BLOCK_ALL_E)
+        offs_t, ids, is_dst = _route_block(topk_ids_ptr, pid * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                           EXPERTS_PER_RANK, BLOCK_T)
         slots = tl.cumsum(is_dst, axis=0) - is_dst + carry[None, :]  # [BLOCK_T, BLOCK_R]
         mask_t = offs_t < num_tokens
         tl.store(slots_ptr + offs_t[:, None] * world_size + offs_r[None, :], tl.where(is_dst > 0, slots, -1),
@@ -98,8 +127,10 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
         bits = tl.sum(tl.where(is_dst > 0, tl.full(is_dst.shape, 1, tl.int64) << offs_r[None, :].to(tl.int64), 0),
                       axis=1)  # [BLOCK_T]
         tl.store(send_mask_ptr + offs_t, bits, mask=mask_t)
-        if pid == num_blocks - 1:
+        if last_block:
             tl.store(counts_ptr + offs_r, carry + tl.sum(is_dst, axis=0), mask=mask_r)
+            tl.store(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E), hist + _expert_histogram(ids, BLOCK_ALL_E),
+                     mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size)
     if QUANTIZE:
         offs_h = tl.arange(0, BLOCK_H)
         offs_s = tl.arange(0, BLOCK_H // 128)
@@ -194,17 +225,18 @@ def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
 
 @triton.jit
 def _dispatch_kernel(
-        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr,
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, expert_counts_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-        count_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
+        count_offset, expert_counts_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, STAGED: tl.constexpr,
         CREDITS: tl.constexpr, SEND_PROGRAMS: tl.constexpr, RECV_PARTS: tl.constexpr,
         NUM_PROGRAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
+        ALIGNED: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
     # topk_ids / topk_weights [num_tokens, TOPK]; STAGED: slots [num_tokens, R] int32 and counts [R]
     # from the stage kernel; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64
@@ -219,6 +251,7 @@ def _dispatch_kernel(
         weights_offset += rows_per_half * TOPK * 4
         src_offset += rows_per_half * 4
         count_offset += (epoch % 2) * world_size * 4
+        expert_counts_offset += (epoch % 2) * world_size * EXPERTS_PER_RANK * 4
         signal_offset += (epoch % 2) * world_size * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
@@ -230,6 +263,8 @@ def _dispatch_kernel(
                         PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
         if STAGED:
             counts = tl.load(counts_ptr + offs_r, mask=mask_r, other=0)  # [BLOCK_R]
+            hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
+                           mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
             for t in range(pid, num_tokens, SEND_PROGRAMS):
                 slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
                 ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
@@ -239,6 +274,7 @@ def _dispatch_kernel(
                             HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
         else:
             counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
+            hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
             for chunk in range(0, num_tokens, BLOCK_T):
                 offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
                                                    EXPERTS_PER_RANK, BLOCK_T)
@@ -253,8 +289,10 @@ def _dispatch_kernel(
                                 EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES,
                                 QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
                 counts += tl.sum(is_dst, axis=0)
+                hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
         tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + rank * 4, tl.int32), counts, mask=last)
+        _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size, EXPERTS_PER_RANK)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
     else:
         j = pid - SEND_PROGRAMS
@@ -269,17 +307,10 @@ def _dispatch_kernel(
         if meta:
             tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
             offs_e = tl.arange(0, BLOCK_E)
-            hist = tl.zeros([BLOCK_E], tl.int32)
-            base_ids = _peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32)
-            for s in range(0, world_size):
-                count_s = tl.sum(tl.where(offs_r == s, counts, 0), axis=0)
-                for start in range(0, count_s, BLOCK_T):
-                    offs_t = start + tl.arange(0, BLOCK_T)
-                    mask_tk = (offs_t < count_s)[:, None] & mask_k[None, :]
-                    ids = tl.load(base_ids + (s * max_tokens + offs_t)[:, None] * TOPK + offs_k[None, :],
-                                  mask=mask_tk, other=-1)  # [BLOCK_T, BLOCK_K]
-                    flat = tl.reshape(ids, (BLOCK_T * BLOCK_K,))
-                    hist += tl.histogram(tl.maximum(flat, 0), BLOCK_E, mask=flat >= 0).to(tl.int32)
+            per_source = tl.load(_peer_ptr(peer_bases_ptr, rank, expert_counts_offset, tl.int32)
+                                 + offs_r[:, None] * EXPERTS_PER_RANK + offs_e[None, :],
+                                 mask=mask_r[:, None] & (offs_e < EXPERTS_PER_RANK)[None, :], other=0)
+            hist = tl.sum(per_source, axis=0)  # [BLOCK_E]
             tl.store(out_tokens_per_expert_ptr + offs_e, hist, mask=offs_e < EXPERTS_PER_RANK)
             mask_done = mask_r
         else:
@@ -297,10 +328,10 @@ def _dispatch_kernel(
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
-            "signal_offset", "credit_offset")
+            "expert_counts_offset", "signal_offset", "credit_offset")
 register(_dispatch_kernel,
          {"x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
-          "slots_ptr": "*i32", "counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
           "out_topk_ids_ptr": "*i32", "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32",
           "out_num_tokens_ptr": "*i32", "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64",
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
@@ -309,13 +340,13 @@ register(_dispatch_kernel,
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
           "STAGED": False, "CREDITS": False, "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1,
           "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
-          "ALIGNED": True})
+          "BLOCK_ALL_E": 256, "ALIGNED": True})
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
-          "slots_ptr": "*i32", "counts_ptr": "*i32", "send_mask_ptr": "*i64", "world_size": "i32",
-          "num_tokens": "i32"},
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "send_mask_ptr": "*i64",
+          "world_size": "i32", "num_tokens": "i32"},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "BLOCK_T": 128,
-          "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_K": 8})
+          "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_ALL_E": 256})
 
 
 @dataclass(frozen=True)
@@ -326,6 +357,7 @@ class HtStaging:
     scales: torch.Tensor  # [ht_tokens, hidden // 128] float32
     slots: torch.Tensor  # [ht_tokens, world_size] int32: row of token t on rank d, -1 if none
     counts: torch.Tensor  # [world_size] int32: rows this rank sends to each rank
+    expert_counts: torch.Tensor  # [num_experts] int32: this rank's (token, k) pairs per expert
 
     @staticmethod
     def allocate(cfg, world_size: int, device) -> "HtStaging":
@@ -333,7 +365,8 @@ class HtStaging:
         return HtStaging(x=torch.empty(rows, cfg.hidden, dtype=torch.float8_e4m3fn, device=device),
                          scales=torch.empty(rows, cfg.num_scales, dtype=torch.float32, device=device),
                          slots=torch.empty(cfg.ht_tokens, world_size, dtype=torch.int32, device=device),
-                         counts=torch.empty(world_size, dtype=torch.int32, device=device))
+                         counts=torch.empty(world_size, dtype=torch.int32, device=device),
+                         expert_counts=torch.empty(cfg.num_experts, dtype=torch.int32, device=device))
 
 
 def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_weights, out, staging=None) -> None:
@@ -352,18 +385,19 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
     block_r = triton.next_power_of_2(world)
     block_k = triton.next_power_of_2(cfg.topk)
     send_mask = out.handle.send_mask
-    slots = counts = send_mask  # placeholders the LL kernel never reads
+    slots = counts = expert_counts = send_mask  # placeholders the LL kernel never reads
+    block_all_e = triton.next_power_of_2(cfg.num_experts)
     if ht:
         quantize = cfg.fp8 and x_scales is None
-        slots, counts = staging.slots, staging.counts
+        slots, counts, expert_counts = staging.slots, staging.counts, staging.expert_counts
         sync.before_launch()
         _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
             x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
             staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=slots, counts_ptr=counts,
-            send_mask_ptr=send_mask, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+            expert_counts_ptr=expert_counts, send_mask_ptr=send_mask, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
             EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
             BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_R=block_r, BLOCK_K=block_k,
-            num_warps=params.num_warps)
+            BLOCK_ALL_E=block_all_e, num_warps=params.num_warps)
         if quantize:
             x, x_scales = staging.x[:num_tokens], staging.scales[:num_tokens]
     prefix = f"{path}_dispatch_"
@@ -372,14 +406,14 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
     _dispatch_kernel[(num_programs,)](
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=slots, counts_ptr=counts,
-        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+        expert_counts_ptr=expert_counts, out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
         send_mask_ptr=send_mask, peer_bases_ptr=heap.peer_bases,
         x_offset=heap.offset(prefix + "x"), scales_offset=heap.offset(prefix + "scales"),
         ids_offset=heap.offset(prefix + "topk_ids"), weights_offset=heap.offset(prefix + "topk_weights"),
         src_offset=heap.offset(prefix + "src_token"), count_offset=heap.offset(prefix + "count"),
-        signal_offset=heap.offset(prefix + "signal"),
+        expert_counts_offset=heap.offset(prefix + "expert_counts"), signal_offset=heap.offset(prefix + "signal"),
         credit_offset=heap.offset(prefix + "credit") if ht else 0,
         counters_ptr=sync.counters(f"dispatch_{path}"), status_ptr=sync.status,
         rank=heap.rank, world_size=world, num_tokens=num_tokens, max_tokens=capacity,
@@ -389,5 +423,6 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
         SEND_PROGRAMS=params.send_programs, RECV_PARTS=params.recv_parts, NUM_PROGRAMS=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
         BLOCK_R=block_r, ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0,
-        BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), num_warps=params.num_warps)
+        BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), BLOCK_ALL_E=block_all_e,
+        num_warps=params.num_warps)
     sync.after_launch()
