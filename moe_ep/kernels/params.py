@@ -61,9 +61,11 @@ def _row_block(hidden: int) -> int:
     return min(8192, max(128, triton.next_power_of_2(hidden)))
 
 
-# Programs for the HT path: 8 per multiprocessor of an H100/H200 (132), so that many rows are
-# in flight at once (each program moves its rows one after another).
-_HT_PROGRAMS = 1056
+# HT programs, measured on 2 x H200 at 4096 tokens (benchmarks/NOTES.md, runs 4-6): dispatch is
+# best with 2 per multiprocessor of an H100/H200 (132) — 262 us against 275-279 us with 8 —,
+# combine with 8 per multiprocessor (268 us against 307 us with 2).
+_HT_DISPATCH_PROGRAMS = 264
+_HT_COMBINE_PROGRAMS = 1056
 
 
 def default_dispatch(path: str, hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchParams:
@@ -75,8 +77,8 @@ def default_dispatch(path: str, hidden: int, world_size: int, num_tokens: int, o
         return DispatchParams(send_programs=max(1, min(num_tokens, 128)), recv_parts=max(2, 64 // world_size),
                               stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                               num_warps=8)
-    return DispatchParams(send_programs=_HT_PROGRAMS, recv_parts=max(2, 128 // world_size),
-                          stage_programs=_HT_PROGRAMS, block_h=_row_block(hidden), block_t=128, block_copy=8192,
+    return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
+                          stage_programs=_HT_DISPATCH_PROGRAMS, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                           num_warps=8)
 
 
@@ -87,5 +89,6 @@ def default_combine(path: str, hidden: int, world_size: int, num_tokens: int, on
     if path == "ll":
         return CombineParams(send_programs=128, reduce_programs=max(1, min(num_tokens, 128)),
                              block_h=min(4096, _row_block(hidden)), num_warps=8)
-    return CombineParams(send_programs=_HT_PROGRAMS, reduce_programs=max(1, min(num_tokens, _HT_PROGRAMS)),
+    return CombineParams(send_programs=_HT_COMBINE_PROGRAMS,
+                         reduce_programs=max(1, min(num_tokens, _HT_COMBINE_PROGRAMS)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8)
