@@ -240,12 +240,25 @@ def _bench_rank(ctx, opts):
                 rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
                                 (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
                 if rank == 0 and opts["progress"]:
-                    print(f"  world {world} {dtype_name} {routing} {num_tokens:5d} tokens: done", file=sys.stderr, flush=True)
+                    _progress(rows, point, opts.get("partial"))
         for buf in buffers.values():
             buf.close()
     side.barrier()
     side.close()
     return rows if rank == 0 else None
+
+
+def _progress(rows, point, partial_path):
+    """One line per finished point on stderr, and the point's rows appended to a JSON-lines file,
+    so a run cut short (a lease's time limit) keeps what it measured."""
+    mine = [r for r in rows if all(r[k] == v for k, v in point.items())]
+    summary = ", ".join(f"{r['impl']} {r['op']} {r['lat_avg_us']:.1f}us" for r in mine)
+    print(f"  EP{point['world']} {point['dtype']} {point['routing']} {point['tokens']} tokens: {summary}",
+          file=sys.stderr, flush=True)
+    if partial_path:
+        with open(partial_path, "a") as f:
+            for r in mine:
+                f.write(json.dumps(r) + "\n")
 
 
 def _report(ctx, point, impl, dispatch_s, combine_s, dispatch_host, combine_host, remote_rows, all_rows,
@@ -427,7 +440,7 @@ def main(argv=None):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if args.smoke:
         device_kind, worlds = "cpu", [2]
-        args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "1,3", "3", 256, 8, 2
+        args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "3", "3", 256, 8, 2
         args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, 1, 4
     else:
         if gpus < 2:
@@ -441,14 +454,19 @@ def main(argv=None):
                 batch=args.batch,
                 copy_parts=args.copy_parts, copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
+    slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}-x{env['gpus']}")
+    os.makedirs(out_dir, exist_ok=True)
+    opts["partial"] = os.path.join(out_dir, "results.partial.jsonl")
+    if os.path.exists(opts["partial"]):
+        os.remove(opts["partial"])
     rows = []
     for world in worlds:
         print(f"EP{world}: {len(opts['tokens'])} token counts x {opts['dtypes']} x {opts['routings']}", file=sys.stderr)
         with RankPool(world, device_kind) as pool:
             rows += pool.run(_bench_rank, opts, timeout=3600)[0]
-    slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}-x{env['gpus']}")
     _write(rows, env, opts, out_dir)
+    os.remove(opts["partial"])
     print(_markdown(rows, env, opts))
     return 0
 
