@@ -466,7 +466,8 @@ def main(argv=None):
         with RankPool(world, device_kind) as pool:
             rows += pool.run(_bench_rank, opts, timeout=3600)[0]
     _write(rows, env, opts, out_dir)
-    os.remove(opts["partial"])
+    if os.path.exists(opts["partial"]):
+        os.remove(opts["partial"])
     print(_markdown(rows, env, opts))
     return 0
 

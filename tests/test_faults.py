@@ -3,6 +3,7 @@
 (A rank killed with SIGKILL leaving no shared memory is tested in test_transport.py.)
 """
 
+import dataclasses
 import time
 
 import pytest
@@ -16,22 +17,26 @@ from rank_checks import assert_equal
 TIMEOUT_S = 2.0
 
 
-def _buffer(ctx, shape, dtype_name: str, timeout_s: float = 60.0):
+def _buffer(ctx, shape, dtype_name: str, timeout_s: float = 60.0, **extra):
     import moe_ep
 
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * ctx.world_size,
                           topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank,
-                          dispatch_dtype=getattr(torch, dtype_name), timeout_s=timeout_s)
+                          dispatch_dtype=getattr(torch, dtype_name), timeout_s=timeout_s, **extra)
     return moe_ep.Buffer(ctx.group, cfg)
 
 
 class _Call:
-    """One call's inputs on this rank and what the reference says every output must be."""
+    """One call's inputs on this rank and what the reference says every output must be.
+    With ``hint``, every rank sends at most ``hint`` tokens and passes it as num_tokens_hint."""
 
-    def __init__(self, ctx, buf, call: int, kind: str, shape, seed: int):
+    def __init__(self, ctx, buf, call: int, kind: str, shape, seed: int, hint: int | None = None):
         from moe_ep import reference
 
         me, world = ctx.rank, ctx.world_size
+        self.hint = hint
+        if hint is not None:
+            shape = dataclasses.replace(shape, max_tokens_per_rank=hint)
         xs, ids, weights = make_inputs(call, kind, shape, world, seed)
         self.name = f"call {call} ({kind})"
         self.x, self.ids, self.weights = xs[me].to(ctx.device), ids[me].to(ctx.device), weights[me].to(ctx.device)
@@ -45,7 +50,8 @@ class _Call:
         self.capacity = buf.capacity
 
     def dispatch(self, buf):
-        return buf.dispatch(self.x, self.ids, self.weights, out=poisoned_dispatch_output(buf))
+        return buf.dispatch(self.x, self.ids, self.weights, out=poisoned_dispatch_output(buf),
+                            num_tokens_hint=self.hint)
 
     def check_dispatch(self, out) -> None:
         check_dispatch(out, self.expected, self.capacity)
@@ -193,16 +199,22 @@ def test_bad_input_leaves_buffer_correct(ranks):
 
 # -- (c) two dispatch handles in flight ----------------------------------------------------------
 
-def _two_micro_batches(ctx, shape, dtype_name: str, order: str, rounds: int):
+def _two_micro_batches(ctx, shape, dtype_name: str, order: str, paths: tuple, rounds: int):
     """Dispatch A, dispatch B, then combine them in ``order``; ``rounds`` times on one Buffer.
-    A and B differ in routing and token counts; both outputs are checked after both dispatches."""
-    buf = _buffer(ctx, shape, dtype_name)
+    A and B differ in routing and token counts and take the ``paths`` ("ll" or "ht") given (mode
+    "auto": "ll" sends at most crossover_tokens per rank, "ht" up to max_tokens_per_rank); both
+    outputs are checked after both dispatches."""
+    crossover = shape.max_tokens_per_rank // 2
+    hints = {"ll": crossover, "ht": shape.max_tokens_per_rank}
+    buf = _buffer(ctx, shape, dtype_name, mode="auto", crossover_tokens=crossover)
     try:
         for r in range(rounds):
-            a = _Call(ctx, buf, 2 * r, "uniform", shape, seed=17)
-            b = _Call(ctx, buf, 2 * r + 1, "skewed" if r % 2 == 0 else "masked", shape, seed=17)
+            a = _Call(ctx, buf, 2 * r, "uniform", shape, seed=17, hint=hints[paths[0]])
+            b = _Call(ctx, buf, 2 * r + 1, "skewed" if r % 2 == 0 else "masked", shape, seed=17,
+                      hint=hints[paths[1]])
             out_a = a.dispatch(buf)
             out_b = b.dispatch(buf)
+            assert (out_a.handle.path, out_b.handle.path) == paths, (out_a.handle.path, out_b.handle.path)
             a.check_dispatch(out_a)  # B's dispatch left A's outputs alone
             b.check_dispatch(out_b)
             first, second = ((b, out_b), (a, out_a)) if order == "B-before-A" else ((a, out_a), (b, out_b))
@@ -216,8 +228,14 @@ def _two_micro_batches(ctx, shape, dtype_name: str, order: str, rounds: int):
     return True
 
 
-@pytest.mark.parametrize("order, dtype", [("B-before-A", "float8_e4m3fn"), ("A-before-B", "bfloat16")],
-                         ids=["fp8-B-before-A", "bf16-A-before-B"])
-def test_two_handles_in_flight(ranks, order, dtype):
+@pytest.mark.parametrize("order, paths, dtype", [
+    pytest.param("B-before-A", ("ll", "ll"), "float8_e4m3fn", id="ll-fp8-B-before-A"),
+    pytest.param("A-before-B", ("ll", "ll"), "bfloat16", id="ll-bf16-A-before-B"),
+    pytest.param("B-before-A", ("ht", "ht"), "float8_e4m3fn", id="ht-fp8-B-before-A"),
+    pytest.param("B-before-A", ("ll", "ht"), "bfloat16", id="ll-ht-bf16-B-before-A"),
+])
+def test_two_handles_in_flight(ranks, order, paths, dtype):
+    """Two micro-batches in flight (dispatch A, dispatch B, then both combines), twice on one
+    Buffer, on each path and with A and B on different paths."""
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
-    assert all(ranks.run(_two_micro_batches, shape, dtype, order, 2))
+    assert all(ranks.run(_two_micro_batches, shape, dtype, order, paths, 2))
