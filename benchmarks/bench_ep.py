@@ -207,8 +207,9 @@ def _bench_rank(ctx, opts):
                     dispatch_call(0)
                     t_c = _batch_seconds(dev, with_barrier(lambda i, buf=buf: buf.combine(y, held["out"].handle)),
                                          opts["iters"], opts["warmup"], True, opts["batch"])
-                    host_d = _host_seconds(dev, lambda: dispatch_call(0))
-                    host_c = _host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle))
+                    host_calls = min(5, opts["iters"])
+                    host_d = _host_seconds(dev, lambda: dispatch_call(0), host_calls)
+                    host_c = _host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle), host_calls)
                     buf.check()
                     rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
                                     remote_rows, mine.num_tokens, row_bytes, hidden)
