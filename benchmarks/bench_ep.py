@@ -28,12 +28,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from moe_ep.timing import median  # noqa: E402  (after the path: the repository may not be installed)
 
 NUM_INPUT_SETS = 3
 
@@ -57,66 +58,9 @@ def make_inputs(set_index, routing, num_tokens, hidden, num_experts, topk, world
 
 # -- one rank -------------------------------------------------------------------------------------
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _batch_seconds(device, enqueue, reps, warmup, graph, batch):
-    """Median-able list (one entry per rep) of the time of one ``enqueue(i)``, measured over ``batch``
-    back-to-back calls: as a CUDA-graph replay when ``graph`` (no host work in the timed span:
-    GPU time only), else eagerly (ops that synchronise with the host, and CPU runs)."""
-    if device.type != "cuda":
-        times = []
-        for _ in range(warmup + reps):
-            t0 = time.perf_counter()
-            for i in range(batch):
-                enqueue(i)
-            times.append((time.perf_counter() - t0) / batch)
-        return times[warmup:]
-    if graph:
-        enqueue(0)  # compiles and allocates outside the capture
-        torch.cuda.synchronize(device)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(batch):
-                enqueue(i)
-        run = g.replay
-    else:
-        def run():
-            for i in range(batch):
-                enqueue(i)
-    pairs = []
-    for r in range(warmup + reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize(device)
-    return [s.elapsed_time(e) / 1e3 / batch for s, e in pairs[warmup:]]
-
-
-def _host_seconds(device, fn, calls=5):
-    """Host time of an eager call (Python, checks, launch), after a synchronisation."""
-    times = []
-    for _ in range(calls):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    _sync(device)
-    return _stats(times)
-
-
-def _stats(values):
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
 def _minus(times, barrier_times):
     """Per-rep op times without the barrier's median time."""
-    b = _stats(barrier_times)
+    b = median(barrier_times)
     return [max(t - b, 1e-9) for t in times]
 
 
@@ -126,9 +70,8 @@ def _bench_rank(ctx, opts):
     import moe_ep
     from baselines import nccl_combine, nccl_dispatch
     from moe_ep import reference
-    from moe_ep.kernels.barrier import barrier_region_bytes, launch_barrier
     from moe_ep.kernels.peer_copy import launch_peer_copy, peer_copy_regions
-    from moe_ep.transport import SymmetricHeap, SyncState
+    from moe_ep.timing import DeviceBarrier, batch_seconds, host_seconds
 
     dev, world, rank = ctx.device, ctx.world_size, ctx.rank
     hidden, topk = opts["hidden"], opts["topk"]
@@ -136,16 +79,12 @@ def _bench_rank(ctx, opts):
     max_tokens = max(opts["tokens"])
     # A side heap for the barrier before each timed op and for the peer-copy limit.
     max_copy_bytes = max_tokens * (hidden * 2 + 64)
-    side = SymmetricHeap(ctx.group, [("barrier_flags", barrier_region_bytes(world))]
-                         + peer_copy_regions(world, max_copy_bytes), dev)
-    side_sync = SyncState(rank, dev, timeout_s=120)
-
-    def barrier():
-        launch_barrier(side, side_sync)
+    barrier = DeviceBarrier(ctx.group, rank, world, dev, peer_copy_regions(world, max_copy_bytes))
+    side, side_sync = barrier.heap, barrier.sync
 
     # Every timed call is preceded by a device barrier (so rank skew is not counted); its own
     # time, measured alone, is subtracted.
-    t_b = _batch_seconds(dev, lambda i: barrier(), opts["iters"], opts["warmup"], True, opts["batch"])
+    t_b = batch_seconds(dev, lambda i: barrier(), opts["iters"], opts["warmup"], True, opts["batch"])
 
     rows = []
     for dtype_name in opts["dtypes"]:
@@ -202,14 +141,14 @@ def _bench_rank(ctx, opts):
                                 op(i)
                         return enqueue
 
-                    t_d = _batch_seconds(dev, with_barrier(dispatch_call), opts["iters"], opts["warmup"], True, opts["batch"])
+                    t_d = batch_seconds(dev, with_barrier(dispatch_call), opts["iters"], opts["warmup"], True, opts["batch"])
                     # Combine is timed on one dispatch's handle (a combine reads it, never changes it).
                     dispatch_call(0)
-                    t_c = _batch_seconds(dev, with_barrier(lambda i, buf=buf: buf.combine(y, held["out"].handle)),
+                    t_c = batch_seconds(dev, with_barrier(lambda i, buf=buf: buf.combine(y, held["out"].handle)),
                                          opts["iters"], opts["warmup"], True, opts["batch"])
                     host_calls = min(5, opts["iters"])
-                    host_d = _host_seconds(dev, lambda: dispatch_call(0), host_calls)
-                    host_c = _host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle), host_calls)
+                    host_d = host_seconds(dev, lambda: dispatch_call(0), host_calls)
+                    host_c = host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle), host_calls)
                     buf.check()
                     rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
                                     remote_rows, mine.num_tokens, row_bytes, hidden)
@@ -224,9 +163,9 @@ def _bench_rank(ctx, opts):
                     received, state = nccl_held["out"]
                     nccl_combine(y[:received.shape[0]], state, ctx.group)
 
-                t_d = _batch_seconds(dev, lambda i: (barrier(), nccl_dispatch_call(i)), opts["iters"], opts["warmup"], False, opts["batch"])
+                t_d = batch_seconds(dev, lambda i: (barrier(), nccl_dispatch_call(i)), opts["iters"], opts["warmup"], False, opts["batch"])
                 nccl_dispatch_call(0)
-                t_c = _batch_seconds(dev, lambda i: (barrier(), nccl_combine_call(i)), opts["iters"], opts["warmup"], False,
+                t_c = batch_seconds(dev, lambda i: (barrier(), nccl_combine_call(i)), opts["iters"], opts["warmup"], False,
                                      opts["batch"])
                 rows += _report(ctx, point, "nccl", _minus(t_d, t_b), _minus(t_c, t_b), None, None,
                                 remote_rows, mine.num_tokens, row_bytes, hidden)
@@ -234,7 +173,7 @@ def _bench_rank(ctx, opts):
                 # dispatches there (a plain copy, no packing, no layout).
                 chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
                 src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-                t_copy = _batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
+                t_copy = batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
                     side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),
                     opts["iters"], opts["warmup"], True, opts["batch"])
                 side_sync.check()
@@ -244,8 +183,7 @@ def _bench_rank(ctx, opts):
                     _progress(rows, point, opts.get("partial"))
         for buf in buffers.values():
             buf.close()
-    side.barrier()
-    side.close()
+    barrier.close()
     return rows if rank == 0 else None
 
 
@@ -267,7 +205,7 @@ def _report(ctx, point, impl, dispatch_s, combine_s, dispatch_host, combine_host
     """Gather each rank's median times and bytes; rank 0 gets one row per op."""
     import torch.distributed as dist
 
-    mine = {"dispatch": _stats(dispatch_s), "combine": _stats(combine_s) if combine_s else None,
+    mine = {"dispatch": median(dispatch_s), "combine": median(combine_s) if combine_s else None,
             "dispatch_host": dispatch_host, "combine_host": combine_host,
             "remote_rows": remote_rows, "all_rows": all_rows}
     every = [None] * ctx.world_size

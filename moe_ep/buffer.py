@@ -12,18 +12,22 @@ nothing on the path waits for the host except the optional expert-id range check
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 
+from moe_ep import _platform
 from moe_ep.config import EpConfig
-from moe_ep.kernels import params as kernel_params
 from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
+from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
+
+log = logging.getLogger("moe_ep")
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,11 @@ class Buffer:
     """Dispatch and combine over ``group`` (gloo + CPU tensors, or nccl + GPUs) for ``cfg``."""
 
     def __init__(self, group: dist.ProcessGroup, cfg: EpConfig, device: torch.device | None = None,
-                 check_inputs: bool = True):
+                 check_inputs: bool = True, tuned: str | None = None):
         """``check_inputs``: also check expert-id values (one device-to-host copy per dispatch;
-        skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked."""
+        skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked.
+        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones and $MOE_EP_TUNED
+        (see ``moe_ep.tuning``)."""
         self.group = group
         self.cfg = cfg
         self.rank = dist.get_rank(group)
@@ -77,6 +83,8 @@ class Buffer:
         self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
         self._on_gpu = self.device.type != "cpu"
         self._staging = HtStaging.allocate(cfg, self.world_size, self.device) if cfg.ht_tokens else None
+        self._tuned = TunedTable.load(tuned)
+        self._choices: dict[tuple[str, int], Choice] = {}
 
     @property
     def heap_bytes(self) -> int:
@@ -91,8 +99,8 @@ class Buffer:
         cfg = self.cfg
         if cfg.mode != "auto":
             return cfg.mode
-        shared = cfg.max_tokens_per_rank if num_tokens_hint is None else num_tokens_hint
-        return "ll" if shared <= min(cfg.crossover_tokens, cfg.ll_tokens) else "ht"
+        shared = cfg.max_tokens_per_rank if num_tokens_hint is None else min(num_tokens_hint, cfg.max_tokens_per_rank)
+        return "ll" if shared <= cfg.ll_tokens else "ht"
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -114,13 +122,17 @@ class Buffer:
         num_tokens = x.shape[0]
         if num_tokens_hint is not None and num_tokens_hint < num_tokens:
             raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {num_tokens} tokens")
-        path = self.path(num_tokens_hint)  # its capacity holds num_tokens: see ``path``
+        return self._dispatch(self.path(num_tokens_hint), x, x_scales, topk_ids, topk_weights, out)
+
+    def _dispatch(self, path, x, x_scales, topk_ids, topk_weights, out):
+        """Dispatch checked inputs over ``path``, whose capacity holds them (see ``path``)."""
+        num_tokens = x.shape[0]
         if out is None:
             out = self.empty_dispatch_output()
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
         out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
-        params = kernel_params.default_dispatch(path, self.cfg.hidden, self.world_size, num_tokens, self._on_gpu)
+        params = self.launch_params(path, num_tokens).dispatch
         launch_dispatch(self.heap, self.sync, self.cfg, params, path, x, x_scales, topk_ids, topk_weights, out,
                         self._staging)
         return out
@@ -157,10 +169,45 @@ class Buffer:
         self._check_combine(y, handle, out)
         if out is None:
             out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
-        params = kernel_params.default_combine(handle.path, self.cfg.hidden, self.world_size, handle.num_tokens,
-                                               self._on_gpu)
+        params = self.launch_params(handle.path, handle.num_tokens).combine
         launch_combine(self.heap, self.sync, self.cfg, params, handle.path, y, handle, out)
         return out
+
+    # -- launch parameters ------------------------------------------------------------------------
+
+    def launch_params(self, path: str, num_tokens: int) -> Choice:
+        """The launch parameters a ``path`` call with ``num_tokens`` tokens uses, and their source
+        ("default" or the tuned file): chosen once per (path, token bucket)."""
+        bucket = token_bucket(num_tokens)
+        choice = self._choices.get((path, bucket))
+        if choice is None:
+            key = TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
+                          dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=bucket)
+            choice = self._choices[(path, bucket)] = self._tuned.choose(key, self._on_gpu)
+            log.info("moe_ep: %s launch parameters for %s", choice.source, key)
+        return choice
+
+    def set_launch_params(self, path: str, num_tokens: int, choice: Choice) -> None:
+        """Use ``choice`` for ``path`` calls in ``num_tokens``'s bucket (as ``moe_ep.tune`` does)."""
+        self._choices[(path, token_bucket(num_tokens))] = choice
+
+    def warmup(self) -> None:
+        """Compile every kernel this Buffer can launch (collective: all ranks call it): one
+        dispatch + combine per path and token bucket up to the path's capacity, before the first
+        timed or serving call."""
+        cfg = self.cfg
+        for path, capacity in (("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)):
+            bucket = 1
+            while capacity and bucket <= capacity:
+                tokens = min(bucket, capacity)
+                x = torch.zeros(tokens, cfg.hidden, dtype=torch.bfloat16, device=self.device)
+                ids = torch.arange(tokens * cfg.topk, device=self.device).view(tokens, cfg.topk) % cfg.num_experts
+                w = torch.ones(tokens, cfg.topk, device=self.device)
+                out = self._dispatch(path, x, None, ids, w, None)
+                self.combine(torch.zeros(self.capacity, cfg.hidden, dtype=torch.bfloat16, device=self.device),
+                             out.handle)
+                bucket *= 2
+        self.check()
 
     # -- checks ---------------------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ class EpConfig:
     mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
     backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
     timeout_s            how long a kernel waits for a peer before reporting a timeout
-    ll_max_tokens        "auto": tokens per rank the LL path can take (its heap grows with it)
-    crossover_tokens     "auto": LL up to this shared token count, HT above
+    ll_max_tokens        "auto": the most tokens per rank the LL path takes (its heap grows with it)
+    crossover_tokens     "auto": LL up to this shared token count (and ll_max_tokens), HT above
     """
 
     hidden: int
@@ -71,12 +71,17 @@ class EpConfig:
         """Tokens per rank the LL path takes (0: no LL path)."""
         if self.mode == "ht":
             return 0
-        return self.max_tokens_per_rank if self.mode == "ll" else min(self.max_tokens_per_rank, self.ll_max_tokens)
+        if self.mode == "ll":
+            return self.max_tokens_per_rank
+        return min(self.max_tokens_per_rank, self.ll_max_tokens, self.crossover_tokens)
 
     @property
     def ht_tokens(self) -> int:
-        """Tokens per rank the HT path takes (0: no HT path)."""
-        return 0 if self.mode == "ll" else self.max_tokens_per_rank
+        """Tokens per rank the HT path takes (0: no HT path; "auto" never takes HT when every
+        call fits the LL path)."""
+        if self.mode == "ll" or (self.mode == "auto" and self.max_tokens_per_rank <= self.ll_tokens):
+            return 0
+        return self.max_tokens_per_rank
 
     def experts_per_rank(self, world_size: int) -> int:
         if self.num_experts % world_size:

@@ -1,7 +1,6 @@
 """Dispatch and combine against moe_ep.reference, on real rank processes (CPU and -m gpu)."""
 
 import pytest
-import torch
 
 from ep_cases import CPU_SHAPE, GPU_SHAPE, run_calls
 

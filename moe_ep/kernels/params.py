@@ -1,8 +1,9 @@
 """Launch parameters of every kernel family, in one place, with defaults from pure functions.
 
-Each family has a small validated dataclass; ``default_params(family, ...)`` gives values that
-are good everywhere and ``dataclasses.replace`` overrides them field by field. Parameters are
-local to a rank (no peer needs to know them), so ranks may even run different ones.
+Each family has a small validated dataclass; ``default_dispatch`` / ``default_combine`` give
+values that are good everywhere (by path and token bucket, see ``moe_ep.tuning``) and
+``dataclasses.replace`` overrides them field by field; ``moe_ep.tuning`` swaps in tuned ones.
+Parameters are local to a rank (no peer needs to know them), so ranks may even run different ones.
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ _HT_DISPATCH_PROGRAMS = 264
 _HT_COMBINE_PROGRAMS = 1056
 
 
-def default_dispatch(path: str, hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> DispatchParams:
-    """Defaults for the ``path`` dispatch of ``num_tokens`` tokens of ``hidden`` values."""
+def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gpu: bool) -> DispatchParams:
+    """Defaults for the ``path`` dispatch of up to ``bucket`` tokens of ``hidden`` values."""
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
                               block_t=64, block_copy=4096, num_warps=4)
     if path == "ll":  # one token per send program up to 128 tokens
-        return DispatchParams(send_programs=max(1, min(num_tokens, 128)), recv_parts=max(2, 64 // world_size),
+        return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
                               stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                               num_warps=8)
     return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
@@ -82,13 +83,13 @@ def default_dispatch(path: str, hidden: int, world_size: int, num_tokens: int, o
                           num_warps=8)
 
 
-def default_combine(path: str, hidden: int, world_size: int, num_tokens: int, on_gpu: bool) -> CombineParams:
-    """Defaults for the ``path`` combine back to ``num_tokens`` tokens of ``hidden`` values."""
+def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu: bool) -> CombineParams:
+    """Defaults for the ``path`` combine back to up to ``bucket`` tokens of ``hidden`` values."""
     if not on_gpu:
         return CombineParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
     if path == "ll":
-        return CombineParams(send_programs=128, reduce_programs=max(1, min(num_tokens, 128)),
+        return CombineParams(send_programs=128, reduce_programs=max(1, min(bucket, 128)),
                              block_h=min(4096, _row_block(hidden)), num_warps=8)
     return CombineParams(send_programs=_HT_COMBINE_PROGRAMS,
-                         reduce_programs=max(1, min(num_tokens, _HT_COMBINE_PROGRAMS)),
+                         reduce_programs=max(1, min(bucket, _HT_COMBINE_PROGRAMS)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8)

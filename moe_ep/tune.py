@@ -1,0 +1,154 @@
+"""Search launch parameters on the GPUs at hand and write the winners to a tuned JSON file.
+
+    python -m moe_ep.tune                              # every GPU count >= 2, DeepSeek-V3 shape
+    python -m moe_ep.tune --worlds 4 --tokens 128,4096 --out my_tuned.json
+    MOE_EP_TUNED=my_tuned.json python my_server.py     # Buffer then uses them
+
+For each world size, dispatch dtype, path and token bucket it times every candidate of a small
+grid (``candidates``) the way the benchmark does (CUDA-graph replays, a device barrier before
+each call), dispatch first, then combine with the dispatch winner. All ranks launch the same
+candidate at a time, and a candidate's time is its slowest rank's median. The defaults are
+timed too, so the file records default vs tuned. The file's entries are keyed as
+``moe_ep.tuning`` looks them up; the shipped ones live in ``moe_ep/tuned/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+
+import torch
+
+
+def candidates(family: str, path: str, default, on_gpu: bool) -> list:
+    """The grid searched for ``family`` ("dispatch" or "combine") on ``path``: the default first."""
+    if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
+        grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
+    elif family == "dispatch":
+        grid = {"send_programs": (32, 64, 128) if path == "ll" else (132, 264, 528),
+                "recv_parts": (8, 16, 32), "num_warps": (4, 8)}
+    else:
+        grid = {"send_programs": (64, 128, 264) if path == "ll" else (264, 528, 1056),
+                "reduce_programs": (64, 128) if path == "ll" else (264, 1056), "num_warps": (4, 8)}
+    names = list(grid)
+    out = [default]
+    for values in itertools.product(*(grid[n] for n in names)):
+        cand = dataclasses.replace(default, **dict(zip(names, values)))
+        if cand not in out:
+            out.append(cand)
+    return out
+
+
+def _tune_rank(ctx, opts):
+    import torch.distributed as dist
+
+    import moe_ep
+    from moe_ep import _platform
+    from moe_ep.timing import DeviceBarrier, batch_seconds, median
+    from moe_ep.tuning import Choice
+
+    dev, rank, world = ctx.device, ctx.rank, ctx.world_size
+    on_gpu = dev.type == "cuda"
+    barrier = DeviceBarrier(ctx.group, rank, world, dev)
+    entries = []
+
+    def slowest_rank(times):
+        t = torch.tensor([median(times)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+        return float(t)
+
+    for dtype_name, path in itertools.product(opts["dtypes"], opts["paths"]):
+        dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
+        cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
+                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype, mode=path)
+        buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
+        y = torch.zeros(buf.capacity, cfg.hidden, dtype=torch.bfloat16, device=dev)
+        for num_tokens in opts["tokens"]:
+            gen = torch.Generator(device=dev).manual_seed(7 + rank)
+            x = torch.randn(num_tokens, cfg.hidden, generator=gen, device=dev).to(torch.bfloat16)
+            ids = torch.rand(num_tokens, cfg.num_experts, generator=gen, device=dev).topk(cfg.topk, dim=1).indices
+            w = torch.rand(num_tokens, cfg.topk, generator=gen, device=dev)
+            default = buf.launch_params(path, num_tokens)
+            held = {}
+
+            def dispatch_call(i):
+                barrier()
+                held["out"] = buf.dispatch(x, ids, w)
+
+            def combine_call(i):
+                barrier()
+                buf.combine(y, held["out"].handle)
+
+            def search(family, enqueue, make_choice):
+                timed = []
+                for cand in candidates(family, path, getattr(default, family), on_gpu):
+                    buf.set_launch_params(path, num_tokens, make_choice(cand))
+                    timed.append((slowest_rank(batch_seconds(dev, enqueue, opts["iters"], 1, on_gpu, opts["batch"])),
+                                  cand))
+                return timed[0][0], min(timed, key=lambda tc: tc[0])
+
+            t_default_d, (t_d, best_d) = search("dispatch", dispatch_call,
+                                                lambda c: Choice(c, default.combine, "tuning"))
+            buf.set_launch_params(path, num_tokens, Choice(best_d, default.combine, "tuning"))
+            dispatch_call(0)
+            t_default_c, (t_c, best_c) = search("combine", combine_call, lambda c: Choice(best_d, c, "tuning"))
+            entries.append(dict(gpu=_platform.device_name(dev), world_size=world, hidden=cfg.hidden,
+                                dispatch_dtype=dtype_name, path=path, bucket=num_tokens,
+                                dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
+                                measured={"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6,
+                                          "combine_default_us": t_default_c * 1e6, "combine_tuned_us": t_c * 1e6}))
+        buf.check()
+        buf.close()
+    barrier.close()
+    return entries if rank == 0 else None
+
+
+def main(argv=None) -> int:
+    from moe_ep.testing import RankPool
+    from moe_ep.tuning import SHIPPED_DIR, token_bucket, write_entries
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worlds", default=None, help="world sizes (default: 2..all GPUs, powers of two)")
+    p.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,4096", help="token buckets to tune")
+    p.add_argument("--dtypes", default="fp8,bf16")
+    p.add_argument("--paths", default="ll,ht")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--num-experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON file to merge into (default: moe_ep/tuned/<card>.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 ranks, small shape")
+    args = p.parse_args(argv)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.smoke:
+        device, worlds = "cpu", [2]
+        args.tokens, args.hidden, args.num_experts, args.topk, args.iters, args.batch = "3", 256, 8, 2, 1, 1
+    elif gpus < 2:
+        raise SystemExit("tuning needs at least 2 GPUs (or --smoke for a CPU run)")
+    else:
+        device = "cuda"
+        worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else [w for w in (2, 4, 8) if w <= gpus]
+    tokens = sorted({token_bucket(int(t)) for t in args.tokens.split(",")})
+    opts = dict(tokens=tokens, dtypes=args.dtypes.split(","), paths=args.paths.split(","), hidden=args.hidden,
+                num_experts=args.num_experts, topk=args.topk, iters=args.iters, batch=args.batch)
+    entries = []
+    for world in worlds:
+        with RankPool(world, device) as pool:
+            entries += pool.run(_tune_rank, opts, timeout=3600)[0]
+    card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    out = args.out or SHIPPED_DIR / f"{card.replace('NVIDIA ', '').replace(' ', '-').lower()}.json"
+    write_entries(out, entries)
+    print(f"{len(entries)} entries written to {out}")
+    for e in entries:
+        m = e["measured"]
+        print(f"  EP{e['world_size']} {e['dispatch_dtype']} {e['path']} {e['bucket']:5d} tokens: dispatch "
+              f"{m['dispatch_default_us']:.1f} -> {m['dispatch_tuned_us']:.1f} us, combine "
+              f"{m['combine_default_us']:.1f} -> {m['combine_tuned_us']:.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Tuned launch parameters: bucketing, lookup and fallback, the tuner end to end, and that a
+tuned configuration gives bit-identical results to the default one."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_ep.kernels.params import DispatchParams, default_dispatch
+from moe_ep.tuning import ENV_VAR, TunedTable, TuneKey, token_bucket, write_entries
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("tokens, bucket", [(0, 1), (1, 1), (2, 2), (3, 4), (128, 128), (129, 256), (4096, 4096)])
+def test_token_bucket(tokens, bucket):
+    assert token_bucket(tokens) == bucket
+
+
+def _entry(key: TuneKey, send_programs: int) -> dict:
+    d = dataclasses.asdict(default_dispatch(key.path, key.hidden, key.world_size, key.bucket, True))
+    d["send_programs"] = send_programs
+    return dict(dataclasses.asdict(key), dispatch=d,
+                combine=dict(send_programs=8, reduce_programs=8, block_h=1024, num_warps=4))
+
+
+def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
+    key = TuneKey(gpu="NVIDIA H200", world_size=4, hidden=7168, dispatch_dtype="fp8", path="ll", bucket=128)
+    env_file, extra_file = tmp_path / "env.json", tmp_path / "extra.json"
+    write_entries(env_file, [_entry(key, 11)])
+    write_entries(extra_file, [_entry(key, 22)])
+    monkeypatch.setenv(ENV_VAR, str(env_file))
+    assert TunedTable.load().choose(key, True).dispatch.send_programs == 11
+    chosen = TunedTable.load(extra_file).choose(key, True)
+    assert chosen.dispatch.send_programs == 22 and chosen.source == f"tuned: {extra_file}"
+    other = dataclasses.replace(key, bucket=256)
+    fallback = TunedTable.load(extra_file).choose(other, True)
+    assert fallback.source == "default"
+    assert fallback.dispatch == default_dispatch("ll", 7168, 4, 256, True)
+    # Merging replaces the entry with the same key and keeps the others.
+    write_entries(extra_file, [_entry(key, 33), _entry(other, 44)])
+    entries = json.loads(extra_file.read_text())["entries"]
+    assert sorted(e["dispatch"]["send_programs"] for e in entries) == [33, 44]
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="power of two"):
+        DispatchParams(send_programs=4, recv_parts=1, stage_programs=1, block_h=384, block_t=64, block_copy=1024,
+                       num_warps=4)
+
+
+def _default_vs_other_params(ctx):
+    import moe_ep
+    from moe_ep import reference
+    from moe_ep.tuning import Choice
+    from ep_cases import CPU_SHAPE, make_inputs
+
+    shape = CPU_SHAPE
+    num_experts = shape.num_experts_per_rank * ctx.world_size
+    outputs = {}
+    for mode in ("ll", "ht"):
+        cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
+                              max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=torch.float8_e4m3fn,
+                              mode=mode)
+        buf = moe_ep.Buffer(ctx.group, cfg)
+        xs, ids, ws = make_inputs(2, "masked", shape, ctx.world_size, seed=9)
+        me = ctx.rank
+        for variant in ("default", "other"):
+            if variant == "other":  # every field moved away from its default
+                base = buf.launch_params(mode, xs[me].shape[0])
+                other = Choice(DispatchParams(send_programs=3, recv_parts=2, stage_programs=3, block_h=128,
+                                              block_t=16, block_copy=512, num_warps=2),
+                               dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128,
+                                                   num_warps=2), "test")
+                assert other.dispatch != base.dispatch
+                buf.set_launch_params(mode, xs[me].shape[0], other)
+            out = buf.dispatch(xs[me], ids[me], ws[me])
+            n = int(out.num_tokens)
+            y = reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[me]
+            z = buf.combine(torch.randn(buf.capacity, shape.hidden, generator=torch.Generator().manual_seed(me))
+                            .to(torch.bfloat16), out.handle)
+            outputs[(mode, variant)] = (out.x[:n].view(torch.uint8).clone(), out.x_scales[:n].clone(),
+                                        out.topk_ids[:n].clone(), out.src[:n].clone(), out.tokens_per_expert.clone(),
+                                        z.clone(), y.num_tokens)
+        buf.check()
+        buf.close()
+    for mode in ("ll", "ht"):
+        a, b = outputs[(mode, "default")], outputs[(mode, "other")]
+        assert a[-1] == b[-1] and a[-1] > 0
+        for i, (ta, tb) in enumerate(zip(a[:-1], b[:-1])):
+            assert torch.equal(ta, tb), f"{mode}: output {i} differs between the default and other parameters"
+    return True
+
+
+def test_other_parameters_give_identical_results(ranks):
+    if ranks.device != "cpu":
+        pytest.skip("the CPU shape of this check is not a GPU one")
+    assert all(ranks.run(_default_vs_other_params))
+
+
+def test_tuner_writes_a_table_the_buffer_uses(tmp_path):
+    out = tmp_path / "tuned.json"
+    proc = subprocess.run([sys.executable, "-m", "moe_ep.tune", "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entries = json.loads(out.read_text())["entries"]
+    assert {(e["dispatch_dtype"], e["path"]) for e in entries} == {("fp8", "ll"), ("fp8", "ht"), ("bf16", "ll"),
+                                                                     ("bf16", "ht")}
+    assert all(e["bucket"] == 4 and e["measured"]["dispatch_tuned_us"] <= e["measured"]["dispatch_default_us"]
+               for e in entries)
+    key = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ll", bucket=4)
+    chosen = TunedTable.load(out).choose(key, False)
+    assert chosen.source == f"tuned: {out}"
