@@ -198,7 +198,7 @@ class Buffer:
         cfg = self.cfg
         for path, capacity in (("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)):
             bucket = 1
-            while capacity and bucket <= capacity:
+            while capacity and bucket <= token_bucket(capacity):
                 tokens = min(bucket, capacity)
                 x = torch.zeros(tokens, cfg.hidden, dtype=torch.bfloat16, device=self.device)
                 ids = torch.arange(tokens * cfg.topk, device=self.device).view(tokens, cfg.topk) % cfg.num_experts

@@ -115,3 +115,29 @@ def test_tuner_writes_a_table_the_buffer_uses(tmp_path):
     key = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ll", bucket=4)
     chosen = TunedTable.load(out).choose(key, False)
     assert chosen.source == f"tuned: {out}"
+
+
+def _warmup_then_call(ctx):
+    import moe_ep
+    from moe_ep import reference
+    from ep_cases import CPU_SHAPE, check_dispatch, make_inputs
+
+    shape = dataclasses.replace(CPU_SHAPE, max_tokens_per_rank=3)
+    num_experts = shape.num_experts_per_rank * ctx.world_size
+    cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk, max_tokens_per_rank=3,
+                          dispatch_dtype=torch.float8_e4m3fn, mode="auto", crossover_tokens=2)
+    buf = moe_ep.Buffer(ctx.group, cfg)
+    buf.warmup()  # LL buckets 1, 2 and HT buckets 1, 2, 4 (holding 3 tokens)
+    chosen = sorted(buf._choices)
+    xs, ids, ws = make_inputs(0, "uniform", shape, ctx.world_size, seed=4)
+    out = buf.dispatch(xs[ctx.rank], ids[ctx.rank], ws[ctx.rank])
+    check_dispatch(out, reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[ctx.rank], buf.capacity)
+    buf.close()
+    return chosen
+
+
+def test_warmup_covers_every_bucket_then_calls_work(ranks):
+    if ranks.device != "cpu":
+        pytest.skip("CPU shape")
+    chosen = ranks.run(_warmup_then_call)
+    assert all(c == [("ht", 1), ("ht", 2), ("ht", 4), ("ll", 1), ("ll", 2)] for c in chosen), chosen
