@@ -24,7 +24,9 @@ B = 2 for LL (double buffer: call e uses half e % 2, no handshake; see kernels/d
 1 for HT (one buffer with credits: the big path keeps one copy). Bytes per rank ~=
 R * (2 * M_ll + M_ht) * (H * (b + 2) + 4 * S + 8 * K + 4): linear in R, in each capacity and in H.
 DeepSeek-V3 shape, fp8, R = 4: LL 128 tokens -> 22.3 MB; auto with 4096 tokens (LL 256 +
-HT 4096) -> 402 MB.
+HT 4096) -> 402 MB. Besides the heap, the HT path keeps local (not symmetric) staging buffers
+(``kernels/dispatch.HtStaging``): M_ht * (H + 4 * S (fp8 only) + 4 * R) + 4 * E bytes, 30 MB for
+the 4096-token fp8 case.
 """
 
 from __future__ import annotations
