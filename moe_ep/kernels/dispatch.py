@@ -146,19 +146,22 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
 
 
 @triton.jit
-def _send_token(t, rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
+def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
                 peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                 world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k,
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
                 QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr, WRITE_SEND_MASK: tl.constexpr):
-    """Store token t into row ``[rank, slot[d]]`` of every destination d where ``is_dst[d]``."""
+    """Store token t of ``src_rank`` (its payload and weights at row ``load_row`` of ``x_ptr``,
+    ``x_scales_ptr``, ``topk_weights_ptr``; global expert ids ``ids``) into row
+    ``[src_rank, slot[d]]`` of every destination d where ``is_dst[d]``."""
     mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
-    row = (rank * max_tokens + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
+    row = (src_rank * max_tokens + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
+    load_row = tl.cast(load_row, tl.int64)
     # Expert ids local to each destination (-1 elsewhere) and their weights (0 elsewhere).
     local = ids[None, :] - offs_r[:, None] * experts_per_rank  # [BLOCK_R, BLOCK_K]
     here = (ids[None, :] >= 0) & (local >= 0) & (local < experts_per_rank)
-    weights = tl.load(topk_weights_ptr + t * TOPK + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
+    weights = tl.load(topk_weights_ptr + load_row * TOPK + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
     mask_rk = mask_d[:, None] & mask_k[None, :]
     ptr_ids = _peer_ptr(peer_bases_ptr, offs_r, ids_offset, tl.int32)[:, None] + row[:, None] * TOPK + offs_k[None, :]
     tl.store(ptr_ids, tl.where(here, local, -1), mask=mask_rk)
@@ -174,12 +177,12 @@ def _send_token(t, rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_pt
         offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
         mask_s = offs_s < NUM_SCALES
         if QUANTIZE:
-            values, scales = _quantize_fp8(tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h, other=0.0).to(tl.float32),
-                                           BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
+            values, scales = _quantize_fp8(tl.load(x_ptr + load_row * HIDDEN + offs_h, mask=mask_h,
+                                                   other=0.0).to(tl.float32), BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128]
         else:
-            values = tl.load(x_ptr + t * HIDDEN + offs_h, mask=mask_h)
+            values = tl.load(x_ptr + load_row * HIDDEN + offs_h, mask=mask_h)
             if X_FP8:
-                scales = tl.load(x_scales_ptr + t * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
+                scales = tl.load(x_scales_ptr + load_row * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
         for d in range(0, world_size):
             if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
                 row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)
@@ -221,6 +224,45 @@ def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
         token = tl.load(base_src + offs, mask=mask)
         tl.store(out_src_ptr + (out_row + offs) * 2, tl.zeros_like(token) + src_rank, mask=mask)
         tl.store(out_src_ptr + (out_row + offs) * 2 + 1, token, mask=mask)
+
+
+@triton.jit
+def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset, scales_offset,
+                     ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
+                     status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+                     out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, RECV_PARTS,
+                     HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
+                     NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
+    """Receive program ``j``: part ``j % RECV_PARTS`` of source ``j // RECV_PARTS``'s rows, or (the
+    last one, j == R * RECV_PARTS) num_tokens and tokens_per_expert. Returns the sources it is
+    done with (``[BLOCK_R]`` mask)."""
+    meta = j == world_size * RECV_PARTS  # the program that writes num_tokens / tokens_per_expert
+    src_rank = tl.where(meta, world_size - 1, j // RECV_PARTS)
+    part = j % RECV_PARTS
+    mask_wait = mask_r & (offs_r <= src_rank)
+    _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
+                PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+    counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
+                     other=0, volatile=True)  # [BLOCK_R] rows from each source
+    if meta:
+        tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
+        offs_e = tl.arange(0, BLOCK_E)
+        per_source = tl.load(_peer_ptr(peer_bases_ptr, rank, expert_counts_offset, tl.int32)
+                             + offs_r[:, None] * EXPERTS_PER_RANK + offs_e[None, :],
+                             mask=mask_r[:, None] & (offs_e < EXPERTS_PER_RANK)[None, :], other=0)
+        hist = tl.sum(per_source, axis=0)  # [BLOCK_E]
+        tl.store(out_tokens_per_expert_ptr + offs_e, hist, mask=offs_e < EXPERTS_PER_RANK)
+        mask_done = mask_r
+    else:
+        offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
+        count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
+        _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
+                        ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
+                        out_topk_weights_ptr, out_src_ptr, max_tokens, RECV_PARTS, HIDDEN, TOPK, NUM_SCALES,
+                        OUT_DTYPE, BLOCK_COPY, ALIGNED)
+        mask_done = offs_r == src_rank
+    return mask_done
 
 
 @triton.jit
@@ -268,7 +310,7 @@ def _dispatch_kernel(
             for t in range(pid, num_tokens, SEND_PROGRAMS):
                 slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
                 ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
-                _send_token(t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
+                _send_token(t, t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
                             send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
                             src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
                             HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
@@ -282,7 +324,7 @@ def _dispatch_kernel(
                 first = chunk + (pid - chunk % SEND_PROGRAMS + SEND_PROGRAMS) % SEND_PROGRAMS
                 for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), SEND_PROGRAMS):
                     sel = (offs_t == t)[:, None]
-                    _send_token(t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
+                    _send_token(t, t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
                                 tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
                                 x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
                                 scales_offset, ids_offset, weights_offset, src_offset, world_size, max_tokens,
@@ -295,32 +337,12 @@ def _dispatch_kernel(
         _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size, EXPERTS_PER_RANK)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
     else:
-        j = pid - SEND_PROGRAMS
-        meta = j == world_size * RECV_PARTS  # the program that writes num_tokens / tokens_per_expert
-        src_rank = tl.where(meta, world_size - 1, j // RECV_PARTS)
-        part = j % RECV_PARTS
-        mask_wait = mask_r & (offs_r <= src_rank)
-        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
-                    PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
-        counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
-                         other=0, volatile=True)  # [BLOCK_R] rows from each source
-        if meta:
-            tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
-            offs_e = tl.arange(0, BLOCK_E)
-            per_source = tl.load(_peer_ptr(peer_bases_ptr, rank, expert_counts_offset, tl.int32)
-                                 + offs_r[:, None] * EXPERTS_PER_RANK + offs_e[None, :],
-                                 mask=mask_r[:, None] & (offs_e < EXPERTS_PER_RANK)[None, :], other=0)
-            hist = tl.sum(per_source, axis=0)  # [BLOCK_E]
-            tl.store(out_tokens_per_expert_ptr + offs_e, hist, mask=offs_e < EXPERTS_PER_RANK)
-            mask_done = mask_r
-        else:
-            offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
-            count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
-            _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
-                            ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
-                            out_topk_weights_ptr, out_src_ptr, max_tokens, RECV_PARTS, HIDDEN, TOPK, NUM_SCALES,
-                            OUT_DTYPE, BLOCK_COPY, ALIGNED)
-            mask_done = offs_r == src_rank
+        mask_done = _receive_program(
+            pid - SEND_PROGRAMS, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset,
+            scales_offset, ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
+            status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+            out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, RECV_PARTS, HIDDEN, TOPK,
+            EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
         if CREDITS:
             last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, RECV_PARTS + 1)
             _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
