@@ -46,7 +46,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
     mask_r = offs_r < world_size
     if pid < SEND_PROGRAMS:
         if CREDITS:
-            _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
+            _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                         PHASE_COMBINE_CREDIT, max_polls, BLOCK_R)
         num_recv = tl.load(num_recv_ptr)
         for i in range(pid, num_recv, SEND_PROGRAMS):
@@ -61,7 +61,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
     else:
-        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
                     PHASE_COMBINE_RECV, max_polls, BLOCK_R)
         base = _peer_ptr(peer_bases_ptr, rank, x_offset, tl.bfloat16)
         for t in range(pid - SEND_PROGRAMS, num_tokens, REDUCE_PROGRAMS):

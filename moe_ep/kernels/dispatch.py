@@ -241,7 +241,7 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
     src_rank = tl.where(meta, world_size - 1, j // RECV_PARTS)
     part = j % RECV_PARTS
     mask_wait = mask_r & (offs_r <= src_rank)
-    _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
+    _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
                 PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
     counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
                      other=0, volatile=True)  # [BLOCK_R] rows from each source
@@ -301,7 +301,7 @@ def _dispatch_kernel(
     mask_k = offs_k < TOPK
     if pid < SEND_PROGRAMS:
         if CREDITS:
-            _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
+            _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                         PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
         if STAGED:
             counts = tl.load(counts_ptr + offs_r, mask=mask_r, other=0)  # [BLOCK_R]

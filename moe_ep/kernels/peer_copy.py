@@ -38,7 +38,7 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
     offs_one = tl.arange(0, 1) + peer  # [1]: the peer, as a block for the flag helpers
     mask_one = offs_one < world_size
     if sending:
-        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_one, mask_one, epoch - 1,
+        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch - 1,
                     epoch, PHASE_COPY_CREDIT, max_polls, 1)
         ptr_dst = _peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32) + rank * chunk
         for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
@@ -49,7 +49,7 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_one, last, epoch)
     else:
-        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, mask_one, epoch,
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch,
                     epoch, PHASE_COPY_RECV, max_polls, 1)
         if COPY_OUT:
             ptr_src = _peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32) + peer * chunk

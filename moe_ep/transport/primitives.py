@@ -159,13 +159,14 @@ def _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask, epoch):
 
 
 @triton.jit
-def _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, mask, target, epoch,
+def _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, peers, mask, target, epoch,
                 phase, max_polls, BLOCK_R: tl.constexpr):
-    """Wait until this rank's flag slot of each masked peer holds at least ``target``; record a
-    timeout naming the first peer that never got there."""
+    """Wait until each masked slot ``offs_r`` of this rank's flags holds at least ``target``;
+    record a timeout naming the rank (``peers``, the writer of each slot) that never got there."""
     ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
     _, missing = _wait_geq(ptrs, target, mask, max_polls, BLOCK_R)
-    _check_wait(status_ptr, missing, phase, epoch)
+    peer = tl.sum(tl.where(tl.arange(0, BLOCK_R) == missing, peers, 0), axis=0)
+    _check_wait(status_ptr, tl.where(missing >= 0, peer, -1), phase, epoch)
     tl.debug_barrier()
 
 
@@ -188,5 +189,5 @@ def _barrier(peer_bases_ptr, flags_offset, status_ptr, rank, world_size, epoch, 
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask_r, epoch)
-    _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
+    _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
                 PHASE_BARRIER, max_polls, BLOCK_R)
