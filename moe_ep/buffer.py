@@ -23,6 +23,7 @@ from moe_ep import _platform
 from moe_ep.config import EpConfig
 from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
+from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
@@ -38,8 +39,13 @@ class DispatchHandle:
     num_recv_tokens: torch.Tensor  # [1] int32 (device): received rows, [0, num_recv_tokens) valid
     send_mask: torch.Tensor  # [max_tokens_per_rank] int64: bit d set when this rank's token t went to rank d
     num_tokens: int  # tokens this rank dispatched: rows of combine's output
-    path: str  # "ll" or "ht": the path that dispatched
+    path: str  # "ll", "ht" or "inter": the path that dispatched
     buffer_id: int  # id() of the Buffer that dispatched
+    # Inter-node path only (None otherwise): what this rank forwarded for each other node's rank
+    # with its local index, as that rank's proxy.
+    forwarded_token: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int32: token index there
+    forwarded_mask: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int64: bit d = sent to rank d
+    forwarded_count: Optional[torch.Tensor] = None  # [nodes] int32: rows forwarded from each node
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,10 @@ class Buffer:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.experts_per_rank = cfg.experts_per_rank(self.world_size)
+        self.nodes = cfg.nodes(self.world_size)
+        if self.nodes > 1 and cfg.mode != "ll":
+            raise ValueError(f"across nodes (gpus_per_node={cfg.gpus_per_node}) only mode 'll' is built so far, "
+                             f"got mode {cfg.mode!r}")
         if device is None:
             device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
                 torch.device("cuda", torch.cuda.current_device())
@@ -97,6 +107,8 @@ class Buffer:
         per-rank batch, which serving stacks know) or else ``cfg.max_tokens_per_rank``.
         LL up to ``cfg.crossover_tokens`` (and the LL capacity), HT above."""
         cfg = self.cfg
+        if self.nodes > 1:
+            return "inter"
         if cfg.mode != "auto":
             return cfg.mode
         shared = cfg.max_tokens_per_rank if num_tokens_hint is None else min(num_tokens_hint, cfg.max_tokens_per_rank)
@@ -133,8 +145,11 @@ class Buffer:
             raise TypeError("out must be a DispatchOutput made by this Buffer")
         out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
         params = self.launch_params(path, num_tokens).dispatch
-        launch_dispatch(self.heap, self.sync, self.cfg, params, path, x, x_scales, topk_ids, topk_weights, out,
-                        self._staging)
+        if path == "inter":
+            launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
+        else:
+            launch_dispatch(self.heap, self.sync, self.cfg, params, path, x, x_scales, topk_ids, topk_weights, out,
+                            self._staging)
         return out
 
     def empty_dispatch_output(self) -> DispatchOutput:
@@ -142,9 +157,15 @@ class Buffer:
         cfg, cap, dev = self.cfg, self.capacity, self.device
         src = torch.empty(cap, 2, dtype=torch.int32, device=dev)
         num_tokens = torch.empty(1, dtype=torch.int32, device=dev)
+        forwarded = {}
+        if self.nodes > 1:
+            forwarded = dict(
+                forwarded_token=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int32, device=dev),
+                forwarded_mask=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
+                forwarded_count=torch.empty(self.nodes, dtype=torch.int32, device=dev))
         handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
                                 send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
-                                num_tokens=0, path="ll", buffer_id=id(self))
+                                num_tokens=0, path="ll", buffer_id=id(self), **forwarded)
         return DispatchOutput(
             x=torch.empty(cap, cfg.hidden, dtype=cfg.dispatch_dtype, device=dev),
             x_scales=torch.empty(cap, cfg.num_scales, dtype=torch.float32, device=dev) if cfg.fp8 else None,
@@ -170,7 +191,10 @@ class Buffer:
         if out is None:
             out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
         params = self.launch_params(handle.path, handle.num_tokens).combine
-        launch_combine(self.heap, self.sync, self.cfg, params, handle.path, y, handle, out)
+        if handle.path == "inter":
+            launch_combine_internode(self.heap, self.sync, self.cfg, params, y, handle, out)
+        else:
+            launch_combine(self.heap, self.sync, self.cfg, params, handle.path, y, handle, out)
         return out
 
     # -- launch parameters ------------------------------------------------------------------------
@@ -196,7 +220,8 @@ class Buffer:
         dispatch + combine per path and token bucket up to the path's capacity, before the first
         timed or serving call."""
         cfg = self.cfg
-        for path, capacity in (("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)):
+        paths = [("inter", cfg.ll_tokens)] if self.nodes > 1 else [("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)]
+        for path, capacity in paths:
             bucket = 1
             while capacity and bucket <= token_bucket(capacity):
                 tokens = min(bucket, capacity)

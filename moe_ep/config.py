@@ -26,6 +26,7 @@ class EpConfig:
     mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
     backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
     timeout_s            how long a kernel waits for a peer before reporting a timeout
+    gpus_per_node        ranks per node (consecutive ranks form a node); None: all on one node
     ll_max_tokens        "auto": the most tokens per rank the LL path takes (its heap grows with it)
     crossover_tokens     "auto": LL up to this shared token count (and ll_max_tokens), HT above
     """
@@ -38,6 +39,7 @@ class EpConfig:
     mode: str = "auto"
     backend: str | None = None
     timeout_s: float = 60.0
+    gpus_per_node: int | None = None
     ll_max_tokens: int = DEFAULT_LL_MAX_TOKENS
     crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
 
@@ -54,6 +56,8 @@ class EpConfig:
             raise ValueError(f"EpConfig.topk ({self.topk}) exceeds num_experts ({self.num_experts})")
         if self.mode not in MODES:
             raise ValueError(f"EpConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if self.gpus_per_node is not None and (not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1):
+            raise ValueError(f"EpConfig.gpus_per_node must be a positive int or None, got {self.gpus_per_node!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"EpConfig.timeout_s must be positive, got {self.timeout_s}")
 
@@ -82,6 +86,13 @@ class EpConfig:
         if self.mode == "ll" or (self.mode == "auto" and self.max_tokens_per_rank <= self.ll_tokens):
             return 0
         return self.max_tokens_per_rank
+
+    def nodes(self, world_size: int) -> int:
+        """Nodes of ``gpus_per_node`` consecutive ranks (1 when gpus_per_node is None)."""
+        per_node = self.gpus_per_node or world_size
+        if world_size % per_node:
+            raise ValueError(f"the world size ({world_size}) is not a multiple of gpus_per_node ({per_node})")
+        return world_size // per_node
 
     def experts_per_rank(self, world_size: int) -> int:
         if self.num_experts % world_size:

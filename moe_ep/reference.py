@@ -6,7 +6,10 @@ with the exact layout, order and rounding the kernels promise:
   expert on d (once, however many of its experts live there);
 - fp8 quantisation: per 128 values, scale = max(amax, 1e-4) / 448, q = fp8(clamp(x / scale));
 - combine sums the partials of the ranks a token went to in rank order, in float32, then rounds
-  to bfloat16 (a token with no expert gets zeros).
+  to bfloat16 (a token with no expert gets zeros). Across nodes (``gpus_per_node`` below the
+  world size) each node's partials are summed first, in rank order in float32, a remote node's
+  sum is rounded to bfloat16 (it crosses the network so), and the node sums are added in node
+  order; with one node this is the plain rank-order sum, bit for bit.
 """
 
 from __future__ import annotations
@@ -96,20 +99,28 @@ def dispatch(xs, topk_ids, topk_weights, num_experts: int, dispatch_dtype: torch
     return out
 
 
-def combine(ys, received: list[RankDispatch], num_tokens: list[int]) -> list[torch.Tensor]:
+def combine(ys, received: list[RankDispatch], num_tokens: list[int],
+            gpus_per_node: int | None = None) -> list[torch.Tensor]:
     """Every rank's expert outputs (``[num_tokens_d, H]`` bf16, rows as in ``received[d]``) ->
-    every rank's combined ``[T_s, H]`` bf16: per token, the sum in rank order (float32) of the
-    rows its destination ranks send back."""
+    every rank's combined ``[T_s, H]`` bf16: per token, the float32 sum of the rows its
+    destination ranks send back — in rank order within a node, node sums in node order, a remote
+    node's sum rounded to bf16 (see the module docstring)."""
     world_size = len(ys)
+    per_node = gpus_per_node or world_size
     hidden = ys[0].shape[1]
     out = []
     for s in range(world_size):
         acc = torch.zeros(num_tokens[s], hidden, dtype=torch.float32, device=ys[0].device)
-        for d in range(world_size):
-            src = received[d].src
-            rows = (src[:, 0] == s).nonzero().flatten()
-            part = torch.zeros_like(acc)
-            part[src[rows, 1].long()] = ys[d][rows].float()
-            acc = acc + part
+        for node in range(world_size // per_node):
+            node_acc = torch.zeros_like(acc)
+            for d in range(node * per_node, (node + 1) * per_node):
+                src = received[d].src
+                rows = (src[:, 0] == s).nonzero().flatten()
+                part = torch.zeros_like(acc)
+                part[src[rows, 1].long()] = ys[d][rows].float()
+                node_acc = node_acc + part
+            if node != s // per_node:
+                node_acc = node_acc.to(torch.bfloat16).float()
+            acc = acc + node_acc
         out.append(acc.to(torch.bfloat16))
     return out

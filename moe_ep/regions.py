@@ -20,6 +20,20 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   p_combine_signal         [B, R] int32                   slot [., d]: rank d
   ht_combine_credit        [R] int32                      slot s: rank s
 
+Across nodes (N = world / gpus_per_node > 1; G = gpus_per_node; the inter-node path, on the LL
+capacity M = M_ll) a rank also holds, double-buffered like LL:
+
+  inter_dispatch_*         [2, N, M, ...]                 rows [., n, :]: rank (n, my local index) —
+                           (x, scales, global topk_ids,   the tokens it sends to this node, which this
+                           weights, src_token)            rank forwards to the node's ranks
+  inter_dispatch_count /   [2, N] int32                   slot [., n]: that rank
+  _signal
+  inter_combine_x          [2, G, N, M, H] bfloat16       [., g, n, t]: local rank g's partial of token t
+                                                          of rank (n, my local index)
+  inter_combine_signal     [2, G] int32                   slot [., g]: local rank g
+  node_combine_x           [2, N, M, H] bfloat16          [., m, t]: node m's summed partial of my token t
+  node_combine_signal      [2, N] int32                   slot [., m]: the proxy of node m
+
 B = 2 for LL (double buffer: call e uses half e % 2, no handshake; see kernels/dispatch.py) and
 1 for HT (one buffer with credits: the big path keeps one copy). Bytes per rank ~=
 R * (2 * M_ll + M_ht) * (H * (b + 2) + 4 * S + 8 * K + 4): linear in R, in each capacity and in H.
@@ -59,11 +73,35 @@ def _path_regions(path: str, cfg: EpConfig, world_size: int, tokens: int, halves
     return sizes
 
 
+def _internode_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
+    nodes = cfg.nodes(world_size)
+    if nodes == 1:
+        return []
+    per_node = world_size // nodes
+    m, h = cfg.ll_tokens, cfg.hidden
+    rows = 2 * nodes * m  # double-buffered, like every LL region
+    value_bytes = 1 if cfg.fp8 else 2
+    return [
+        ("inter_dispatch_x", rows * h * value_bytes),
+        ("inter_dispatch_scales", rows * cfg.num_scales * 4),
+        ("inter_dispatch_topk_ids", rows * cfg.topk * 4),
+        ("inter_dispatch_topk_weights", rows * cfg.topk * 4),
+        ("inter_dispatch_src_token", rows * 4),
+        ("inter_dispatch_count", 2 * 4 * nodes),
+        ("inter_dispatch_signal", 2 * 4 * nodes),
+        ("inter_combine_x", per_node * rows * h * 2),
+        ("inter_combine_signal", 2 * 4 * per_node),
+        ("node_combine_x", rows * h * 2),
+        ("node_combine_signal", 2 * 4 * nodes),
+    ]
+
+
 def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     """(name, bytes) of every region of one rank's arena, in order."""
     return ([("barrier_flags", 4 * world_size)]
             + _path_regions("ll", cfg, world_size, cfg.ll_tokens, halves=2, credits=False)
-            + _path_regions("ht", cfg, world_size, cfg.ht_tokens, halves=1, credits=True))
+            + _path_regions("ht", cfg, world_size, cfg.ht_tokens, halves=1, credits=True)
+            + _internode_regions(cfg, world_size))
 
 
 def heap_bytes(cfg: EpConfig, world_size: int) -> int:

@@ -120,7 +120,7 @@ def check_untouched(out: moe_ep.DispatchOutput, n: int) -> None:
 
 def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
               hidden: int | None = None, topk: int | None = None, seed: int = 0, mode: str = "auto",
-              crossover_tokens: int | None = None, hints: list | None = None):
+              crossover_tokens: int | None = None, hints: list | None = None, nodes: int = 1):
     """``calls`` dispatch + combine pairs on one Buffer with fresh inputs, each checked against the
     reference; returns the rows this rank received over all calls (or, with ``hints``, the path
     each call took; in "auto" mode a call with hint h holds at most h tokens per rank)."""
@@ -131,6 +131,8 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
     world = ctx.world_size
     num_experts = shape.num_experts_per_rank * world
     extra = {} if crossover_tokens is None else {"crossover_tokens": crossover_tokens}
+    if nodes > 1:  # ranks as `nodes` simulated nodes of world / nodes consecutive ranks
+        extra["gpus_per_node"] = world // nodes
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
                           max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype, mode=mode, **extra)
     buf = moe_ep.Buffer(ctx.group, cfg)
@@ -151,6 +153,7 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             out = buf.dispatch(x_in, ids_in, weights[me].to(ctx.device),
                                out=poisoned_dispatch_output(buf) if use_out else None, num_tokens_hint=hint)
             paths.append(out.handle.path)
+            assert out.handle.path == ("inter" if nodes > 1 else out.handle.path), out.handle.path
             n = check_dispatch(out, expected[me], buf.capacity)
             if use_out:
                 check_untouched(out, n)
@@ -161,7 +164,7 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             z_out = torch.full((xs[me][0].shape[0] if prequantized else xs[me].shape[0], shape.hidden),
                                float("nan"), dtype=torch.bfloat16, device=ctx.device)
             z = buf.combine(y.to(ctx.device), out.handle, out=z_out if use_out else None)
-            z_expected = reference.combine(ys, expected, [len(i) for i in ids])[me]
+            z_expected = reference.combine(ys, expected, [len(i) for i in ids], extra.get("gpus_per_node"))[me]
             assert_equal(f"combine (call {call})", z_expected, z.cpu())
         buf.check()
     finally:

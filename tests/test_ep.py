@@ -49,3 +49,25 @@ def test_auto_switches_between_paths(ranks):
     paths = ranks.run(run_calls, "uniform", "float8_e4m3fn", shape, len(hints), mode="auto", crossover_tokens=4,
                       hints=hints)
     assert all(p == ["ll", "ht", "ll", "ht", "ll"] for p in paths), paths
+
+
+# Across nodes: the ranks as simulated nodes — two nodes (2 x 2 on four ranks, 2 x 1 on two) for
+# every inter-node case, and one rank per node (4 x 1) for one — every token crossing "the
+# network" once per node through its proxy.
+INTER_CASES = ("fp8-uniform", "fp8-masked-ids", "bf16-skewed-odd-hidden", "fp8-prequantized")
+PER_RANK_NODES_CASE = "fp8-masked-ids"
+
+
+@pytest.mark.parametrize("kind, dtype, extra, one_rank_per_node",
+                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, id=c[3]) for c in CASES if c[3] in INTER_CASES])
+def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_node):
+    """The inter-node path (proxy forwarding, per-node pre-summed combine) against the reference
+    with its node-ordered combine: five calls, poisoned outputs, every valid row bit-exact."""
+    on_cpu = ranks.device == "cpu"
+    shape = CPU_SHAPE if on_cpu else GPU_SHAPE
+    hidden = extra.get("hidden_cpu" if on_cpu else "hidden_gpu")
+    layouts = [2] + ([ranks.world_size] if one_rank_per_node and ranks.world_size > 2 else [])
+    for nodes in layouts:
+        received = ranks.run(run_calls, kind, dtype, shape, CALLS, prequantized=extra.get("prequantized", False),
+                             hidden=hidden, topk=extra.get("topk"), mode="ll", nodes=nodes)
+        assert all(r > 0 for r in received), f"{nodes} nodes: some rank received nothing: {received}"

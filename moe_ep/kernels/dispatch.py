@@ -146,6 +146,27 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
 
 
 @triton.jit
+def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM_SCALES: tl.constexpr,
+                      QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Values ``[start, start + BLOCK_H)`` of row ``row`` of x, as sent: ``(values [BLOCK_H],
+    scales [BLOCK_H // 128] (fp8 only), offs_h, mask_h, offs_s, mask_s)``; quantised here when
+    QUANTIZE, loaded with their scales when X_FP8 (already fp8)."""
+    offs_h = start + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < HIDDEN
+    offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
+    mask_s = offs_s < NUM_SCALES
+    scales = tl.zeros([BLOCK_H // 128], tl.float32)
+    if QUANTIZE:
+        values, scales = _quantize_fp8(tl.load(x_ptr + row * HIDDEN + offs_h, mask=mask_h, other=0.0).to(tl.float32),
+                                       BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
+    else:
+        values = tl.load(x_ptr + row * HIDDEN + offs_h, mask=mask_h)
+        if X_FP8:
+            scales = tl.load(x_scales_ptr + row * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
+    return values, scales, offs_h, mask_h, offs_s, mask_s
+
+
+@triton.jit
 def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
                 peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                 world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k,
@@ -172,17 +193,8 @@ def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, t
         tl.store(send_mask_ptr + t, _bits(mask_d, offs_r))
     # Payload, BLOCK_H values at a time: loaded (and quantised) once, stored to each destination.
     for start in range(0, HIDDEN, BLOCK_H):
-        offs_h = start + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < HIDDEN
-        offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
-        mask_s = offs_s < NUM_SCALES
-        if QUANTIZE:
-            values, scales = _quantize_fp8(tl.load(x_ptr + load_row * HIDDEN + offs_h, mask=mask_h,
-                                                   other=0.0).to(tl.float32), BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128]
-        else:
-            values = tl.load(x_ptr + load_row * HIDDEN + offs_h, mask=mask_h)
-            if X_FP8:
-                scales = tl.load(x_scales_ptr + load_row * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
+        values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
+            x_ptr, x_scales_ptr, load_row, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H)
         for d in range(0, world_size):
             if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
                 row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)

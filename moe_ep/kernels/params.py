@@ -37,6 +37,7 @@ class DispatchParams:
     block_t: int  # tokens per step of the routing prefix sum
     block_copy: int  # elements per step of the receive side's flat copies
     num_warps: int
+    forward_parts: int = 1  # inter-node: programs per other node that forward its staged tokens
 
     def __post_init__(self):
         _check_positive(self)
@@ -51,6 +52,7 @@ class CombineParams:
     reduce_programs: int  # programs that sum the partials of this rank's tokens
     block_h: int  # values of a row per step
     num_warps: int
+    proxy_programs: int = 1  # inter-node: programs that pre-sum the own node's partials per token
 
     def __post_init__(self):
         _check_positive(self)
@@ -74,6 +76,10 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
                               block_t=64, block_copy=4096, num_warps=4)
+    if path == "inter":  # LL-sized programs, plus forwarders for each other node
+        return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
+                              stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
+                              num_warps=8, forward_parts=16)
     if path == "ll":  # one token per send program up to 128 tokens
         return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
                               stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
@@ -87,9 +93,9 @@ def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu
     """Defaults for the ``path`` combine back to up to ``bucket`` tokens of ``hidden`` values."""
     if not on_gpu:
         return CombineParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
-    if path == "ll":
+    if path in ("ll", "inter"):
         return CombineParams(send_programs=128, reduce_programs=max(1, min(bucket, 128)),
-                             block_h=min(4096, _row_block(hidden)), num_warps=8)
+                             block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
     return CombineParams(send_programs=_HT_COMBINE_PROGRAMS,
                          reduce_programs=max(1, min(bucket, _HT_COMBINE_PROGRAMS)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8)

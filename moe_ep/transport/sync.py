@@ -30,7 +30,8 @@ class PeerTimeoutError(RuntimeError):
 class SyncState:
     """Epoch counters per op and the status words of one rank, on ``device``."""
 
-    OPS = ("barrier", "dispatch_ll", "dispatch_ht", "combine_ll", "combine_ht", "peer_copy")
+    OPS = ("barrier", "dispatch_ll", "dispatch_ht", "dispatch_inter", "combine_ll", "combine_ht", "combine_inter",
+           "peer_copy")
 
     def __init__(self, rank: int, device: torch.device, timeout_s: float):
         self.rank = rank

@@ -1,0 +1,420 @@
+"""Inter-node dispatch and combine (mori's "EPV1" design): a token crosses the network once per
+node; a rail-aligned proxy forwards it inside its node; combine pre-sums per node.
+
+Ranks form nodes of G = gpus_per_node consecutive ranks (N nodes); rank r is (node r // G,
+local index r % G). A token of rank s = (n, l) bound for node m != n goes once to its proxy
+p = (m, l), which forwards it to every rank of node m that holds one of its experts. Regions in
+``moe_ep.regions`` (double-buffered: call e uses half e % 2, as every LL region; see
+kernels/dispatch.py for why no handshake is needed); the epochs are the inter-node path's own.
+
+Dispatch, one launch:
+  Send programs ``[0, SEND_PROGRAMS)`` (token t % SEND_PROGRAMS == pid). Ranks of the own node
+  get the token as in the intra-node LL dispatch: row ``[s, slot]`` of their receive regions,
+  then (last sender per destination) count, per-expert counts and signal ``[s]``. Each other
+  node m holding one of its experts gets it once, at row ``[n, node_slot]`` of its proxy's
+  ``inter_dispatch_*`` regions (payload, scales, global expert ids, weights, token index); the
+  last sender per node writes ``inter_dispatch_count[n]`` there and signals
+  ``inter_dispatch_signal[n]``. Over NVLink these are peer stores; across real nodes they are
+  the puts of the inter-node transport (NVSHMEM/rocSHMEM: not wired yet, see issue notes).
+  Forward programs, FORWARD_PARTS per node n != own node: wait for ``inter_dispatch_signal[n]``,
+  then forward each staged row (row i % FORWARD_PARTS == part) to the own node's ranks that hold
+  its experts, into row ``[s, slot]`` of their receive regions exactly as s would have, record
+  (token, destination mask) in the handle for combine, and (last part) write count, per-expert
+  counts and signal ``[s]`` there on s's behalf.
+  Receive programs and the meta program: the intra-node ones (kernels/dispatch.py), unchanged:
+  every source's rows arrive at its own slot, directly or forwarded.
+Combine, one launch:
+  Send programs: each valid received row (s, t) goes to s's ``ll_combine_x[rank, t]`` when s is
+  on the own node, else to the proxy (own node, local index of s) at
+  ``inter_combine_x[own local, node of s, t]``; the last sender signals the own node's ranks
+  (``ll_combine_signal[rank]``, ``inter_combine_signal[own local]``).
+  Proxy programs wait for every own-node rank, then for each forwarded row (node n, token t) sum
+  in float32, in rank order, the partials of the own-node ranks it went to, round to bf16 and
+  send it to s = (n, own local) at ``node_combine_x[own node, t]``; the last signals those s.
+  Reduce programs wait for the own node's ranks and the other nodes' proxies and sum per token:
+  node by node in node order, the own node's partials in rank order (float32), a remote node's
+  bf16 sum — the order ``moe_ep.reference.combine(..., gpus_per_node)`` defines.
+Sends have lower program ids than forwards, forwards than receives; forwards wait only for
+other ranks' sends, receives for sends and forwards: no launch can deadlock in the interpreter
+or on a GPU whose grid is not all resident.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe_ep.kernels.dispatch import (_bits, _expert_histogram, _load_token_chunk, _publish_expert_counts,
+                                     _receive_program, _route_block, _send_token)
+from moe_ep.kernels.numerics import _to_bf16
+from moe_ep.kernels.registry import register
+from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
+                                         _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers,
+                                         _wait_peers)
+
+
+@triton.jit
+def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, topk_weights_ptr, peer_bases_ptr,
+                        ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset, max_tokens,
+                        offs_k, mask_k, HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                        BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store token t (payload, scales, global expert ids, weights, index) into row
+    ``[my_node, node_slot]`` of ``proxy``'s inter-node staging regions."""
+    row = (my_node * max_tokens + node_slot).to(tl.int64)
+    t64 = tl.cast(t, tl.int64)
+    tl.store(_peer_ptr(peer_bases_ptr, proxy, iids_offset, tl.int32) + row * TOPK + offs_k, ids, mask=mask_k)
+    tl.store(_peer_ptr(peer_bases_ptr, proxy, iweights_offset, tl.float32) + row * TOPK + offs_k,
+             tl.load(topk_weights_ptr + t64 * TOPK + offs_k, mask=mask_k), mask=mask_k)
+    tl.store(_peer_ptr(peer_bases_ptr, proxy, isrc_offset, tl.int32) + row, t)
+    ptr_x = _peer_ptr(peer_bases_ptr, proxy, ix_offset, OUT_DTYPE) + row * HIDDEN
+    if ALIGNED:
+        ptr_x = tl.multiple_of(ptr_x, 16)
+    ptr_s = _peer_ptr(peer_bases_ptr, proxy, iscales_offset, tl.float32) + row * NUM_SCALES
+    for start in range(0, HIDDEN, BLOCK_H):
+        values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
+            x_ptr, x_scales_ptr, t64, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H)
+        tl.store(ptr_x + offs_h, values, mask=mask_h)
+        if NUM_SCALES > 0:
+            tl.store(ptr_s + offs_s, scales, mask=mask_s)
+
+
+@triton.jit
+def _dispatch_internode_kernel(
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr,
+        out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+        out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr,
+        peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
+        expert_counts_offset, signal_offset, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset,
+        icount_offset, isignal_offset, counters_ptr, status_ptr,
+        rank, world_size, num_tokens, max_tokens, max_polls,
+        HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
+        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
+        SEND_PROGRAMS: tl.constexpr, FORWARD_PARTS: tl.constexpr, RECV_PARTS: tl.constexpr,
+        NUM_PROGRAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr):
+    # x [num_tokens, HIDDEN] bf16 (or fp8 + x_scales when X_FP8); topk_ids / topk_weights [num_tokens, TOPK]
+    # outputs [R * max_tokens, ...]; send_mask [num_tokens] int64; fwd_token / fwd_mask [N, max_tokens]
+    # int32 / int64 and fwd_count [N] int32: what this rank forwarded, for combine
+    OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
+    ELEMENT_BYTES: tl.constexpr = OUT_DTYPE.primitive_bitwidth // 8
+    pid = tl.program_id(0)
+    epoch = _launch_epoch(counters_ptr)
+    half = epoch % 2  # this call's half of every double-buffered region
+    rows = (world_size * max_tokens).to(tl.int64) * half
+    x_offset += rows * HIDDEN * ELEMENT_BYTES
+    scales_offset += rows * NUM_SCALES * 4
+    ids_offset += rows * TOPK * 4
+    weights_offset += rows * TOPK * 4
+    src_offset += rows * 4
+    count_offset += half * world_size * 4
+    expert_counts_offset += half * world_size * EXPERTS_PER_RANK * 4
+    signal_offset += half * world_size * 4
+    inter_rows = (NUM_NODES * max_tokens).to(tl.int64) * half
+    ix_offset += inter_rows * HIDDEN * ELEMENT_BYTES
+    iscales_offset += inter_rows * NUM_SCALES * 4
+    iids_offset += inter_rows * TOPK * 4
+    iweights_offset += inter_rows * TOPK * 4
+    isrc_offset += inter_rows * 4
+    icount_offset += half * NUM_NODES * 4
+    isignal_offset += half * NUM_NODES * 4
+    my_node = rank // GPUS_PER_NODE
+    my_local = rank % GPUS_PER_NODE
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < world_size
+    local_r = mask_r & (offs_r // GPUS_PER_NODE == my_node)  # [BLOCK_R] ranks of the own node
+    offs_n = tl.arange(0, BLOCK_N)
+    remote_n = (offs_n < NUM_NODES) & (offs_n != my_node)  # [BLOCK_N] the other nodes
+    proxies = tl.where(offs_n < NUM_NODES, offs_n * GPUS_PER_NODE + my_local, 0)  # [BLOCK_N] this rank's proxies
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < TOPK
+    if pid < SEND_PROGRAMS:
+        counts = tl.zeros([BLOCK_R], tl.int32)  # earlier tokens bound for each own-node rank
+        node_counts = tl.zeros([BLOCK_N], tl.int32)  # earlier tokens bound for each other node
+        hist = tl.zeros([BLOCK_ALL_E], tl.int32)
+        for chunk in range(0, num_tokens, BLOCK_T):
+            offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                               EXPERTS_PER_RANK, BLOCK_T)
+            is_local = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R]
+            node_of = (offs_r // GPUS_PER_NODE)[None, :, None] == offs_n[None, None, :]  # [1, BLOCK_R, BLOCK_N]
+            is_node = tl.max(((is_dst[:, :, None] > 0) & node_of).to(tl.int32), axis=1)
+            is_node = tl.where(remote_n[None, :], is_node, 0)  # [BLOCK_T, BLOCK_N]
+            slots = tl.cumsum(is_local, axis=0) - is_local + counts[None, :]
+            node_slots = tl.cumsum(is_node, axis=0) - is_node + node_counts[None, :]
+            first = chunk + (pid - chunk % SEND_PROGRAMS + SEND_PROGRAMS) % SEND_PROGRAMS
+            for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), SEND_PROGRAMS):
+                sel = (offs_t == t)[:, None]
+                ids_t = tl.sum(tl.where(sel, ids, 0), axis=0)
+                tl.store(send_mask_ptr + t, _bits(tl.sum(tl.where(sel, is_dst, 0), axis=0) > 0, offs_r))
+                _send_token(t, t, rank, tl.sum(tl.where(sel, is_local, 0), axis=0),
+                            tl.sum(tl.where(sel, slots, 0), axis=0), ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
+                            send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
+                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
+                            HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+                node_t = tl.sum(tl.where(sel, is_node, 0), axis=0)  # [BLOCK_N]
+                node_slot_t = tl.sum(tl.where(sel, node_slots, 0), axis=0)
+                for m in range(0, NUM_NODES):
+                    if tl.sum(tl.where(offs_n == m, node_t, 0), axis=0) > 0:
+                        _put_token_to_proxy(t, tl.sum(tl.where(offs_n == m, node_slot_t, 0), axis=0),
+                                            m * GPUS_PER_NODE + my_local, my_node, ids_t, x_ptr, x_scales_ptr,
+                                            topk_weights_ptr, peer_bases_ptr, ix_offset, iscales_offset, iids_offset,
+                                            iweights_offset, isrc_offset, max_tokens, offs_k, mask_k, HIDDEN, TOPK,
+                                            NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
+            counts += tl.sum(is_local, axis=0)
+            node_counts += tl.sum(is_node, axis=0)
+            hist += _expert_histogram(ids, BLOCK_ALL_E)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, SEND_PROGRAMS)
+        tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + rank * 4, tl.int32), counts, mask=last)
+        _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size, EXPERTS_PER_RANK)
+        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
+        last_n = _arrive(counters_ptr + SEND_ARRIVALS + world_size + offs_n, remote_n, SEND_PROGRAMS)
+        tl.store(_peer_ptr(peer_bases_ptr, proxies, icount_offset + my_node * 4, tl.int32), node_counts, mask=last_n)
+        _signal_peers(peer_bases_ptr, isignal_offset, my_node, proxies, last_n, epoch)
+    elif pid < SEND_PROGRAMS + NUM_NODES * FORWARD_PARTS:
+        node = (pid - SEND_PROGRAMS) // FORWARD_PARTS
+        part = (pid - SEND_PROGRAMS) % FORWARD_PARTS
+        src_rank = node * GPUS_PER_NODE + my_local  # whose tokens this program forwards
+        if node == my_node:
+            if part == 0:
+                tl.store(fwd_count_ptr + node, 0)
+        else:
+            offs_one = tl.arange(0, 1) + node
+            _wait_peers(peer_bases_ptr, isignal_offset, status_ptr, rank, offs_one, offs_one * 0 + src_rank,
+                        offs_one < NUM_NODES, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, 1)
+            staged = tl.load(_peer_ptr(peer_bases_ptr, rank, icount_offset, tl.int32) + node, volatile=True)
+            if part == 0:
+                tl.store(fwd_count_ptr + node, staged)
+            first_row = node * max_tokens
+            base_x = _peer_ptr(peer_bases_ptr, rank, ix_offset, OUT_DTYPE)
+            base_scales = _peer_ptr(peer_bases_ptr, rank, iscales_offset, tl.float32)
+            base_ids = _peer_ptr(peer_bases_ptr, rank, iids_offset, tl.int32) + first_row * TOPK
+            base_weights = _peer_ptr(peer_bases_ptr, rank, iweights_offset, tl.float32)
+            base_src = _peer_ptr(peer_bases_ptr, rank, isrc_offset, tl.int32) + first_row
+            counts = tl.zeros([BLOCK_R], tl.int32)
+            hist = tl.zeros([BLOCK_ALL_E], tl.int32)
+            for chunk in range(0, staged, BLOCK_T):
+                offs_t, ids, is_dst = _route_block(base_ids, chunk, staged, offs_r, offs_k, mask_k, TOPK,
+                                                   EXPERTS_PER_RANK, BLOCK_T)
+                is_dst = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R] own-node ranks only
+                slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]
+                first = chunk + (part - chunk % FORWARD_PARTS + FORWARD_PARTS) % FORWARD_PARTS
+                for i in range(first, tl.minimum(chunk + BLOCK_T, staged), FORWARD_PARTS):
+                    sel = (offs_t == i)[:, None]
+                    dst_i = tl.sum(tl.where(sel, is_dst, 0), axis=0)
+                    token = tl.load(base_src + i)
+                    _send_token(token, first_row + i, src_rank, dst_i, tl.sum(tl.where(sel, slots, 0), axis=0),
+                                tl.sum(tl.where(sel, ids, 0), axis=0), base_x, base_scales, base_weights,
+                                send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
+                                src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k,
+                                mask_k, HIDDEN, TOPK, NUM_SCALES, False, NUM_SCALES > 0, OUT_DTYPE, BLOCK_H,
+                                ALIGNED, False)
+                    tl.store(fwd_token_ptr + first_row + i, token)
+                    tl.store(fwd_mask_ptr + first_row + i, _bits(dst_i > 0, offs_r))
+                counts += tl.sum(is_dst, axis=0)
+                hist += _expert_histogram(ids, BLOCK_ALL_E)
+            offs_one = tl.arange(0, 1)
+            last_one = _arrive(counters_ptr + RECV_ARRIVALS + src_rank + offs_one, offs_one < 1, FORWARD_PARTS)
+            last = local_r & (tl.max(last_one.to(tl.int32), axis=0) > 0)
+            tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + src_rank * 4, tl.int32), counts, mask=last)
+            _publish_expert_counts(peer_bases_ptr, expert_counts_offset, src_rank, hist, last, world_size,
+                                   EXPERTS_PER_RANK)
+            _signal_peers(peer_bases_ptr, signal_offset, src_rank, offs_r, last, epoch)
+    else:
+        _receive_program(pid - SEND_PROGRAMS - NUM_NODES * FORWARD_PARTS, epoch, rank, world_size, max_tokens,
+                         max_polls, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                         count_offset, expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr,
+                         out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr,
+                         out_tokens_per_expert_ptr, offs_r, mask_r, RECV_PARTS, HIDDEN, TOPK, EXPERTS_PER_RANK,
+                         NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+
+
+@triton.jit
+def _combine_internode_kernel(
+        y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr, out_ptr,
+        peer_bases_ptr, direct_offset, direct_signal_offset, inter_offset, inter_signal_offset, node_offset,
+        node_signal_offset, counters_ptr, status_ptr, rank, world_size, num_tokens, max_tokens, max_polls,
+        HIDDEN: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, SEND_PROGRAMS: tl.constexpr,
+        PROXY_PROGRAMS: tl.constexpr, REDUCE_PROGRAMS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1]; send_mask [num_tokens] int64;
+    # fwd_token / fwd_mask [N, M], fwd_count [N] (from the dispatch); out [num_tokens, HIDDEN] bf16
+    pid = tl.program_id(0)
+    epoch = _launch_epoch(counters_ptr)
+    half = epoch % 2
+    direct_offset += (world_size * max_tokens).to(tl.int64) * HIDDEN * 2 * half
+    direct_signal_offset += half * world_size * 4
+    inter_offset += (GPUS_PER_NODE * NUM_NODES * max_tokens).to(tl.int64) * HIDDEN * 2 * half
+    inter_signal_offset += half * GPUS_PER_NODE * 4
+    node_offset += (NUM_NODES * max_tokens).to(tl.int64) * HIDDEN * 2 * half
+    node_signal_offset += half * NUM_NODES * 4
+    my_node = rank // GPUS_PER_NODE
+    my_local = rank % GPUS_PER_NODE
+    offs_r = tl.arange(0, BLOCK_R)
+    local_r = (offs_r < world_size) & (offs_r // GPUS_PER_NODE == my_node)
+    offs_n = tl.arange(0, BLOCK_N)
+    remote_n = (offs_n < NUM_NODES) & (offs_n != my_node)
+    same_local = tl.where(offs_n < NUM_NODES, offs_n * GPUS_PER_NODE + my_local, 0)  # [BLOCK_N] (node, my local)
+    offs_g = tl.arange(0, BLOCK_G)
+    if pid < SEND_PROGRAMS:
+        num_recv = tl.load(num_recv_ptr)
+        for i in range(pid, num_recv, SEND_PROGRAMS):
+            src_rank = tl.load(src_ptr + 2 * i)
+            token = tl.load(src_ptr + 2 * i + 1).to(tl.int64)
+            src_node = src_rank // GPUS_PER_NODE
+            if src_node == my_node:
+                ptr_dst = _peer_ptr(peer_bases_ptr, src_rank, direct_offset, tl.bfloat16) + \
+                    (rank * max_tokens + token) * HIDDEN
+            else:
+                proxy = my_node * GPUS_PER_NODE + src_rank % GPUS_PER_NODE
+                ptr_dst = _peer_ptr(peer_bases_ptr, proxy, inter_offset, tl.bfloat16) + \
+                    ((my_local * NUM_NODES + src_node) * max_tokens + token) * HIDDEN
+            for start in range(0, HIDDEN, BLOCK_H):
+                offs_h = start + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < HIDDEN
+                tl.store(ptr_dst + offs_h, tl.load(y_ptr + tl.cast(i, tl.int64) * HIDDEN + offs_h, mask=mask_h),
+                         mask=mask_h)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, SEND_PROGRAMS)
+        _signal_peers(peer_bases_ptr, direct_signal_offset, rank, offs_r, last, epoch)
+        _signal_peers(peer_bases_ptr, inter_signal_offset, my_local, offs_r, last, epoch)
+    elif pid < SEND_PROGRAMS + PROXY_PROGRAMS:
+        q = pid - SEND_PROGRAMS
+        _wait_peers(peer_bases_ptr, inter_signal_offset, status_ptr, rank, offs_g, my_node * GPUS_PER_NODE + offs_g,
+                    offs_g < GPUS_PER_NODE, epoch, epoch, PHASE_COMBINE_RECV, max_polls, BLOCK_G)
+        base = _peer_ptr(peer_bases_ptr, rank, inter_offset, tl.bfloat16)
+        for node in range(0, NUM_NODES):
+            forwarded = tl.load(fwd_count_ptr + node)  # 0 for the own node
+            for i in range(q, forwarded, PROXY_PROGRAMS):
+                token = tl.load(fwd_token_ptr + node * max_tokens + i).to(tl.int64)
+                sent_to = tl.load(fwd_mask_ptr + node * max_tokens + i)
+                ptr_dst = _peer_ptr(peer_bases_ptr, node * GPUS_PER_NODE + my_local, node_offset, tl.bfloat16) + \
+                    (my_node * max_tokens + token) * HIDDEN
+                for start in range(0, HIDDEN, BLOCK_H):
+                    offs_h = start + tl.arange(0, BLOCK_H)
+                    mask_h = offs_h < HIDDEN
+                    acc = tl.zeros([BLOCK_H], tl.float32)
+                    for g in range(0, GPUS_PER_NODE):
+                        sent = ((sent_to >> (my_node * GPUS_PER_NODE + g)) & 1) != 0
+                        acc += tl.load(base + ((g * NUM_NODES + node) * max_tokens + token) * HIDDEN + offs_h,
+                                       mask=mask_h & sent, other=0.0).to(tl.float32)
+                    tl.store(ptr_dst + offs_h, _to_bf16(acc), mask=mask_h)
+        last = _arrive(counters_ptr + RECV_ARRIVALS + offs_n, remote_n, PROXY_PROGRAMS)
+        _signal_peers(peer_bases_ptr, node_signal_offset, my_node, same_local, last, epoch)
+    else:
+        _wait_peers(peer_bases_ptr, direct_signal_offset, status_ptr, rank, offs_r, offs_r, local_r, epoch, epoch,
+                    PHASE_COMBINE_RECV, max_polls, BLOCK_R)
+        _wait_peers(peer_bases_ptr, node_signal_offset, status_ptr, rank, offs_n, same_local, remote_n, epoch, epoch,
+                    PHASE_COMBINE_RECV, max_polls, BLOCK_N)
+        direct = _peer_ptr(peer_bases_ptr, rank, direct_offset, tl.bfloat16)
+        from_nodes = _peer_ptr(peer_bases_ptr, rank, node_offset, tl.bfloat16)
+        for t in range(pid - SEND_PROGRAMS - PROXY_PROGRAMS, num_tokens, REDUCE_PROGRAMS):
+            sent_to = tl.load(send_mask_ptr + t)
+            t64 = tl.cast(t, tl.int64)
+            for start in range(0, HIDDEN, BLOCK_H):
+                offs_h = start + tl.arange(0, BLOCK_H)
+                mask_h = offs_h < HIDDEN
+                acc = tl.zeros([BLOCK_H], tl.float32)
+                for node in range(0, NUM_NODES):
+                    if node == my_node:
+                        node_acc = tl.zeros([BLOCK_H], tl.float32)
+                        for g in range(0, GPUS_PER_NODE):
+                            d = node * GPUS_PER_NODE + g
+                            sent = ((sent_to >> d) & 1) != 0
+                            node_acc += tl.load(direct + (d * max_tokens + t64) * HIDDEN + offs_h,
+                                                mask=mask_h & sent, other=0.0).to(tl.float32)
+                        acc += node_acc
+                    else:
+                        node_bits = (sent_to >> (node * GPUS_PER_NODE)) & ((1 << GPUS_PER_NODE) - 1)
+                        acc += tl.load(from_nodes + (node * max_tokens + t64) * HIDDEN + offs_h,
+                                       mask=mask_h & (node_bits != 0), other=0.0).to(tl.float32)
+                tl.store(out_ptr + t64 * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+
+
+_COMMON = {"peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32",
+           "world_size": "i32", "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"}
+register(_dispatch_internode_kernel,
+         {"x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
+          "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
+          "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32", "out_num_tokens_ptr": "*i32",
+          "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64", "fwd_token_ptr": "*i32",
+          "fwd_mask_ptr": "*i64", "fwd_count_ptr": "*i32", **_COMMON,
+          **{name: "i64" for name in ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset",
+                                      "count_offset", "expert_counts_offset", "signal_offset", "ix_offset",
+                                      "iscales_offset", "iids_offset", "iweights_offset", "isrc_offset",
+                                      "icount_offset", "isignal_offset")}},
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
+          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "SEND_PROGRAMS": 64, "FORWARD_PARTS": 8, "RECV_PARTS": 8,
+          "NUM_PROGRAMS": 64 + 2 * 8 + 4 * 8 + 1, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
+          "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
+register(_combine_internode_kernel,
+         {"y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64",
+          "fwd_token_ptr": "*i32", "fwd_mask_ptr": "*i64", "fwd_count_ptr": "*i32", "out_ptr": "*bf16", **_COMMON,
+          **{name: "i64" for name in ("direct_offset", "direct_signal_offset", "inter_offset", "inter_signal_offset",
+                                      "node_offset", "node_signal_offset")}},
+         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "SEND_PROGRAMS": 64, "PROXY_PROGRAMS": 32,
+          "REDUCE_PROGRAMS": 64, "NUM_PROGRAMS": 160, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2})
+
+
+def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
+    """The inter-node dispatch of this rank's tokens into ``out`` (inputs as ``launch_dispatch``'s;
+    ``out.handle`` carries the forwarding record). Inputs are validated by the caller (``Buffer``)."""
+    world = heap.world_size
+    nodes = cfg.nodes(world)
+    per_node = world // nodes
+    experts_per_rank = cfg.experts_per_rank(world)
+    handle = out.handle
+    num_programs = params.send_programs + nodes * params.forward_parts + world * params.recv_parts + 1
+    sync.before_launch()
+    _dispatch_internode_kernel[(num_programs,)](
+        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
+        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
+        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+        out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
+        out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
+        send_mask_ptr=handle.send_mask, fwd_token_ptr=handle.forwarded_token, fwd_mask_ptr=handle.forwarded_mask,
+        fwd_count_ptr=handle.forwarded_count, peer_bases_ptr=heap.peer_bases,
+        x_offset=heap.offset("ll_dispatch_x"), scales_offset=heap.offset("ll_dispatch_scales"),
+        ids_offset=heap.offset("ll_dispatch_topk_ids"), weights_offset=heap.offset("ll_dispatch_topk_weights"),
+        src_offset=heap.offset("ll_dispatch_src_token"), count_offset=heap.offset("ll_dispatch_count"),
+        expert_counts_offset=heap.offset("ll_dispatch_expert_counts"), signal_offset=heap.offset("ll_dispatch_signal"),
+        ix_offset=heap.offset("inter_dispatch_x"), iscales_offset=heap.offset("inter_dispatch_scales"),
+        iids_offset=heap.offset("inter_dispatch_topk_ids"), iweights_offset=heap.offset("inter_dispatch_topk_weights"),
+        isrc_offset=heap.offset("inter_dispatch_src_token"), icount_offset=heap.offset("inter_dispatch_count"),
+        isignal_offset=heap.offset("inter_dispatch_signal"), counters_ptr=sync.counters("dispatch_inter"),
+        status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=x.shape[0],
+        max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+        EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
+        X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, SEND_PROGRAMS=params.send_programs,
+        FORWARD_PARTS=params.forward_parts, RECV_PARTS=params.recv_parts, NUM_PROGRAMS=num_programs,
+        BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
+        BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
+        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(experts_per_rank),
+        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
+        ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0, num_warps=params.num_warps)
+    sync.after_launch()
+
+
+def launch_combine_internode(heap, sync, cfg, params, y, handle, out) -> None:
+    """The inter-node combine of ``y`` ([capacity, hidden] bf16) into ``out`` ([handle.num_tokens,
+    hidden] bf16). Inputs are validated by the caller (``Buffer``)."""
+    world = heap.world_size
+    nodes = cfg.nodes(world)
+    per_node = world // nodes
+    num_programs = params.send_programs + params.proxy_programs + params.reduce_programs
+    sync.before_launch()
+    _combine_internode_kernel[(num_programs,)](
+        y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens, send_mask_ptr=handle.send_mask,
+        fwd_token_ptr=handle.forwarded_token, fwd_mask_ptr=handle.forwarded_mask,
+        fwd_count_ptr=handle.forwarded_count, out_ptr=out, peer_bases_ptr=heap.peer_bases,
+        direct_offset=heap.offset("ll_combine_x"), direct_signal_offset=heap.offset("ll_combine_signal"),
+        inter_offset=heap.offset("inter_combine_x"), inter_signal_offset=heap.offset("inter_combine_signal"),
+        node_offset=heap.offset("node_combine_x"), node_signal_offset=heap.offset("node_combine_signal"),
+        counters_ptr=sync.counters("combine_inter"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+        num_tokens=handle.num_tokens, max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
+        GPUS_PER_NODE=per_node, NUM_NODES=nodes, SEND_PROGRAMS=params.send_programs,
+        PROXY_PROGRAMS=params.proxy_programs, REDUCE_PROGRAMS=params.reduce_programs, NUM_PROGRAMS=num_programs,
+        BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
+        BLOCK_G=triton.next_power_of_2(per_node), num_warps=params.num_warps)
+    sync.after_launch()
