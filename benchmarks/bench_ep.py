@@ -92,8 +92,10 @@ def _bench_rank(ctx, opts):
         row_bytes = hidden + 4 * (hidden // 128) if dtype_name == "fp8" else 2 * hidden
         buffers = {}
         for path in opts["paths"]:
+            # "inter": the inter-node path with the ranks as nodes of --gpus-per-node ranks
+            across = {"mode": "ll", "gpus_per_node": opts["gpus_per_node"]} if path == "inter" else {"mode": path}
             cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=max_tokens,
-                                  dispatch_dtype=dtype, mode=path)
+                                  dispatch_dtype=dtype, **across)
             buffers[path] = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         for routing in opts["routings"]:
             for num_tokens in opts["tokens"]:
@@ -108,9 +110,17 @@ def _bench_rank(ctx, opts):
                 y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
                                 generator=torch.Generator(device=dev).manual_seed(99)).to(torch.bfloat16)
                 ys = [y[:e.num_tokens].cpu() for e in expected]
-                z_expected = reference.combine(ys, expected, [num_tokens] * world)[rank]
+                z_expected = {path: reference.combine(ys, expected, [num_tokens] * world,
+                                                      opts["gpus_per_node"] if path == "inter" else None)[rank]
+                              for path in buffers}
                 mine = expected[rank]
                 remote_rows = int((mine.src[:, 0] != rank).sum())
+                # Rows this rank sends across nodes (the inter path): one per (token, other node).
+                per_node = opts["gpus_per_node"] or world
+                node_hit = reference.destinations(cpu_set[1][rank], num_experts, world).view(-1, world // per_node,
+                                                                                              per_node).any(dim=2)
+                node_hit[:, rank // per_node] = False
+                inter_rows = int(node_hit.sum())
                 point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
                 for path, buf in buffers.items():
                     xs, ids, ws = sets[0]
@@ -122,7 +132,7 @@ def _bench_rank(ctx, opts):
                           and torch.equal(out.topk_ids[:n].cpu(), mine.topk_ids)
                           and torch.equal(out.tokens_per_expert.cpu(), mine.tokens_per_expert))
                     z = buf.combine(y, out.handle)
-                    ok = ok and torch.equal(z.cpu(), z_expected)
+                    ok = ok and torch.equal(z.cpu(), z_expected[path])
                     all_ok = [None] * world
                     dist.all_gather_object(all_ok, bool(ok), group=ctx.group)
                     if not all(all_ok):
@@ -151,7 +161,8 @@ def _bench_rank(ctx, opts):
                     host_c = host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle), host_calls)
                     buf.check()
                     rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
-                                    remote_rows, mine.num_tokens, row_bytes, hidden)
+                                    remote_rows, mine.num_tokens, row_bytes, hidden,
+                                    inter_rows if path == "inter" else 0)
                 # The NCCL path (it synchronises with the host, so it runs eagerly).
                 nccl_held = {}
 
@@ -201,13 +212,14 @@ def _progress(rows, point, partial_path):
 
 
 def _report(ctx, point, impl, dispatch_s, combine_s, dispatch_host, combine_host, remote_rows, all_rows,
-            row_bytes, hidden):
-    """Gather each rank's median times and bytes; rank 0 gets one row per op."""
+            row_bytes, hidden, inter_rows=0):
+    """Gather each rank's median times and bytes; rank 0 gets one row per op. ``inter_rows``: rows
+    this rank sends across nodes (inter path), for the bytes-between-nodes bandwidth."""
     import torch.distributed as dist
 
     mine = {"dispatch": median(dispatch_s), "combine": median(combine_s) if combine_s else None,
             "dispatch_host": dispatch_host, "combine_host": combine_host,
-            "remote_rows": remote_rows, "all_rows": all_rows}
+            "remote_rows": remote_rows, "all_rows": all_rows, "inter_rows": inter_rows}
     every = [None] * ctx.world_size
     dist.all_gather_object(every, mine, group=ctx.group)
     rows = []
@@ -217,11 +229,13 @@ def _report(ctx, point, impl, dispatch_s, combine_s, dispatch_host, combine_host
         lat = [e[op] * 1e6 for e in every]
         bw = [e["remote_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
         bw_mori = [e["all_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
+        bw_inter = [e["inter_rows"] * bytes_per_row / e[op] / 1e9 for e in every]
         op_name = "copy" if impl == "p2p-copy" else op
         rows.append(dict(point, impl=impl, op=op_name, lat_min_us=min(lat), lat_avg_us=sum(lat) / len(lat),
                          lat_max_us=max(lat),
                          host_us=sum(e[op + "_host"] for e in every) * 1e6 / len(every) if every[0][op + "_host"] else None,
                          bw_gbps=sum(bw) / len(bw), bw_mori_gbps=sum(bw_mori) / len(bw_mori),
+                         bw_internode_gbps=sum(bw_inter) / len(bw_inter),
                          remote_mb_per_rank=sum(e["remote_rows"] for e in every) * bytes_per_row / len(every) / 1e6))
     return rows
 
@@ -276,7 +290,8 @@ def _markdown(rows, env, opts):
              "",
              "Latency: per-rank median, min/avg/max over ranks (us). BW: bytes received from other ranks / time "
              "(GB/s, mean over ranks). mori BW: all received rows x row bytes / time. p2p: moe_ep's plain peer "
-             "copy of the same remote bytes. Speedup: NCCL path latency / moe_ep latency. Host: time the "
+             "copy of the same remote bytes. Inter-node BW (in the JSON/CSV, moe_ep-inter rows): bytes a rank "
+             "sends across nodes / time (mori's RDMA figure). Speedup: NCCL path latency / moe_ep latency. Host: time the "
              "call takes on the host (Python, checks, launch; the GPU work is asynchronous except NCCL's).",
              ""]
     impls = sorted({r["impl"] for r in rows if r["impl"].startswith("moe_ep")})
@@ -358,7 +373,9 @@ def parse_args(argv=None):
     p.add_argument("--skewed-tokens", default="128,4096")
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--routings", default="uniform,skewed")
-    p.add_argument("--paths", default="ll,ht,auto")
+    p.add_argument("--paths", default="ll,ht,auto", help="ll, ht, auto, and inter (needs --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
@@ -368,7 +385,8 @@ def parse_args(argv=None):
     p.add_argument("--copy-parts", type=int, default=32)
     p.add_argument("--copy-warps", type=int, default=8)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<card>-x<gpus>)")
-    p.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 ranks, small shape, 1 call")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny CPU run: 2 ranks (also as 2 simulated nodes), small shape, 1 call")
     return p.parse_args(argv)
 
 
@@ -381,6 +399,7 @@ def main(argv=None):
         device_kind, worlds = "cpu", [2]
         args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "3", "3", 256, 8, 2
         args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, 1, 4
+        args.paths, args.gpus_per_node = "ll,ht,auto,inter", 1
     else:
         if gpus < 2:
             raise SystemExit("the benchmark needs at least 2 GPUs (or --smoke for a CPU run)")
@@ -390,7 +409,7 @@ def main(argv=None):
     opts = dict(tokens=[int(t) for t in args.tokens.split(",")], skewed_tokens=[int(t) for t in args.skewed_tokens.split(",")],
                 dtypes=args.dtypes.split(","), routings=args.routings.split(","), paths=args.paths.split(","),
                 hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
-                batch=args.batch,
+                batch=args.batch, gpus_per_node=args.gpus_per_node,
                 copy_parts=args.copy_parts, copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
     slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()
