@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.numerics import _to_bf16
-from moe_ep.kernels.registry import register
+from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr,
                                          _signal_peers, _wait_peers)
@@ -89,6 +89,7 @@ register(_combine_kernel,
           "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"},
          {"HIDDEN": 7168, "CREDITS": False, "SEND_PROGRAMS": 64, "REDUCE_PROGRAMS": 64, "NUM_PROGRAMS": 128,
           "BLOCK_H": 2048, "BLOCK_R": 4})
+register(_combine_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "CREDITS": True})  # the HT configuration
 
 
 def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:

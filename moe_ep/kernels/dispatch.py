@@ -45,7 +45,7 @@ import triton.language as tl
 
 from moe_ep.kernels.common import _copy_span
 from moe_ep.kernels.numerics import _quantize_fp8
-from moe_ep.kernels.registry import register
+from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr,
                                          _signal_peers, _wait_peers)
@@ -239,6 +239,28 @@ def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
 
 
 @triton.jit
+def _half_offsets(half, sources, max_tokens, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                  count_offset, signal_offset, ROW_BYTES: tl.constexpr, SCALE_BYTES: tl.constexpr,
+                  IDS_BYTES: tl.constexpr):
+    """The offsets of half ``half`` of double-buffered receive regions of ``sources`` x ``max_tokens``
+    rows (x, scales, topk ids, weights, src token) and ``sources`` flags (count, signal)."""
+    rows = (sources * max_tokens).to(tl.int64) * half
+    return (x_offset + rows * ROW_BYTES, scales_offset + rows * SCALE_BYTES, ids_offset + rows * IDS_BYTES,
+            weights_offset + rows * IDS_BYTES, src_offset + rows * 4, count_offset + half * sources * 4,
+            signal_offset + half * sources * 4)
+
+
+@triton.jit
+def _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, src_rank, counts, hist,
+                   last, offs_r, world_size, epoch, EXPERTS_PER_RANK: tl.constexpr):
+    """To each rank d where ``last[d]``, on behalf of ``src_rank``: the row count ``counts[d]``, d's
+    slice of the per-expert counts ``hist``, then the signal (epoch) that makes them visible."""
+    tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + src_rank * 4, tl.int32), counts, mask=last)
+    _publish_expert_counts(peer_bases_ptr, expert_counts_offset, src_rank, hist, last, world_size, EXPERTS_PER_RANK)
+    _signal_peers(peer_bases_ptr, signal_offset, src_rank, offs_r, last, epoch)
+
+
+@triton.jit
 def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset, scales_offset,
                      ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
                      status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
@@ -298,15 +320,10 @@ def _dispatch_kernel(
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
     if not CREDITS:  # this call's half of every double-buffered region
-        rows_per_half = (world_size * max_tokens).to(tl.int64) * (epoch % 2)
-        x_offset += rows_per_half * HIDDEN * (OUT_DTYPE.primitive_bitwidth // 8)
-        scales_offset += rows_per_half * NUM_SCALES * 4
-        ids_offset += rows_per_half * TOPK * 4
-        weights_offset += rows_per_half * TOPK * 4
-        src_offset += rows_per_half * 4
-        count_offset += (epoch % 2) * world_size * 4
+        x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset, signal_offset = _half_offsets(
+            epoch % 2, world_size, max_tokens, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+            count_offset, signal_offset, HIDDEN * (OUT_DTYPE.primitive_bitwidth // 8), NUM_SCALES * 4, TOPK * 4)
         expert_counts_offset += (epoch % 2) * world_size * EXPERTS_PER_RANK * 4
-        signal_offset += (epoch % 2) * world_size * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
@@ -345,9 +362,8 @@ def _dispatch_kernel(
                 counts += tl.sum(is_dst, axis=0)
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
-        tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + rank * 4, tl.int32), counts, mask=last)
-        _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size, EXPERTS_PER_RANK)
-        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
+        _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
+                       offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
         mask_done = _receive_program(
             pid - SEND_PROGRAMS, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset,
@@ -375,6 +391,9 @@ register(_dispatch_kernel,
           "STAGED": False, "CREDITS": False, "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1,
           "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
           "BLOCK_ALL_E": 256, "ALIGNED": True})
+# The HT configuration too (staged input, credits): its other half of the kernel.
+register(_dispatch_kernel, KERNELS[-1].signature,
+         {**KERNELS[-1].constexprs, "QUANTIZE": False, "X_FP8": True, "STAGED": True, "CREDITS": True})
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "send_mask_ptr": "*i64",

@@ -44,7 +44,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.dispatch import (_bits, _expert_histogram, _load_token_chunk, _publish_expert_counts,
+from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
                                      _receive_program, _route_block, _send_token)
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import register
@@ -102,23 +102,13 @@ def _dispatch_internode_kernel(
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
     half = epoch % 2  # this call's half of every double-buffered region
-    rows = (world_size * max_tokens).to(tl.int64) * half
-    x_offset += rows * HIDDEN * ELEMENT_BYTES
-    scales_offset += rows * NUM_SCALES * 4
-    ids_offset += rows * TOPK * 4
-    weights_offset += rows * TOPK * 4
-    src_offset += rows * 4
-    count_offset += half * world_size * 4
+    x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset, signal_offset = _half_offsets(
+        half, world_size, max_tokens, x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
+        signal_offset, HIDDEN * ELEMENT_BYTES, NUM_SCALES * 4, TOPK * 4)
     expert_counts_offset += half * world_size * EXPERTS_PER_RANK * 4
-    signal_offset += half * world_size * 4
-    inter_rows = (NUM_NODES * max_tokens).to(tl.int64) * half
-    ix_offset += inter_rows * HIDDEN * ELEMENT_BYTES
-    iscales_offset += inter_rows * NUM_SCALES * 4
-    iids_offset += inter_rows * TOPK * 4
-    iweights_offset += inter_rows * TOPK * 4
-    isrc_offset += inter_rows * 4
-    icount_offset += half * NUM_NODES * 4
-    isignal_offset += half * NUM_NODES * 4
+    ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset, icount_offset, isignal_offset = _half_offsets(
+        half, NUM_NODES, max_tokens, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset,
+        icount_offset, isignal_offset, HIDDEN * ELEMENT_BYTES, NUM_SCALES * 4, TOPK * 4)
     my_node = rank // GPUS_PER_NODE
     my_local = rank % GPUS_PER_NODE
     offs_r = tl.arange(0, BLOCK_R)
@@ -165,9 +155,8 @@ def _dispatch_internode_kernel(
             node_counts += tl.sum(is_node, axis=0)
             hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, SEND_PROGRAMS)
-        tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + rank * 4, tl.int32), counts, mask=last)
-        _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size, EXPERTS_PER_RANK)
-        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
+        _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
+                       offs_r, world_size, epoch, EXPERTS_PER_RANK)
         last_n = _arrive(counters_ptr + SEND_ARRIVALS + world_size + offs_n, remote_n, SEND_PROGRAMS)
         tl.store(_peer_ptr(peer_bases_ptr, proxies, icount_offset + my_node * 4, tl.int32), node_counts, mask=last_n)
         _signal_peers(peer_bases_ptr, isignal_offset, my_node, proxies, last_n, epoch)
@@ -216,10 +205,8 @@ def _dispatch_internode_kernel(
             offs_one = tl.arange(0, 1)
             last_one = _arrive(counters_ptr + RECV_ARRIVALS + src_rank + offs_one, offs_one < 1, FORWARD_PARTS)
             last = local_r & (tl.max(last_one.to(tl.int32), axis=0) > 0)
-            tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + src_rank * 4, tl.int32), counts, mask=last)
-            _publish_expert_counts(peer_bases_ptr, expert_counts_offset, src_rank, hist, last, world_size,
-                                   EXPERTS_PER_RANK)
-            _signal_peers(peer_bases_ptr, signal_offset, src_rank, offs_r, last, epoch)
+            _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, src_rank, counts, hist,
+                           last, offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
         _receive_program(pid - SEND_PROGRAMS - NUM_NODES * FORWARD_PARTS, epoch, rank, world_size, max_tokens,
                          max_polls, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,

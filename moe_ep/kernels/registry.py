@@ -24,8 +24,9 @@ KERNELS: list[KernelSpec] = []
 
 
 def register(kernel, signature: dict, constexprs: dict):
-    """Add ``kernel`` to the registry; constexpr arguments appear in both dicts."""
-    sig = dict(signature)
+    """Add ``kernel`` to the registry; constexpr arguments appear in both dicts. A kernel may be
+    registered more than once, with other constexprs (e.g. each path's configuration)."""
+    sig = {name: kind for name, kind in signature.items() if kind != "constexpr"}
     for name in constexprs:
         sig[name] = "constexpr"
     KERNELS.append(KernelSpec(kernel, sig, dict(constexprs)))
