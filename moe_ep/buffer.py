@@ -26,6 +26,7 @@ from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
+from moe_ep.transport.primitives import MAX_RANKS
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
 
 log = logging.getLogger("moe_ep")
@@ -80,6 +81,12 @@ class Buffer:
         self.world_size = dist.get_world_size(group)
         self.experts_per_rank = cfg.experts_per_rank(self.world_size)
         self.nodes = cfg.nodes(self.world_size)
+        # Per-token destination masks are int64 bit sets, and each op's arrival counters hold
+        # MAX_RANKS slots (the inter-node send counts one per rank and one per node).
+        slots = self.world_size + (self.nodes if self.nodes > 1 else 0)
+        if self.world_size > 63 or slots > MAX_RANKS.value:
+            raise ValueError(f"{self.world_size} ranks in {self.nodes} nodes exceed what one Buffer addresses "
+                             f"(at most 63 ranks, and ranks + nodes <= {MAX_RANKS.value} across nodes)")
         if self.nodes > 1 and cfg.mode != "ll":
             raise ValueError(f"across nodes (gpus_per_node={cfg.gpus_per_node}) only mode 'll' is built so far, "
                              f"got mode {cfg.mode!r}")
