@@ -3,6 +3,7 @@
     pytest -m soak tests/test_soak.py                      # CPU ranks, and GPU ranks where there are GPUs
     pytest -m "soak and gpu" tests/test_soak.py            # GPU ranks only
     MOE_EP_SOAK_CALLS=2000 MOE_EP_SOAK_SECONDS=1800 pytest -m soak tests/test_soak.py
+    MOE_EP_SOAK_HIDDEN=2048 ...                            # another hidden than the shape's (GPU: 7168)
 
 The Buffer runs in mode "auto" with crossover_tokens = max_tokens_per_rank / 2. Each call draws
 a routing (uniform, masked ids, experts on one rank, all on rank 0, skewed: the first five
@@ -32,6 +33,7 @@ from rank_checks import assert_equal
 KINDS = ("uniform", "masked", "one_rank", "to_rank0", "skewed")
 SOAK_SECONDS = float(os.environ.get("MOE_EP_SOAK_SECONDS", "300"))
 SOAK_SEED = int(os.environ.get("MOE_EP_SOAK_SEED", "0"))
+SOAK_HIDDEN = os.environ.get("MOE_EP_SOAK_HIDDEN")  # a smaller hidden for long GPU soaks (the CPU reference's cost)
 
 
 def soak_calls(device_type: str) -> int:
@@ -110,9 +112,11 @@ def _soak(ctx, shape, dtype_name: str, calls: int, seconds: float, seed: int) ->
 
 def _run_soak(ranks, dtype: str, calls: int, seconds: float) -> list[dict]:
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    if SOAK_HIDDEN:
+        shape = dataclasses.replace(shape, hidden=int(SOAK_HIDDEN))
     results = ranks.run(_soak, shape, dtype, calls, seconds, SOAK_SEED, timeout=seconds + 300)
     done = results[0]["calls"]
-    print(f"\n{ranks.device}{ranks.world_size} {dtype}: {done} of {calls} calls in {results[0]['seconds']:.0f} s "
+    print(f"\n{ranks.device}{ranks.world_size} {dtype} hidden {shape.hidden}: {done} of {calls} calls in {results[0]['seconds']:.0f} s "
           f"(seed {SOAK_SEED}), paths {results[0]['paths']}, routings {results[0]['kinds']}, "
           f"rows received per rank {[r['received'] for r in results]}")
     assert all(r["calls"] == done for r in results), [r["calls"] for r in results]

@@ -10,8 +10,8 @@ LOG="$OUT/pass.log"
 {
   date; nvidia-smi --query-gpu=name,memory.total --format=csv; nvidia-smi topo -m
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "== gpu tests"; timeout 420 python3 -m pytest -q -m gpu -x -p no:cacheprovider ${GPU_TEST_ARGS:-} 2>&1 | tail -40
-  echo "== demo"; timeout 200 python3 -m moe_ep.demo 2>&1 | tail -12
+  echo "== gpu tests"; timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=15 ${GPU_TEST_ARGS:-} 2>&1 | tail -60
+  echo "== demo"; timeout ${DEMO_TIMEOUT:-200} python3 -m moe_ep.demo 2>&1 | tail -12
 } >"$LOG" 2>&1
 echo "== bench" >>"$LOG"
 timeout ${BENCH_TIMEOUT:-400} python3 benchmarks/bench_ep.py --out "$OUT/bench" "$@" >>"$LOG" 2>&1
