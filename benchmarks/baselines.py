@@ -55,3 +55,68 @@ def nccl_combine(y, state: NcclState, group):
     out = torch.zeros(state.num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
     out.index_add_(0, state.token_index, back.float())
     return out.to(torch.bfloat16)
+
+
+class VdevBaseline:
+    """torch's NVSHMEM all-to-all for MoE: ``torch.ops.symm_mem.all_to_all_vdev_2d`` for dispatch
+    and ``all_to_all_vdev_2d_offset`` for combine, as a torch user would wire them.
+
+    Dispatch sends one row per (token, expert) pair — payload (fp8 codes + scales, or bf16) and
+    the pair's weight — sorted by global expert; the receiver gets them expert-major (per local
+    expert, per source rank) with splits and offsets on the device: no host synchronisation.
+    Combine sends the expert outputs back with the dispatch's splits/offsets and sums each token's
+    pairs. Everything lives in symmetric memory of torch's NVSHMEM backend, which must be the
+    process's backend before its first symmetric allocation (``symm_mem.set_backend("NVSHMEM")``).
+    """
+
+    def __init__(self, group, max_tokens: int, hidden: int, num_experts: int, topk: int, fp8: bool, device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.group_name = group.group_name
+        self.world = dist.get_world_size(group)
+        self.hidden, self.num_experts, self.topk, self.fp8 = hidden, num_experts, topk, fp8
+        payload = hidden + 4 * (hidden // 128) if fp8 else 2 * hidden
+        self.row_bytes = payload + 4  # + the pair's weight (float32)
+        pairs = max_tokens * topk
+        self.inp = symm_mem.empty(pairs, self.row_bytes, dtype=torch.uint8, device=device)
+        self.out = symm_mem.empty(pairs * self.world, self.row_bytes, dtype=torch.uint8, device=device)
+        self.in_splits = symm_mem.empty(num_experts, dtype=torch.int64, device=device)
+        self.out_splits_offsets = symm_mem.empty(2, num_experts, dtype=torch.int64, device=device)
+        self.y = symm_mem.empty(pairs * self.world, hidden, dtype=torch.bfloat16, device=device)
+        self.back = symm_mem.empty(pairs, hidden, dtype=torch.bfloat16, device=device)
+        self.back_splits_offsets = symm_mem.empty(2, num_experts, dtype=torch.int64, device=device)
+        for t in (self.inp, self.out, self.in_splits, self.out_splits_offsets, self.y, self.back,
+                  self.back_splits_offsets):
+            symm_mem.rendezvous(t, self.group_name)
+        self.pair_token = None  # [T * topk] token of each sorted pair
+        self.pair_valid = None  # [T * topk] bool: a real expert (id >= 0)
+
+    def dispatch(self, x, topk_ids, topk_weights):
+        num_tokens = x.shape[0]
+        flat = topk_ids.reshape(-1)
+        key = torch.where(flat >= 0, flat, torch.full_like(flat, self.num_experts))  # -1 pairs sort last
+        order = torch.argsort(key, stable=True)
+        self.pair_token = order // self.topk
+        self.pair_valid = key[order] < self.num_experts
+        if self.fp8:
+            q, scales = reference.quantize_fp8(x)
+            payload = torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+        else:
+            payload = x.view(torch.uint8)
+        weight = topk_weights.reshape(-1)[order].float().view(torch.uint8).view(-1, 4)
+        n = num_tokens * self.topk
+        torch.cat([payload[self.pair_token], weight], dim=1, out=self.inp[:n])
+        self.in_splits.copy_(torch.bincount(key, minlength=self.num_experts + 1)[:self.num_experts])
+        torch.ops.symm_mem.all_to_all_vdev_2d(self.inp, self.out, self.in_splits, self.out_splits_offsets,
+                                              self.group_name)
+        return self.out, self.out_splits_offsets
+
+    def combine(self):
+        """Send ``self.y`` (expert outputs, in the dispatch's received layout) back and sum."""
+        torch.ops.symm_mem.all_to_all_vdev_2d_offset(self.y, self.back, self.out_splits_offsets,
+                                                     self.back_splits_offsets, self.group_name)
+        n = self.pair_token.shape[0]
+        rows = torch.where(self.pair_valid[:, None], self.back[:n].float(), 0.0)
+        out = torch.zeros(n // self.topk, self.hidden, dtype=torch.float32, device=rows.device)
+        out.index_add_(0, self.pair_token, rows)
+        return out.to(torch.bfloat16)

@@ -58,6 +58,17 @@ def make_inputs(set_index, routing, num_tokens, hidden, num_experts, topk, world
 
 # -- one rank -------------------------------------------------------------------------------------
 
+def _points(opts, world, device):
+    """(routing, tokens per rank, input sets) of every point of the sweep: skewed routing only at
+    --skewed-tokens."""
+    for routing in opts["routings"]:
+        for num_tokens in opts["tokens"]:
+            if routing != "uniform" and num_tokens not in opts["skewed_tokens"]:
+                continue
+            yield routing, num_tokens, [make_inputs(i, routing, num_tokens, opts["hidden"], opts["num_experts"],
+                                                    opts["topk"], world, device) for i in range(NUM_INPUT_SETS)]
+
+
 def _minus(times, barrier_times):
     """Per-rep op times without the barrier's median time."""
     b = median(barrier_times)
@@ -97,105 +108,162 @@ def _bench_rank(ctx, opts):
             cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=max_tokens,
                                   dispatch_dtype=dtype, **across)
             buffers[path] = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
-        for routing in opts["routings"]:
-            for num_tokens in opts["tokens"]:
-                if routing != "uniform" and num_tokens not in opts["skewed_tokens"]:
-                    continue
-                sets = [make_inputs(i, routing, num_tokens, hidden, num_experts, topk, world, dev)
-                        for i in range(NUM_INPUT_SETS)]
-                # The oracle runs on the CPU, as in the tests: torch's CUDA division by a Python
-                # scalar (amax / 448) rounds differently (benchmarks/NOTES.md, run 1).
-                cpu_set = [[t.cpu() for t in part] for part in sets[0]]
-                expected = reference.dispatch(*cpu_set, num_experts, dtype)
-                y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
-                                generator=torch.Generator(device=dev).manual_seed(99)).to(torch.bfloat16)
-                ys = [y[:e.num_tokens].cpu() for e in expected]
-                z_expected = {path: reference.combine(ys, expected, [num_tokens] * world,
-                                                      opts["gpus_per_node"] if path == "inter" else None)[rank]
-                              for path in buffers}
-                mine = expected[rank]
-                remote_rows = int((mine.src[:, 0] != rank).sum())
-                # Rows this rank sends across nodes (the inter path): one per (token, other node).
-                per_node = opts["gpus_per_node"] or world
-                node_hit = reference.destinations(cpu_set[1][rank], num_experts, world).view(-1, world // per_node,
-                                                                                              per_node).any(dim=2)
-                node_hit[:, rank // per_node] = False
-                inter_rows = int(node_hit.sum())
-                point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
-                for path, buf in buffers.items():
-                    xs, ids, ws = sets[0]
-                    out = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
-                    n = int(out.num_tokens.item())
-                    ok = (n == mine.num_tokens
-                          and torch.equal(out.x[:n].cpu().view(torch.uint8), mine.x.view(torch.uint8))
-                          and torch.equal(out.src[:n].cpu(), mine.src)
-                          and torch.equal(out.topk_ids[:n].cpu(), mine.topk_ids)
-                          and torch.equal(out.tokens_per_expert.cpu(), mine.tokens_per_expert))
-                    z = buf.combine(y, out.handle)
-                    ok = ok and torch.equal(z.cpu(), z_expected[path])
-                    all_ok = [None] * world
-                    dist.all_gather_object(all_ok, bool(ok), group=ctx.group)
-                    if not all(all_ok):
-                        raise AssertionError(f"moe_ep {path} failed its check at {point}: ranks ok = {all_ok}; "
-                                             "refusing to report it")
-                    held = {}
+        for routing, num_tokens, sets in _points(opts, world, dev):
+            # The oracle runs on the CPU, as in the tests: torch's CUDA division by a Python
+            # scalar (amax / 448) rounds differently (benchmarks/NOTES.md, run 1).
+            cpu_set = [[t.cpu() for t in part] for part in sets[0]]
+            expected = reference.dispatch(*cpu_set, num_experts, dtype)
+            y = torch.randn(max_tokens * world, hidden, device=dev,  # the same on every rank
+                            generator=torch.Generator(device=dev).manual_seed(99)).to(torch.bfloat16)
+            ys = [y[:e.num_tokens].cpu() for e in expected]
+            z_expected = {path: reference.combine(ys, expected, [num_tokens] * world,
+                                                  opts["gpus_per_node"] if path == "inter" else None)[rank]
+                          for path in buffers}
+            mine = expected[rank]
+            remote_rows = int((mine.src[:, 0] != rank).sum())
+            # Rows this rank sends across nodes (the inter path): one per (token, other node).
+            per_node = opts["gpus_per_node"] or world
+            node_hit = reference.destinations(cpu_set[1][rank], num_experts, world).view(-1, world // per_node,
+                                                                                          per_node).any(dim=2)
+            node_hit[:, rank // per_node] = False
+            inter_rows = int(node_hit.sum())
+            point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
+            for path, buf in buffers.items():
+                xs, ids, ws = sets[0]
+                out = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
+                n = int(out.num_tokens.item())
+                ok = (n == mine.num_tokens
+                      and torch.equal(out.x[:n].cpu().view(torch.uint8), mine.x.view(torch.uint8))
+                      and torch.equal(out.src[:n].cpu(), mine.src)
+                      and torch.equal(out.topk_ids[:n].cpu(), mine.topk_ids)
+                      and torch.equal(out.tokens_per_expert.cpu(), mine.tokens_per_expert))
+                z = buf.combine(y, out.handle)
+                ok = ok and torch.equal(z.cpu(), z_expected[path])
+                all_ok = [None] * world
+                dist.all_gather_object(all_ok, bool(ok), group=ctx.group)
+                if not all(all_ok):
+                    raise AssertionError(f"moe_ep {path} failed its check at {point}: ranks ok = {all_ok}; "
+                                         "refusing to report it")
+                held = {}
 
-                    def dispatch_call(i, buf=buf):
-                        xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                        held["out"] = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
-
-                    def with_barrier(*ops):
-                        def enqueue(i):
-                            for op in ops:
-                                barrier()
-                                op(i)
-                        return enqueue
-
-                    t_d = batch_seconds(dev, with_barrier(dispatch_call), opts["iters"], opts["warmup"], True, opts["batch"])
-                    # Combine is timed on one dispatch's handle (a combine reads it, never changes it).
-                    dispatch_call(0)
-                    t_c = batch_seconds(dev, with_barrier(lambda i, buf=buf: buf.combine(y, held["out"].handle)),
-                                         opts["iters"], opts["warmup"], True, opts["batch"])
-                    host_calls = min(5, opts["iters"])
-                    host_d = host_seconds(dev, lambda: dispatch_call(0), host_calls)
-                    host_c = host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle), host_calls)
-                    buf.check()
-                    rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
-                                    remote_rows, mine.num_tokens, row_bytes, hidden,
-                                    inter_rows if path == "inter" else 0)
-                # The NCCL path (it synchronises with the host, so it runs eagerly).
-                nccl_held = {}
-
-                def nccl_dispatch_call(i):
+                def dispatch_call(i, buf=buf):
                     xs, ids, ws = sets[i % NUM_INPUT_SETS]
-                    nccl_held["out"] = nccl_dispatch(xs[rank], ids[rank], ws[rank], num_experts, dtype_name == "fp8", ctx.group)
+                    held["out"] = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
 
-                def nccl_combine_call(i):
-                    received, state = nccl_held["out"]
-                    nccl_combine(y[:received.shape[0]], state, ctx.group)
+                def with_barrier(*ops):
+                    def enqueue(i):
+                        for op in ops:
+                            barrier()
+                            op(i)
+                    return enqueue
 
-                t_d = batch_seconds(dev, lambda i: (barrier(), nccl_dispatch_call(i)), opts["iters"], opts["warmup"], False, opts["batch"])
-                nccl_dispatch_call(0)
-                t_c = batch_seconds(dev, lambda i: (barrier(), nccl_combine_call(i)), opts["iters"], opts["warmup"], False,
-                                     opts["batch"])
-                rows += _report(ctx, point, "nccl", _minus(t_d, t_b), _minus(t_c, t_b), None, None,
-                                remote_rows, mine.num_tokens, row_bytes, hidden)
-                # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
-                # dispatches there (a plain copy, no packing, no layout).
-                chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
-                src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-                t_copy = batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
-                    side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),
-                    opts["iters"], opts["warmup"], True, opts["batch"])
-                side_sync.check()
-                rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
-                                (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
-                if rank == 0 and opts["progress"]:
-                    _progress(rows, point, opts.get("partial"))
+                t_d = batch_seconds(dev, with_barrier(dispatch_call), opts["iters"], opts["warmup"], True, opts["batch"])
+                # Combine is timed on one dispatch's handle (a combine reads it, never changes it).
+                dispatch_call(0)
+                t_c = batch_seconds(dev, with_barrier(lambda i, buf=buf: buf.combine(y, held["out"].handle)),
+                                     opts["iters"], opts["warmup"], True, opts["batch"])
+                host_calls = min(5, opts["iters"])
+                host_d = host_seconds(dev, lambda: dispatch_call(0), host_calls)
+                host_c = host_seconds(dev, lambda buf=buf: buf.combine(y, held["out"].handle), host_calls)
+                buf.check()
+                rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
+                                remote_rows, mine.num_tokens, row_bytes, hidden,
+                                inter_rows if path == "inter" else 0)
+            # The NCCL path (it synchronises with the host, so it runs eagerly).
+            nccl_held = {}
+
+            def nccl_dispatch_call(i):
+                xs, ids, ws = sets[i % NUM_INPUT_SETS]
+                nccl_held["out"] = nccl_dispatch(xs[rank], ids[rank], ws[rank], num_experts, dtype_name == "fp8", ctx.group)
+
+            def nccl_combine_call(i):
+                received, state = nccl_held["out"]
+                nccl_combine(y[:received.shape[0]], state, ctx.group)
+
+            t_d = batch_seconds(dev, lambda i: (barrier(), nccl_dispatch_call(i)), opts["iters"], opts["warmup"], False, opts["batch"])
+            nccl_dispatch_call(0)
+            t_c = batch_seconds(dev, lambda i: (barrier(), nccl_combine_call(i)), opts["iters"], opts["warmup"], False,
+                                 opts["batch"])
+            rows += _report(ctx, point, "nccl", _minus(t_d, t_b), _minus(t_c, t_b), None, None,
+                            remote_rows, mine.num_tokens, row_bytes, hidden)
+            # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
+            # dispatches there (a plain copy, no packing, no layout).
+            chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
+            src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
+            t_copy = batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
+                side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),
+                opts["iters"], opts["warmup"], True, opts["batch"])
+            side_sync.check()
+            rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
+                            (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
+            if rank == 0 and opts["progress"]:
+                _progress(rows, point, opts.get("partial"))
         for buf in buffers.values():
             buf.close()
     barrier.close()
     return rows if rank == 0 else None
+
+
+def _pairs_received(ids, rank, per_rank):
+    """(pairs from other ranks, all pairs) whose expert lives on ``rank``: what the NVSHMEM
+    baseline moves (one row per pair, not per token and rank)."""
+    mine = [int(((i >= rank * per_rank) & (i < (rank + 1) * per_rank)).sum()) for i in ids]
+    return sum(mine) - mine[rank], sum(mine)
+
+
+def _bench_vdev_rank(ctx, opts):
+    """torch's NVSHMEM all_to_all_vdev_2d path (benchmarks/baselines.py), in its own processes:
+    NVSHMEM must be the symmetric-memory backend before the first allocation. Timed eagerly (its
+    combine sums on the host's stream; no graph), each call after a device barrier. Returns
+    rank 0's rows, or {"error": ...} where the op does not run here."""
+    import torch.distributed as dist
+
+    from baselines import VdevBaseline
+    from moe_ep.timing import DeviceBarrier, batch_seconds
+
+    dev, world, rank = ctx.device, ctx.world_size, ctx.rank
+    hidden, topk, num_experts = opts["hidden"], opts["topk"], opts["num_experts"]
+    per_rank = num_experts // world
+    max_tokens = max(opts["tokens"])
+    rows = []
+    try:
+        barrier = DeviceBarrier(ctx.group, rank, world, dev, backend="nvshmem")
+        t_b = batch_seconds(dev, lambda i: barrier(), opts["iters"], opts["warmup"], False, opts["batch"])
+        for dtype_name in opts["dtypes"]:
+            vdev = VdevBaseline(ctx.group, max_tokens, hidden, num_experts, topk, dtype_name == "fp8", dev)
+            payload_bytes = vdev.row_bytes - 4
+            for routing, num_tokens, sets in _points(opts, world, dev):
+                remote, everything = _pairs_received(sets[0][1], rank, per_rank)
+                # The check a baseline gets: every pair arrived (splits summed on the device).
+                xs, ids, ws = sets[0]
+                _, splits_offsets = vdev.dispatch(xs[rank], ids[rank], ws[rank])
+                got = int(splits_offsets[0].sum())
+                if got != everything:
+                    raise AssertionError(f"all_to_all_vdev_2d: rank {rank} received {got} pairs, "
+                                         f"expected {everything}")
+                vdev.combine()
+
+                def dispatch_call(i):
+                    xs, ids, ws = sets[i % NUM_INPUT_SETS]
+                    vdev.dispatch(xs[rank], ids[rank], ws[rank])
+
+                t_d = batch_seconds(dev, lambda i: (barrier(), dispatch_call(i)), opts["iters"], opts["warmup"],
+                                    False, opts["batch"])
+                dispatch_call(0)
+                t_c = batch_seconds(dev, lambda i: (barrier(), vdev.combine()), opts["iters"], opts["warmup"],
+                                    False, opts["batch"])
+                point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
+                rows += _report(ctx, point, "nvshmem-vdev2d", _minus(t_d, t_b), _minus(t_c, t_b), None, None,
+                                remote, everything, payload_bytes, hidden)
+                if rank == 0 and opts["progress"]:
+                    _progress(rows, point, opts.get("partial"))
+        barrier.close()
+    except Exception as err:  # noqa: BLE001 — a baseline that cannot run here is reported, not fatal
+        msg = f"{type(err).__name__}: {err}"
+        every = [None] * world
+        dist.all_gather_object(every, msg, group=ctx.group)
+        return {"error": every[0], "rows": rows} if rank == 0 else None
+    return {"error": None, "rows": rows} if rank == 0 else None
 
 
 def _progress(rows, point, partial_path):
@@ -292,9 +360,11 @@ def _markdown(rows, env, opts):
              "(GB/s, mean over ranks). mori BW: all received rows x row bytes / time. p2p: moe_ep's plain peer "
              "copy of the same remote bytes. Inter-node BW (in the JSON/CSV, moe_ep-inter rows): bytes a rank "
              "sends across nodes / time (mori's RDMA figure). Speedup: NCCL path latency / moe_ep latency. Host: time the "
-             "call takes on the host (Python, checks, launch; the GPU work is asynchronous except NCCL's).",
-             ""]
-    impls = sorted({r["impl"] for r in rows if r["impl"].startswith("moe_ep")})
+             "call takes on the host (Python, checks, launch; the GPU work is asynchronous except NCCL's). "
+             "nvshmem-vdev2d: torch's all_to_all_vdev_2d / _offset (one row per (token, expert) pair; its BW "
+             "counts the pairs' bytes), timed eagerly.",
+             ""] + [f"Not run: {note}" for note in env.get("baselines_not_run", [])] + [""]
+    impls = sorted({r["impl"] for r in rows if r["impl"].startswith(("moe_ep", "nvshmem"))})
     for world in sorted({r["world"] for r in rows}):
         for dtype in sorted({r["dtype"] for r in rows}):
             for routing in sorted({r["routing"] for r in rows}):
@@ -312,9 +382,10 @@ def _markdown(rows, env, opts):
                             n = _lookup(sel, tokens=tokens, impl="nccl", op=op)
                             if r is None:
                                 continue
+                            host = "-" if r["host_us"] is None else f"{r['host_us']:.0f}"
                             lines.append(
                                 f"| {tokens} | {impl} | {op} | {r['lat_min_us']:.1f} / {r['lat_avg_us']:.1f} / "
-                                f"{r['lat_max_us']:.1f} | {r['host_us']:.0f} | {r['bw_gbps']:.1f} | {r['bw_mori_gbps']:.1f} | "
+                                f"{r['lat_max_us']:.1f} | {host} | {r['bw_gbps']:.1f} | {r['bw_mori_gbps']:.1f} | "
                                 f"{n['lat_avg_us']:.1f} | {n['lat_avg_us'] / r['lat_avg_us']:.2f}x | "
                                 f"{copy['bw_gbps']:.1f} |")
                 lines.append("")
@@ -385,6 +456,8 @@ def parse_args(argv=None):
     p.add_argument("--copy-parts", type=int, default=32)
     p.add_argument("--copy-warps", type=int, default=8)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<card>-x<gpus>)")
+    p.add_argument("--nvshmem", choices=("auto", "on", "off"), default="auto",
+                   help="time torch's NVSHMEM all_to_all_vdev_2d baseline (auto: on GPUs)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny CPU run: 2 ranks (also as 2 simulated nodes), small shape, 1 call")
     return p.parse_args(argv)
@@ -423,6 +496,13 @@ def main(argv=None):
         print(f"EP{world}: {len(opts['tokens'])} token counts x {opts['dtypes']} x {opts['routings']}", file=sys.stderr)
         with RankPool(world, device_kind) as pool:
             rows += pool.run(_bench_rank, opts, timeout=3600)[0]
+        if args.nvshmem == "on" or (args.nvshmem == "auto" and device_kind == "cuda"):
+            with RankPool(world, device_kind) as pool:  # fresh processes: NVSHMEM backend from the start
+                vdev = pool.run(_bench_vdev_rank, opts, timeout=3600)[0]
+            rows += vdev["rows"]
+            if vdev["error"]:
+                print(f"EP{world}: the NVSHMEM all_to_all_vdev_2d baseline did not run: {vdev['error']}", file=sys.stderr)
+                env.setdefault("baselines_not_run", []).append(f"EP{world} nvshmem-vdev2d: {vdev['error']}")
     _write(rows, env, opts, out_dir)
     if os.path.exists(opts["partial"]):
         os.remove(opts["partial"])

@@ -17,10 +17,12 @@ from moe_ep.transport import SymmetricHeap, SyncState
 
 
 class DeviceBarrier:
-    """A device-side barrier over ``group`` on its own small heap (plus ``extra`` regions)."""
+    """A device-side barrier over ``group`` on its own small heap (plus ``extra`` regions), on the
+    device's default heap backend or ``backend``."""
 
-    def __init__(self, group, rank: int, world_size: int, device: torch.device, extra=()):
-        self.heap = SymmetricHeap(group, [("barrier_flags", barrier_region_bytes(world_size))] + list(extra), device)
+    def __init__(self, group, rank: int, world_size: int, device: torch.device, extra=(), backend=None):
+        self.heap = SymmetricHeap(group, [("barrier_flags", barrier_region_bytes(world_size))] + list(extra), device,
+                                  backend)
         self.sync = SyncState(rank, device, timeout_s=120)
 
     def __call__(self) -> None:

@@ -26,16 +26,19 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     """The grid searched for ``family`` ("dispatch" or "combine") on ``path``: the default first."""
     if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
         grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
-    elif family == "dispatch":
+    elif family == "dispatch":  # token_parts > 1 splits each token's row over programs, in 1024-value chunks
         grid = {"send_programs": (32, 64, 128) if path == "ll" else (132, 264, 528),
-                "recv_parts": (8, 16, 32), "num_warps": (4, 8)}
+                "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
     else:
         grid = {"send_programs": (64, 128, 264) if path == "ll" else (264, 528, 1056),
                 "reduce_programs": (64, 128) if path == "ll" else (264, 1056), "num_warps": (4, 8)}
     names = list(grid)
     out = [default]
     for values in itertools.product(*(grid[n] for n in names)):
-        cand = dataclasses.replace(default, **dict(zip(names, values)))
+        fields = dict(zip(names, values))
+        if fields.get("token_parts", 1) > 1:
+            fields["block_h"] = min(default.block_h, 1024)
+        cand = dataclasses.replace(default, **fields)
         if cand not in out:
             out.append(cand)
     return out

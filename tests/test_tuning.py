@@ -68,24 +68,24 @@ def _default_vs_other_params(ctx):
                               mode=mode)
         buf = moe_ep.Buffer(ctx.group, cfg)
         xs, ids, ws = make_inputs(2, "masked", shape, ctx.world_size, seed=9)
-        me = ctx.rank
+        me, dev = ctx.rank, ctx.device
         for variant in ("default", "other"):
             if variant == "other":  # every field moved away from its default
                 base = buf.launch_params(mode, xs[me].shape[0])
-                other = Choice(DispatchParams(send_programs=3, recv_parts=2, stage_programs=3, block_h=128,
-                                              block_t=16, block_copy=512, num_warps=2),
+                other = Choice(DispatchParams(send_programs=6, recv_parts=2, stage_programs=3, block_h=128,
+                                              block_t=16, block_copy=512, num_warps=2, token_parts=2),
                                dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128,
                                                    num_warps=2), "test")
                 assert other.dispatch != base.dispatch
                 buf.set_launch_params(mode, xs[me].shape[0], other)
-            out = buf.dispatch(xs[me], ids[me], ws[me])
+            out = buf.dispatch(xs[me].to(dev), ids[me].to(dev), ws[me].to(dev))
             n = int(out.num_tokens)
             y = reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[me]
             z = buf.combine(torch.randn(buf.capacity, shape.hidden, generator=torch.Generator().manual_seed(me))
-                            .to(torch.bfloat16), out.handle)
-            outputs[(mode, variant)] = (out.x[:n].view(torch.uint8).clone(), out.x_scales[:n].clone(),
-                                        out.topk_ids[:n].clone(), out.src[:n].clone(), out.tokens_per_expert.clone(),
-                                        z.clone(), y.num_tokens)
+                            .to(torch.bfloat16).to(dev), out.handle)
+            outputs[(mode, variant)] = tuple(t.cpu() for t in (
+                out.x[:n].view(torch.uint8), out.x_scales[:n], out.topk_ids[:n], out.src[:n], out.tokens_per_expert,
+                z)) + (y.num_tokens,)
         buf.check()
         buf.close()
     for mode in ("ll", "ht"):
@@ -97,8 +97,6 @@ def _default_vs_other_params(ctx):
 
 
 def test_other_parameters_give_identical_results(ranks):
-    if ranks.device != "cpu":
-        pytest.skip("the CPU shape of this check is not a GPU one")
     assert all(ranks.run(_default_vs_other_params))
 
 
@@ -130,14 +128,12 @@ def _warmup_then_call(ctx):
     buf.warmup()  # LL buckets 1, 2 and HT buckets 1, 2, 4 (holding 3 tokens)
     chosen = sorted(buf._choices)
     xs, ids, ws = make_inputs(0, "uniform", shape, ctx.world_size, seed=4)
-    out = buf.dispatch(xs[ctx.rank], ids[ctx.rank], ws[ctx.rank])
+    out = buf.dispatch(xs[ctx.rank].to(ctx.device), ids[ctx.rank].to(ctx.device), ws[ctx.rank].to(ctx.device))
     check_dispatch(out, reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[ctx.rank], buf.capacity)
     buf.close()
     return chosen
 
 
 def test_warmup_covers_every_bucket_then_calls_work(ranks):
-    if ranks.device != "cpu":
-        pytest.skip("CPU shape")
     chosen = ranks.run(_warmup_then_call)
     assert all(c == [("ht", 1), ("ht", 2), ("ht", 4), ("ll", 1), ("ll", 2)] for c in chosen), chosen

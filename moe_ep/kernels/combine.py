@@ -4,13 +4,13 @@ One kernel serves both paths. LL: regions double-buffered like the LL dispatch (
 e % 2; see kernels/dispatch.py for why that is safe). HT (CREDITS): single-buffered regions with
 credits, and more programs.
 Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity per source):
-  Send programs ``[0, SEND_PROGRAMS)`` (HT: after every rank's credit of the previous HT call)
-  store each valid received row i (i % SEND_PROGRAMS == pid) of ``y`` into row
+  Send programs ``[0, send_programs)`` (HT: after every rank's credit of the previous HT call)
+  store each valid received row i (i % send_programs == pid) of ``y`` into row
   ``[rank, token]`` of ``combine_x`` on its source rank, where (source, token) = ``src[i]``. Each
   arrives on the send counter; the last one signals every rank (``signal[rank] = epoch``),
   whether or not it sent it anything.
   Reduce programs wait for every rank's signal, then for each token t of this rank
-  (t % REDUCE_PROGRAMS == pid) add, in float32 and in rank order, row ``[d, t]`` of
+  (t % reduce_programs == pid) add, in float32 and in rank order, row ``[d, t]`` of
   ``combine_x`` for every rank d the token was dispatched to (``send_mask[t]`` bit d), and round
   to bfloat16. (HT: the last reduce program gives every rank its credit.)
 Rows of ``y`` past ``num_recv_tokens`` are never read. A token dispatched nowhere gets zeros.
@@ -28,12 +28,14 @@ from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_REC
                                          _signal_peers, _wait_peers)
 
 
-@triton.jit
+# Token and program counts are runtime values, unspecialised: every token count and bucket
+# shares one compiled kernel (no compilation storm as batch sizes vary).
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "reduce_programs", "num_programs"))
 def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                     peer_bases_ptr, x_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
                     rank, world_size, num_tokens, max_tokens, max_polls,
-                    HIDDEN: tl.constexpr, CREDITS: tl.constexpr, SEND_PROGRAMS: tl.constexpr,
-                    REDUCE_PROGRAMS: tl.constexpr, NUM_PROGRAMS: tl.constexpr, BLOCK_H: tl.constexpr,
+                    HIDDEN: tl.constexpr, CREDITS: tl.constexpr, send_programs,
+                    reduce_programs, num_programs, BLOCK_H: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1] int32; send_mask [num_tokens] int64
     # out [num_tokens, HIDDEN] bf16
@@ -44,12 +46,12 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
         signal_offset += (epoch % 2) * world_size * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
-    if pid < SEND_PROGRAMS:
+    if pid < send_programs:
         if CREDITS:
             _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                         PHASE_COMBINE_CREDIT, max_polls, BLOCK_R)
         num_recv = tl.load(num_recv_ptr)
-        for i in range(pid, num_recv, SEND_PROGRAMS):
+        for i in range(pid, num_recv, send_programs):
             src_rank = tl.load(src_ptr + 2 * i)
             token = tl.load(src_ptr + 2 * i + 1)
             ptr_dst = _peer_ptr(peer_bases_ptr, src_rank, x_offset, tl.bfloat16) + \
@@ -58,13 +60,13 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                 offs_h = start + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < HIDDEN
                 tl.store(ptr_dst + offs_h, tl.load(y_ptr + tl.cast(i, tl.int64) * HIDDEN + offs_h, mask=mask_h), mask=mask_h)
-        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
     else:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
                     PHASE_COMBINE_RECV, max_polls, BLOCK_R)
         base = _peer_ptr(peer_bases_ptr, rank, x_offset, tl.bfloat16)
-        for t in range(pid - SEND_PROGRAMS, num_tokens, REDUCE_PROGRAMS):
+        for t in range(pid - send_programs, num_tokens, reduce_programs):
             sent_to = tl.load(send_mask_ptr + t)
             for start in range(0, HIDDEN, BLOCK_H):
                 offs_h = start + tl.arange(0, BLOCK_H)
@@ -77,18 +79,18 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                     acc += part.to(tl.float32)
                 tl.store(out_ptr + tl.cast(t, tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
         if CREDITS:
-            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_r, REDUCE_PROGRAMS)
+            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_r, reduce_programs)
             _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
-    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
 register(_combine_kernel,
-         {"y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64", "out_ptr": "*bf16",
+         {**{name: "i32" for name in ("send_programs", "reduce_programs", "num_programs")},
+          "y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64", "out_ptr": "*bf16",
           "peer_bases_ptr": "*i64", "x_offset": "i64", "signal_offset": "i64", "credit_offset": "i64",
           "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32", "world_size": "i32",
           "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"},
-         {"HIDDEN": 7168, "CREDITS": False, "SEND_PROGRAMS": 64, "REDUCE_PROGRAMS": 64, "NUM_PROGRAMS": 128,
-          "BLOCK_H": 2048, "BLOCK_R": 4})
+         {"HIDDEN": 7168, "CREDITS": False, "BLOCK_H": 2048, "BLOCK_R": 4})
 register(_combine_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "CREDITS": True})  # the HT configuration
 
 
@@ -107,7 +109,7 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
         counters_ptr=sync.counters(f"combine_{path}"), status_ptr=sync.status, rank=heap.rank,
         world_size=heap.world_size, num_tokens=handle.num_tokens,
         max_tokens=cfg.ht_tokens if ht else cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
-        CREDITS=ht, SEND_PROGRAMS=params.send_programs, REDUCE_PROGRAMS=params.reduce_programs,
-        NUM_PROGRAMS=num_programs, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(heap.world_size),
+        CREDITS=ht, send_programs=params.send_programs, reduce_programs=params.reduce_programs,
+        num_programs=num_programs, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(heap.world_size),
         num_warps=params.num_warps)
     sync.after_launch()

@@ -11,22 +11,22 @@ Two paths share one kernel (``_dispatch_kernel``), chosen by constexprs:
      with credits.
 
 Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity per source):
-  Send programs ``[0, SEND_PROGRAMS)``. (HT first waits for every destination's credit: it
+  Send programs ``[0, send_programs)``. (HT first waits for every destination's credit: it
   consumed this rank's rows of the previous HT call.) For each of its tokens
-  (t % SEND_PROGRAMS == pid) a program loads the row once and stores payload, scales, local
+  (t % send_programs == pid) a program loads the row once and stores payload, scales, local
   expert ids, weights and the token index straight into row ``[rank, slot]`` of every
   destination's receive regions, slot being the number of earlier tokens bound there. It then
   arrives on the per-destination counter; the last sender of each destination stores the row
   count in ``count[rank]`` there, and the destination's slice of this rank's tokens per expert
   in ``expert_counts[rank, :]`` (every send program counts all tokens while it lays them out;
   HT: the stage kernel did), then signals ``signal[rank]`` with the epoch.
-  Receive programs, RECV_PARTS per source rank s. Each waits for the signals of sources
+  Receive programs, recv_parts per source rank s. Each waits for the signals of sources
   ``0..s`` (its output offset is the sum of their counts) and copies its share of s's rows,
   contiguous in the receive region, into the compact outputs.
   One more program waits for every source and writes ``num_tokens`` and ``tokens_per_expert``
   (the sum over sources of ``expert_counts``).
   (HT: the receive programs and this one arrive on the per-source counter; the last of the
-  RECV_PARTS + 1 gives the source its credit: ``credit[rank] = epoch``.)
+  recv_parts + 1 gives the source its credit: ``credit[rank] = epoch``.)
 Why LL needs no handshake: half e % 2 is written again by LL call e + 2, which a sender starts
 only after its call e + 1 received from every rank, i.e. after every rank finished call e
 (stream order) and so read its half. Each path counts its own epochs.
@@ -90,7 +90,7 @@ def _expert_histogram(ids, BLOCK_ALL_E: tl.constexpr):
     return tl.histogram(tl.maximum(flat, 0), BLOCK_ALL_E, mask=flat >= 0).to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("num_tokens",))
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
                            expert_counts_ptr, send_mask_ptr, world_size, num_tokens,
                            HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
@@ -169,30 +169,34 @@ def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM
 @triton.jit
 def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
                 peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-                world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k,
+                world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k, part, parts,
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
                 QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr, WRITE_SEND_MASK: tl.constexpr):
     """Store token t of ``src_rank`` (its payload and weights at row ``load_row`` of ``x_ptr``,
     ``x_scales_ptr``, ``topk_weights_ptr``; global expert ids ``ids``) into row
-    ``[src_rank, slot[d]]`` of every destination d where ``is_dst[d]``."""
+    ``[src_rank, slot[d]]`` of every destination d where ``is_dst[d]``: the part ``part`` of
+    ``parts`` programs that share the token (BLOCK_H-value chunks part, part + parts, ...; part 0
+    also stores the ids, weights and source token)."""
     mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
+    meta_d = mask_d & (part == 0)
     row = (src_rank * max_tokens + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
     load_row = tl.cast(load_row, tl.int64)
     # Expert ids local to each destination (-1 elsewhere) and their weights (0 elsewhere).
     local = ids[None, :] - offs_r[:, None] * experts_per_rank  # [BLOCK_R, BLOCK_K]
     here = (ids[None, :] >= 0) & (local >= 0) & (local < experts_per_rank)
     weights = tl.load(topk_weights_ptr + load_row * TOPK + offs_k, mask=mask_k, other=0.0)  # [BLOCK_K]
-    mask_rk = mask_d[:, None] & mask_k[None, :]
+    mask_rk = meta_d[:, None] & mask_k[None, :]
     ptr_ids = _peer_ptr(peer_bases_ptr, offs_r, ids_offset, tl.int32)[:, None] + row[:, None] * TOPK + offs_k[None, :]
     tl.store(ptr_ids, tl.where(here, local, -1), mask=mask_rk)
     ptr_w = _peer_ptr(peer_bases_ptr, offs_r, weights_offset, tl.float32)[:, None] + row[:, None] * TOPK + offs_k[None, :]
     tl.store(ptr_w, tl.where(here, weights[None, :], 0.0), mask=mask_rk)
-    tl.store(_peer_ptr(peer_bases_ptr, offs_r, src_offset, tl.int32) + row, tl.zeros_like(slot) + t, mask=mask_d)
+    tl.store(_peer_ptr(peer_bases_ptr, offs_r, src_offset, tl.int32) + row, tl.zeros_like(slot) + t, mask=meta_d)
     if WRITE_SEND_MASK:
-        tl.store(send_mask_ptr + t, _bits(mask_d, offs_r))
+        if part == 0:
+            tl.store(send_mask_ptr + t, _bits(mask_d, offs_r))
     # Payload, BLOCK_H values at a time: loaded (and quantised) once, stored to each destination.
-    for start in range(0, HIDDEN, BLOCK_H):
+    for start in range(part * BLOCK_H, HIDDEN, parts * BLOCK_H):
         values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
             x_ptr, x_scales_ptr, load_row, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H)
         for d in range(0, world_size):
@@ -211,7 +215,7 @@ def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, t
 def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
                     x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                     out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-                    max_tokens, RECV_PARTS, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                    max_tokens, recv_parts, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                     NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
                     ALIGNED: tl.constexpr):
     """Copy part ``part`` of the ``count`` rows received from ``src_rank`` (contiguous in the
@@ -219,16 +223,16 @@ def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
     first = (src_rank * max_tokens).to(tl.int64)
     out_row = out_row.to(tl.int64)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN, out_x_ptr + out_row * HIDDEN,
-               count * HIDDEN, part, RECV_PARTS, BLOCK_COPY, ALIGNED)
+               count * HIDDEN, part, recv_parts, BLOCK_COPY, ALIGNED)
     if NUM_SCALES > 0:
         _copy_span(_peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32) + first * NUM_SCALES,
-                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, RECV_PARTS, BLOCK_COPY, False)
+                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, recv_parts, BLOCK_COPY, False)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32) + first * TOPK, out_topk_ids_ptr + out_row * TOPK,
-               count * TOPK, part, RECV_PARTS, BLOCK_COPY, False)
+               count * TOPK, part, recv_parts, BLOCK_COPY, False)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32) + first * TOPK,
-               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, RECV_PARTS, BLOCK_COPY, False)
+               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, recv_parts, BLOCK_COPY, False)
     # src: (src_rank, token) pairs, rows split between the parts.
-    per_part = tl.cdiv(count, RECV_PARTS)
+    per_part = tl.cdiv(count, recv_parts)
     base_src = _peer_ptr(peer_bases_ptr, rank, src_offset, tl.int32) + first
     for block in range(part * per_part, tl.minimum((part + 1) * per_part, count), BLOCK_COPY // 2):
         offs = block + tl.arange(0, BLOCK_COPY // 2)
@@ -264,16 +268,16 @@ def _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_of
 def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset, scales_offset,
                      ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
                      status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-                     out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, RECV_PARTS,
+                     out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts,
                      HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
                      NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
-    """Receive program ``j``: part ``j % RECV_PARTS`` of source ``j // RECV_PARTS``'s rows, or (the
-    last one, j == R * RECV_PARTS) num_tokens and tokens_per_expert. Returns the sources it is
+    """Receive program ``j``: part ``j % recv_parts`` of source ``j // recv_parts``'s rows, or (the
+    last one, j == R * recv_parts) num_tokens and tokens_per_expert. Returns the sources it is
     done with (``[BLOCK_R]`` mask)."""
-    meta = j == world_size * RECV_PARTS  # the program that writes num_tokens / tokens_per_expert
-    src_rank = tl.where(meta, world_size - 1, j // RECV_PARTS)
-    part = j % RECV_PARTS
+    meta = j == world_size * recv_parts  # the program that writes num_tokens / tokens_per_expert
+    src_rank = tl.where(meta, world_size - 1, j // recv_parts)
+    part = j % recv_parts
     mask_wait = mask_r & (offs_r <= src_rank)
     _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
                 PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
@@ -293,13 +297,15 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
         count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
         _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
                         ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
-                        out_topk_weights_ptr, out_src_ptr, max_tokens, RECV_PARTS, HIDDEN, TOPK, NUM_SCALES,
+                        out_topk_weights_ptr, out_src_ptr, max_tokens, recv_parts, HIDDEN, TOPK, NUM_SCALES,
                         OUT_DTYPE, BLOCK_COPY, ALIGNED)
         mask_done = offs_r == src_rank
     return mask_done
 
 
-@triton.jit
+# Token and program counts are runtime values, unspecialised: every token count and bucket
+# shares one compiled kernel (no compilation storm as batch sizes vary).
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs"))
 def _dispatch_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, expert_counts_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
@@ -309,8 +315,8 @@ def _dispatch_kernel(
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, STAGED: tl.constexpr,
-        CREDITS: tl.constexpr, SEND_PROGRAMS: tl.constexpr, RECV_PARTS: tl.constexpr,
-        NUM_PROGRAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
+        CREDITS: tl.constexpr, send_programs, token_parts, recv_parts,
+        num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
         ALIGNED: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
@@ -328,7 +334,12 @@ def _dispatch_kernel(
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
-    if pid < SEND_PROGRAMS:
+    if pid < send_programs:
+        # token_parts programs share each token (a lane): lane = pid // token_parts sends tokens
+        # t = lane (mod lanes), each program its part of the token's chunks.
+        lanes = send_programs // token_parts
+        lane = pid // token_parts
+        part = pid % token_parts
         if CREDITS:
             _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                         PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
@@ -336,13 +347,14 @@ def _dispatch_kernel(
             counts = tl.load(counts_ptr + offs_r, mask=mask_r, other=0)  # [BLOCK_R]
             hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
                            mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
-            for t in range(pid, num_tokens, SEND_PROGRAMS):
+            for t in range(lane, num_tokens, lanes):
                 slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
                 ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
                 _send_token(t, t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
                             send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
                             src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED,
+                            False)
         else:
             counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
             hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
@@ -350,37 +362,38 @@ def _dispatch_kernel(
                 offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
                                                    EXPERTS_PER_RANK, BLOCK_T)
                 slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]  # [BLOCK_T, BLOCK_R]
-                first = chunk + (pid - chunk % SEND_PROGRAMS + SEND_PROGRAMS) % SEND_PROGRAMS
-                for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), SEND_PROGRAMS):
+                first = chunk + (lane - chunk % lanes + lanes) % lanes
+                for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), lanes):
                     sel = (offs_t == t)[:, None]
                     _send_token(t, t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
                                 tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
                                 x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
                                 scales_offset, ids_offset, weights_offset, src_offset, world_size, max_tokens,
-                                EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES,
-                                QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
+                                EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK,
+                                NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
                 counts += tl.sum(is_dst, axis=0)
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
-        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, SEND_PROGRAMS)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
                        offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
         mask_done = _receive_program(
-            pid - SEND_PROGRAMS, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset,
+            pid - send_programs, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset,
             scales_offset, ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
             status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-            out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, RECV_PARTS, HIDDEN, TOPK,
+            out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, HIDDEN, TOPK,
             EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
         if CREDITS:
-            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, RECV_PARTS + 1)
+            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, recv_parts + 1)
             _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
-    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
             "expert_counts_offset", "signal_offset", "credit_offset")
 register(_dispatch_kernel,
-         {"x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
+         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
+          "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
           "out_topk_ids_ptr": "*i32", "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32",
           "out_num_tokens_ptr": "*i32", "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64",
@@ -388,8 +401,7 @@ register(_dispatch_kernel,
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "STAGED": False, "CREDITS": False, "SEND_PROGRAMS": 64, "RECV_PARTS": 8, "NUM_PROGRAMS": 64 + 4 * 8 + 1,
-          "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
+          "STAGED": False, "CREDITS": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
           "BLOCK_ALL_E": 256, "ALIGNED": True})
 # The HT configuration too (staged input, credits): its other half of the kernel.
 register(_dispatch_kernel, KERNELS[-1].signature,
@@ -473,7 +485,8 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
         max_polls=sync.max_polls,
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales,
         QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None, STAGED=ht, CREDITS=ht,
-        SEND_PROGRAMS=params.send_programs, RECV_PARTS=params.recv_parts, NUM_PROGRAMS=num_programs,
+        send_programs=params.send_programs, token_parts=params.token_parts, recv_parts=params.recv_parts,
+        num_programs=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
         BLOCK_R=block_r, ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0,
         BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), BLOCK_ALL_E=block_all_e,

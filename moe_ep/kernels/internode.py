@@ -8,7 +8,7 @@ p = (m, l), which forwards it to every rank of node m that holds one of its expe
 kernels/dispatch.py for why no handshake is needed); the epochs are the inter-node path's own.
 
 Dispatch, one launch:
-  Send programs ``[0, SEND_PROGRAMS)`` (token t % SEND_PROGRAMS == pid). Ranks of the own node
+  Send programs ``[0, send_programs)`` (token t % send_programs == pid). Ranks of the own node
   get the token as in the intra-node LL dispatch: row ``[s, slot]`` of their receive regions,
   then (last sender per destination) count, per-expert counts and signal ``[s]``. Each other
   node m holding one of its experts gets it once, at row ``[n, node_slot]`` of its proxy's
@@ -16,8 +16,8 @@ Dispatch, one launch:
   last sender per node writes ``inter_dispatch_count[n]`` there and signals
   ``inter_dispatch_signal[n]``. Over NVLink these are peer stores; across real nodes they are
   the puts of the inter-node transport (NVSHMEM/rocSHMEM: not wired yet, see issue notes).
-  Forward programs, FORWARD_PARTS per node n != own node: wait for ``inter_dispatch_signal[n]``,
-  then forward each staged row (row i % FORWARD_PARTS == part) to the own node's ranks that hold
+  Forward programs, forward_parts per node n != own node: wait for ``inter_dispatch_signal[n]``,
+  then forward each staged row (row i % forward_parts == part) to the own node's ranks that hold
   its experts, into row ``[s, slot]`` of their receive regions exactly as s would have, record
   (token, destination mask) in the handle for combine, and (last part) write count, per-expert
   counts and signal ``[s]`` there on s's behalf.
@@ -79,7 +79,9 @@ def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, 
             tl.store(ptr_s + offs_s, scales, mask=mask_s)
 
 
-@triton.jit
+# Token and program counts are runtime values, unspecialised: every token count and bucket
+# shares one compiled kernel (no compilation storm as batch sizes vary).
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "forward_parts", "recv_parts", "num_programs"))
 def _dispatch_internode_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
@@ -90,8 +92,8 @@ def _dispatch_internode_kernel(
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
-        SEND_PROGRAMS: tl.constexpr, FORWARD_PARTS: tl.constexpr, RECV_PARTS: tl.constexpr,
-        NUM_PROGRAMS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
+        send_programs, forward_parts, recv_parts,
+        num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16 (or fp8 + x_scales when X_FP8); topk_ids / topk_weights [num_tokens, TOPK]
@@ -119,7 +121,7 @@ def _dispatch_internode_kernel(
     proxies = tl.where(offs_n < NUM_NODES, offs_n * GPUS_PER_NODE + my_local, 0)  # [BLOCK_N] this rank's proxies
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
-    if pid < SEND_PROGRAMS:
+    if pid < send_programs:
         counts = tl.zeros([BLOCK_R], tl.int32)  # earlier tokens bound for each own-node rank
         node_counts = tl.zeros([BLOCK_N], tl.int32)  # earlier tokens bound for each other node
         hist = tl.zeros([BLOCK_ALL_E], tl.int32)
@@ -132,8 +134,8 @@ def _dispatch_internode_kernel(
             is_node = tl.where(remote_n[None, :], is_node, 0)  # [BLOCK_T, BLOCK_N]
             slots = tl.cumsum(is_local, axis=0) - is_local + counts[None, :]
             node_slots = tl.cumsum(is_node, axis=0) - is_node + node_counts[None, :]
-            first = chunk + (pid - chunk % SEND_PROGRAMS + SEND_PROGRAMS) % SEND_PROGRAMS
-            for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), SEND_PROGRAMS):
+            first = chunk + (pid - chunk % send_programs + send_programs) % send_programs
+            for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), send_programs):
                 sel = (offs_t == t)[:, None]
                 ids_t = tl.sum(tl.where(sel, ids, 0), axis=0)
                 tl.store(send_mask_ptr + t, _bits(tl.sum(tl.where(sel, is_dst, 0), axis=0) > 0, offs_r))
@@ -141,7 +143,7 @@ def _dispatch_internode_kernel(
                             tl.sum(tl.where(sel, slots, 0), axis=0), ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
                             send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
                             src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+                            0, 1, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
                 node_t = tl.sum(tl.where(sel, is_node, 0), axis=0)  # [BLOCK_N]
                 node_slot_t = tl.sum(tl.where(sel, node_slots, 0), axis=0)
                 for m in range(0, NUM_NODES):
@@ -154,15 +156,15 @@ def _dispatch_internode_kernel(
             counts += tl.sum(is_local, axis=0)
             node_counts += tl.sum(is_node, axis=0)
             hist += _expert_histogram(ids, BLOCK_ALL_E)
-        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, SEND_PROGRAMS)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, send_programs)
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
                        offs_r, world_size, epoch, EXPERTS_PER_RANK)
-        last_n = _arrive(counters_ptr + SEND_ARRIVALS + world_size + offs_n, remote_n, SEND_PROGRAMS)
+        last_n = _arrive(counters_ptr + SEND_ARRIVALS + world_size + offs_n, remote_n, send_programs)
         tl.store(_peer_ptr(peer_bases_ptr, proxies, icount_offset + my_node * 4, tl.int32), node_counts, mask=last_n)
         _signal_peers(peer_bases_ptr, isignal_offset, my_node, proxies, last_n, epoch)
-    elif pid < SEND_PROGRAMS + NUM_NODES * FORWARD_PARTS:
-        node = (pid - SEND_PROGRAMS) // FORWARD_PARTS
-        part = (pid - SEND_PROGRAMS) % FORWARD_PARTS
+    elif pid < send_programs + NUM_NODES * forward_parts:
+        node = (pid - send_programs) // forward_parts
+        part = (pid - send_programs) % forward_parts
         src_rank = node * GPUS_PER_NODE + my_local  # whose tokens this program forwards
         if node == my_node:
             if part == 0:
@@ -187,8 +189,8 @@ def _dispatch_internode_kernel(
                                                    EXPERTS_PER_RANK, BLOCK_T)
                 is_dst = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R] own-node ranks only
                 slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]
-                first = chunk + (part - chunk % FORWARD_PARTS + FORWARD_PARTS) % FORWARD_PARTS
-                for i in range(first, tl.minimum(chunk + BLOCK_T, staged), FORWARD_PARTS):
+                first = chunk + (part - chunk % forward_parts + forward_parts) % forward_parts
+                for i in range(first, tl.minimum(chunk + BLOCK_T, staged), forward_parts):
                     sel = (offs_t == i)[:, None]
                     dst_i = tl.sum(tl.where(sel, is_dst, 0), axis=0)
                     token = tl.load(base_src + i)
@@ -196,34 +198,36 @@ def _dispatch_internode_kernel(
                                 tl.sum(tl.where(sel, ids, 0), axis=0), base_x, base_scales, base_weights,
                                 send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
                                 src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k,
-                                mask_k, HIDDEN, TOPK, NUM_SCALES, False, NUM_SCALES > 0, OUT_DTYPE, BLOCK_H,
+                                mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES, False, NUM_SCALES > 0, OUT_DTYPE, BLOCK_H,
                                 ALIGNED, False)
                     tl.store(fwd_token_ptr + first_row + i, token)
                     tl.store(fwd_mask_ptr + first_row + i, _bits(dst_i > 0, offs_r))
                 counts += tl.sum(is_dst, axis=0)
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
             offs_one = tl.arange(0, 1)
-            last_one = _arrive(counters_ptr + RECV_ARRIVALS + src_rank + offs_one, offs_one < 1, FORWARD_PARTS)
+            last_one = _arrive(counters_ptr + RECV_ARRIVALS + src_rank + offs_one, offs_one < 1, forward_parts)
             last = local_r & (tl.max(last_one.to(tl.int32), axis=0) > 0)
             _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, src_rank, counts, hist,
                            last, offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
-        _receive_program(pid - SEND_PROGRAMS - NUM_NODES * FORWARD_PARTS, epoch, rank, world_size, max_tokens,
+        _receive_program(pid - send_programs - NUM_NODES * forward_parts, epoch, rank, world_size, max_tokens,
                          max_polls, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                          count_offset, expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr,
                          out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr,
-                         out_tokens_per_expert_ptr, offs_r, mask_r, RECV_PARTS, HIDDEN, TOPK, EXPERTS_PER_RANK,
+                         out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, HIDDEN, TOPK, EXPERTS_PER_RANK,
                          NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
-    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
-@triton.jit
+# Token and program counts are runtime values, unspecialised: every token count and bucket
+# shares one compiled kernel (no compilation storm as batch sizes vary).
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "proxy_programs", "reduce_programs", "num_programs"))
 def _combine_internode_kernel(
         y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr, out_ptr,
         peer_bases_ptr, direct_offset, direct_signal_offset, inter_offset, inter_signal_offset, node_offset,
         node_signal_offset, counters_ptr, status_ptr, rank, world_size, num_tokens, max_tokens, max_polls,
-        HIDDEN: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, SEND_PROGRAMS: tl.constexpr,
-        PROXY_PROGRAMS: tl.constexpr, REDUCE_PROGRAMS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+        HIDDEN: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, send_programs,
+        proxy_programs, reduce_programs, num_programs,
         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1]; send_mask [num_tokens] int64;
     # fwd_token / fwd_mask [N, M], fwd_count [N] (from the dispatch); out [num_tokens, HIDDEN] bf16
@@ -244,9 +248,9 @@ def _combine_internode_kernel(
     remote_n = (offs_n < NUM_NODES) & (offs_n != my_node)
     same_local = tl.where(offs_n < NUM_NODES, offs_n * GPUS_PER_NODE + my_local, 0)  # [BLOCK_N] (node, my local)
     offs_g = tl.arange(0, BLOCK_G)
-    if pid < SEND_PROGRAMS:
+    if pid < send_programs:
         num_recv = tl.load(num_recv_ptr)
-        for i in range(pid, num_recv, SEND_PROGRAMS):
+        for i in range(pid, num_recv, send_programs):
             src_rank = tl.load(src_ptr + 2 * i)
             token = tl.load(src_ptr + 2 * i + 1).to(tl.int64)
             src_node = src_rank // GPUS_PER_NODE
@@ -262,17 +266,17 @@ def _combine_internode_kernel(
                 mask_h = offs_h < HIDDEN
                 tl.store(ptr_dst + offs_h, tl.load(y_ptr + tl.cast(i, tl.int64) * HIDDEN + offs_h, mask=mask_h),
                          mask=mask_h)
-        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, SEND_PROGRAMS)
+        last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, send_programs)
         _signal_peers(peer_bases_ptr, direct_signal_offset, rank, offs_r, last, epoch)
         _signal_peers(peer_bases_ptr, inter_signal_offset, my_local, offs_r, last, epoch)
-    elif pid < SEND_PROGRAMS + PROXY_PROGRAMS:
-        q = pid - SEND_PROGRAMS
+    elif pid < send_programs + proxy_programs:
+        q = pid - send_programs
         _wait_peers(peer_bases_ptr, inter_signal_offset, status_ptr, rank, offs_g, my_node * GPUS_PER_NODE + offs_g,
                     offs_g < GPUS_PER_NODE, epoch, epoch, PHASE_COMBINE_RECV, max_polls, BLOCK_G)
         base = _peer_ptr(peer_bases_ptr, rank, inter_offset, tl.bfloat16)
         for node in range(0, NUM_NODES):
             forwarded = tl.load(fwd_count_ptr + node)  # 0 for the own node
-            for i in range(q, forwarded, PROXY_PROGRAMS):
+            for i in range(q, forwarded, proxy_programs):
                 token = tl.load(fwd_token_ptr + node * max_tokens + i).to(tl.int64)
                 sent_to = tl.load(fwd_mask_ptr + node * max_tokens + i)
                 ptr_dst = _peer_ptr(peer_bases_ptr, node * GPUS_PER_NODE + my_local, node_offset, tl.bfloat16) + \
@@ -286,7 +290,7 @@ def _combine_internode_kernel(
                         acc += tl.load(base + ((g * NUM_NODES + node) * max_tokens + token) * HIDDEN + offs_h,
                                        mask=mask_h & sent, other=0.0).to(tl.float32)
                     tl.store(ptr_dst + offs_h, _to_bf16(acc), mask=mask_h)
-        last = _arrive(counters_ptr + RECV_ARRIVALS + offs_n, remote_n, PROXY_PROGRAMS)
+        last = _arrive(counters_ptr + RECV_ARRIVALS + offs_n, remote_n, proxy_programs)
         _signal_peers(peer_bases_ptr, node_signal_offset, my_node, same_local, last, epoch)
     else:
         _wait_peers(peer_bases_ptr, direct_signal_offset, status_ptr, rank, offs_r, offs_r, local_r, epoch, epoch,
@@ -295,7 +299,7 @@ def _combine_internode_kernel(
                     PHASE_COMBINE_RECV, max_polls, BLOCK_N)
         direct = _peer_ptr(peer_bases_ptr, rank, direct_offset, tl.bfloat16)
         from_nodes = _peer_ptr(peer_bases_ptr, rank, node_offset, tl.bfloat16)
-        for t in range(pid - SEND_PROGRAMS - PROXY_PROGRAMS, num_tokens, REDUCE_PROGRAMS):
+        for t in range(pid - send_programs - proxy_programs, num_tokens, reduce_programs):
             sent_to = tl.load(send_mask_ptr + t)
             t64 = tl.cast(t, tl.int64)
             for start in range(0, HIDDEN, BLOCK_H):
@@ -316,13 +320,14 @@ def _combine_internode_kernel(
                         acc += tl.load(from_nodes + (node * max_tokens + t64) * HIDDEN + offs_h,
                                        mask=mask_h & (node_bits != 0), other=0.0).to(tl.float32)
                 tl.store(out_ptr + t64 * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
-    _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
 _COMMON = {"peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32",
            "world_size": "i32", "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"}
 register(_dispatch_internode_kernel,
-         {"x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
+         {**{name: "i32" for name in ("send_programs", "forward_parts", "recv_parts", "num_programs")},
+          "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
           "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32", "out_num_tokens_ptr": "*i32",
           "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64", "fwd_token_ptr": "*i32",
@@ -332,16 +337,15 @@ register(_dispatch_internode_kernel,
                                       "iscales_offset", "iids_offset", "iweights_offset", "isrc_offset",
                                       "icount_offset", "isignal_offset")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "SEND_PROGRAMS": 64, "FORWARD_PARTS": 8, "RECV_PARTS": 8,
-          "NUM_PROGRAMS": 64 + 2 * 8 + 4 * 8 + 1, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
+          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
           "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
 register(_combine_internode_kernel,
-         {"y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64",
+         {**{name: "i32" for name in ("send_programs", "proxy_programs", "reduce_programs", "num_programs")},
+          "y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64",
           "fwd_token_ptr": "*i32", "fwd_mask_ptr": "*i64", "fwd_count_ptr": "*i32", "out_ptr": "*bf16", **_COMMON,
           **{name: "i64" for name in ("direct_offset", "direct_signal_offset", "inter_offset", "inter_signal_offset",
                                       "node_offset", "node_signal_offset")}},
-         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "SEND_PROGRAMS": 64, "PROXY_PROGRAMS": 32,
-          "REDUCE_PROGRAMS": 64, "NUM_PROGRAMS": 160, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2})
+         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2})
 
 
 def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
@@ -373,8 +377,8 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
         status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=x.shape[0],
         max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
         EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
-        X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, SEND_PROGRAMS=params.send_programs,
-        FORWARD_PARTS=params.forward_parts, RECV_PARTS=params.recv_parts, NUM_PROGRAMS=num_programs,
+        X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, send_programs=params.send_programs,
+        forward_parts=params.forward_parts, recv_parts=params.recv_parts, num_programs=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
         BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
         BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(experts_per_rank),
@@ -400,8 +404,8 @@ def launch_combine_internode(heap, sync, cfg, params, y, handle, out) -> None:
         node_offset=heap.offset("node_combine_x"), node_signal_offset=heap.offset("node_combine_signal"),
         counters_ptr=sync.counters("combine_inter"), status_ptr=sync.status, rank=heap.rank, world_size=world,
         num_tokens=handle.num_tokens, max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
-        GPUS_PER_NODE=per_node, NUM_NODES=nodes, SEND_PROGRAMS=params.send_programs,
-        PROXY_PROGRAMS=params.proxy_programs, REDUCE_PROGRAMS=params.reduce_programs, NUM_PROGRAMS=num_programs,
+        GPUS_PER_NODE=per_node, NUM_NODES=nodes, send_programs=params.send_programs,
+        proxy_programs=params.proxy_programs, reduce_programs=params.reduce_programs, num_programs=num_programs,
         BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
         BLOCK_G=triton.next_power_of_2(per_node), num_warps=params.num_warps)
     sync.after_launch()

@@ -38,12 +38,16 @@ class DispatchParams:
     block_copy: int  # elements per step of the receive side's flat copies
     num_warps: int
     forward_parts: int = 1  # inter-node: programs per other node that forward its staged tokens
+    token_parts: int = 1  # send programs that share a token, each its own block_h chunks (intra-node)
 
     def __post_init__(self):
         _check_positive(self)
         _check_power_of_two(self, "block_h", "block_t", "block_copy", "num_warps")
         if self.block_h % 128:
             raise ValueError(f"DispatchParams.block_h must be a multiple of 128, got {self.block_h}")
+        if self.send_programs % self.token_parts:
+            raise ValueError(f"DispatchParams.send_programs ({self.send_programs}) must be a multiple of "
+                             f"token_parts ({self.token_parts})")
 
 
 @dataclass(frozen=True)
