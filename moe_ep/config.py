@@ -11,6 +11,8 @@ MODES = ("auto", "ll", "ht")
 QUANT_BLOCK = 128  # values per fp8 scale
 DEFAULT_LL_MAX_TOKENS = 256  # LL capacity per rank in "auto" mode
 # "auto" takes LL up to this many tokens per rank (the count all ranks share), HT above.
+# Measured (benchmarks/NOTES.md, H200, DeepSeek-V3 shape, dispatch + combine): EP2 at 256;
+# EP4 between 128 (LL 70 vs HT 84 us) and 512 (LL 221 vs HT 213 us).
 DEFAULT_CROSSOVER_TOKENS = 256
 
 
