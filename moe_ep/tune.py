@@ -27,7 +27,7 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
         grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
     elif family == "dispatch":  # token_parts > 1 splits each token's row over programs, in 1024-value chunks
-        grid = {"send_programs": (32, 64, 128) if path == "ll" else (132, 264, 528),
+        grid = {"send_programs": (32, 64, 128, 256, 512) if path == "ll" else (132, 264, 528, 1056),
                 "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
     else:
         grid = {"send_programs": (64, 128, 264) if path == "ll" else (264, 528, 1056),
