@@ -28,6 +28,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -37,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from moe_ep.timing import median  # noqa: E402  (after the path: the repository may not be installed)
 
 NUM_INPUT_SETS = 3
+VDEV = "nvshmem-vdev2d"  # torch's NVSHMEM all_to_all_vdev_2d baseline
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -87,6 +89,7 @@ def _bench_rank(ctx, opts):
     dev, world, rank = ctx.device, ctx.world_size, ctx.rank
     hidden, topk = opts["hidden"], opts["topk"]
     num_experts = opts["num_experts"]
+    _SWEEP_CLOCK[(world, "moe_ep")] = (time.monotonic(), 0)
     max_tokens = max(opts["tokens"])
     # A side heap for the barrier before each timed op and for the peer-copy limit.
     max_copy_bytes = max_tokens * (hidden * 2 + 64)
@@ -197,7 +200,7 @@ def _bench_rank(ctx, opts):
             rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
                             (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
             if rank == 0 and opts["progress"]:
-                _progress(rows, point, opts.get("partial"))
+                _progress(rows, point, opts)
         for buf in buffers.values():
             buf.close()
     barrier.close()
@@ -226,6 +229,7 @@ def _bench_vdev_rank(ctx, opts):
     per_rank = num_experts // world
     max_tokens = max(opts["tokens"])
     rows = []
+    _SWEEP_CLOCK[(world, "nvshmem")] = (time.monotonic(), 0)
     try:
         barrier = DeviceBarrier(ctx.group, rank, world, dev, backend="nvshmem")
         t_b = batch_seconds(dev, lambda i: barrier(), opts["iters"], opts["warmup"], False, opts["batch"])
@@ -253,10 +257,10 @@ def _bench_vdev_rank(ctx, opts):
                 t_c = batch_seconds(dev, lambda i: (barrier(), vdev.combine()), opts["iters"], opts["warmup"],
                                     False, opts["batch"])
                 point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
-                rows += _report(ctx, point, "nvshmem-vdev2d", _minus(t_d, t_b), _minus(t_c, t_b), None, None,
+                rows += _report(ctx, point, VDEV, _minus(t_d, t_b), _minus(t_c, t_b), None, None,
                                 remote, everything, payload_bytes, hidden)
                 if rank == 0 and opts["progress"]:
-                    _progress(rows, point, opts.get("partial"))
+                    _progress(rows, point, opts)
         barrier.close()
     except Exception as err:  # noqa: BLE001 — a baseline that cannot run here is reported, not fatal
         msg = f"{type(err).__name__}: {err}"
@@ -266,15 +270,34 @@ def _bench_vdev_rank(ctx, opts):
     return {"error": None, "rows": rows} if rank == 0 else None
 
 
-def _progress(rows, point, partial_path):
-    """One line per finished point on stderr, and the point's rows appended to a JSON-lines file,
-    so a run cut short (a lease's time limit) keeps what it measured."""
+def _sweep_size(opts) -> int:
+    """Points per world size: dtypes x (uniform token counts + skewed ones)."""
+    per_routing = [len(opts["tokens"]) if r == "uniform" else len([t for t in opts["tokens"] if t in opts["skewed_tokens"]])
+                   for r in opts["routings"]]
+    return len(opts["dtypes"]) * sum(per_routing)
+
+
+_SWEEP_CLOCK: dict = {}  # (world, impl family) -> (start, points done), in the process of rank 0
+
+
+def _progress(rows, point, opts):
+    """A progress line per finished point on stderr ([done/total], elapsed, ETA), and the point's
+    rows appended to a JSON-lines file, so a run cut short (a lease's time limit) keeps what it
+    measured."""
     mine = [r for r in rows if all(r[k] == v for k, v in point.items())]
+    impl = mine[0]["impl"] if mine else ""
+    key = (point["world"], impl.split("-")[0])
+    start, done = _SWEEP_CLOCK.get(key, (time.monotonic(), 0))
+    done += 1
+    _SWEEP_CLOCK[key] = (start, done)
+    total = _sweep_size(opts)
+    elapsed = time.monotonic() - start
+    eta = f", ETA {elapsed / done * (total - done):.0f} s" if total >= done else ""
     summary = ", ".join(f"{r['impl']} {r['op']} {r['lat_avg_us']:.1f}us" for r in mine)
-    print(f"  EP{point['world']} {point['dtype']} {point['routing']} {point['tokens']} tokens: {summary}",
-          file=sys.stderr, flush=True)
-    if partial_path:
-        with open(partial_path, "a") as f:
+    print(f"  [{done}/{total}] {elapsed:.0f} s{eta} EP{point['world']} {point['dtype']} {point['routing']} "
+          f"{point['tokens']} tokens: {summary}", file=sys.stderr, flush=True)
+    if opts.get("partial"):
+        with open(opts["partial"], "a") as f:
             for r in mine:
                 f.write(json.dumps(r) + "\n")
 
@@ -371,22 +394,29 @@ def _markdown(rows, env, opts):
                 sel = [r for r in rows if r["world"] == world and r["dtype"] == dtype and r["routing"] == routing]
                 if not sel:
                     continue
+                vdev = any(r["impl"] == VDEV for r in sel)
                 lines += [f"## EP{world}, {dtype} dispatch, {routing} routing", "",
-                          "| tokens | impl | op | latency min/avg/max (us) | host (us) | BW (GB/s) | mori BW | NCCL (us) | speedup | p2p copy BW |",
-                          "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                          "| tokens | impl | op | latency min/avg/max (us) | host (us) | BW (GB/s) | mori BW | NCCL (us) | "
+                          "speedup | " + ("vdev2d (us) | speedup vs vdev2d | " if vdev else "") + "p2p copy BW |",
+                          "|---:|---|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if vdev else "") + "---:|"]
                 for tokens in sorted({r["tokens"] for r in sel}):
                     copy = _lookup(sel, tokens=tokens, impl="p2p-copy")
                     for impl in impls:
                         for op in ("dispatch", "combine"):
                             r = _lookup(sel, tokens=tokens, impl=impl, op=op)
                             n = _lookup(sel, tokens=tokens, impl="nccl", op=op)
+                            v = _lookup(sel, tokens=tokens, impl=VDEV, op=op)
                             if r is None:
                                 continue
+                            vcols = ""
+                            if vdev:
+                                vcols = "- | - | " if v is None else \
+                                    f"{v['lat_avg_us']:.1f} | {v['lat_avg_us'] / r['lat_avg_us']:.2f}x | "
                             host = "-" if r["host_us"] is None else f"{r['host_us']:.0f}"
                             lines.append(
                                 f"| {tokens} | {impl} | {op} | {r['lat_min_us']:.1f} / {r['lat_avg_us']:.1f} / "
                                 f"{r['lat_max_us']:.1f} | {host} | {r['bw_gbps']:.1f} | {r['bw_mori_gbps']:.1f} | "
-                                f"{n['lat_avg_us']:.1f} | {n['lat_avg_us'] / r['lat_avg_us']:.2f}x | "
+                                f"{n['lat_avg_us']:.1f} | {n['lat_avg_us'] / r['lat_avg_us']:.2f}x | {vcols}"
                                 f"{copy['bw_gbps']:.1f} |")
                 lines.append("")
     return "\n".join(lines)
@@ -419,16 +449,20 @@ def _plots(rows, env, out_dir):
                         elif kind == "bandwidth":
                             ax.plot(x, [p[1]["bw_gbps"] for p in pts], marker="o", label=f"{impl} {op}")
                         elif kind == "speedup" and impl.startswith("moe_ep"):
-                            base = {r["tokens"]: r for r in sel if r["world"] == world and r["dtype"] == dtype
-                                    and r["impl"] == "nccl" and r["op"] == op}
-                            ax.plot(x, [base[t]["lat_avg_us"] / p["lat_avg_us"] for t, p in pts], marker="o",
-                                    label=f"{impl} {op} vs NCCL")
+                            for baseline, name in (("nccl", "NCCL"), (VDEV, "vdev2d")):
+                                base = {r["tokens"]: r for r in sel if r["world"] == world and r["dtype"] == dtype
+                                        and r["impl"] == baseline and r["op"] == op}
+                                shared = [(t, p) for t, p in pts if t in base]
+                                if shared:
+                                    ax.plot([t for t, _ in shared], [base[t]["lat_avg_us"] / p["lat_avg_us"]
+                                                                     for t, p in shared],
+                                            marker="o" if baseline == "nccl" else "s", label=f"{impl} {op} vs {name}")
                 ax.set_xscale("log", base=2)
-                if kind == "latency":
+                if kind in ("latency", "speedup"):
                     ax.set_yscale("log")
                 ax.set_xlabel("tokens per rank")
                 ax.set_ylabel({"latency": "us (min-max band over ranks)", "bandwidth": "GB/s from other ranks",
-                               "speedup": "x over NCCL path"}[kind])
+                               "speedup": "x over the baseline"}[kind])
                 ax.set_title(f"EP{world} {dtype}, {env['card']}")
                 ax.grid(True, alpha=0.3)
                 ax.legend(fontsize=7)
