@@ -191,7 +191,8 @@ def _bench_rank(ctx, opts):
                             remote_rows, mine.num_tokens, row_bytes, hidden)
             # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
             # dispatches there (a plain copy, no packing, no layout).
-            chunk = max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4)
+            # (a multiple of 16 int32: Triton then knows the row ends are aligned and copies in vectors)
+            chunk = -(-max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4) // 16) * 16
             src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
             t_copy = batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
                 side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),

@@ -36,7 +36,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                     rank, world_size, num_tokens, max_tokens, max_polls,
                     HIDDEN: tl.constexpr, CREDITS: tl.constexpr, send_programs,
                     reduce_programs, num_programs, BLOCK_H: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr):
     # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1] int32; send_mask [num_tokens] int64
     # out [num_tokens, HIDDEN] bf16
     pid = tl.program_id(0)
@@ -56,6 +56,8 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
             token = tl.load(src_ptr + 2 * i + 1)
             ptr_dst = _peer_ptr(peer_bases_ptr, src_rank, x_offset, tl.bfloat16) + \
                 (rank * max_tokens + token).to(tl.int64) * HIDDEN
+            if ALIGNED:  # an address made from an integer has no known alignment: say it, or the
+                ptr_dst = tl.multiple_of(ptr_dst, 16)  # row's accesses split into 2-byte ones
             for start in range(0, HIDDEN, BLOCK_H):
                 offs_h = start + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < HIDDEN
@@ -74,8 +76,10 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                 acc = tl.zeros([BLOCK_H], tl.float32)
                 for d in range(0, world_size):
                     sent = ((sent_to >> d) & 1) != 0
-                    part = tl.load(base + (d * max_tokens + t).to(tl.int64) * HIDDEN + offs_h,
-                                   mask=mask_h & sent, other=0.0)
+                    ptr_part = base + (d * max_tokens + t).to(tl.int64) * HIDDEN
+                    if ALIGNED:
+                        ptr_part = tl.multiple_of(ptr_part, 16)
+                    part = tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0)
                     acc += part.to(tl.float32)
                 tl.store(out_ptr + tl.cast(t, tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
         if CREDITS:
@@ -90,7 +94,7 @@ register(_combine_kernel,
           "peer_bases_ptr": "*i64", "x_offset": "i64", "signal_offset": "i64", "credit_offset": "i64",
           "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32", "world_size": "i32",
           "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"},
-         {"HIDDEN": 7168, "CREDITS": False, "BLOCK_H": 2048, "BLOCK_R": 4})
+         {"HIDDEN": 7168, "CREDITS": False, "BLOCK_H": 2048, "BLOCK_R": 4, "ALIGNED": True})
 register(_combine_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "CREDITS": True})  # the HT configuration
 
 
@@ -111,5 +115,5 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
         max_tokens=cfg.ht_tokens if ht else cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
         CREDITS=ht, send_programs=params.send_programs, reduce_programs=params.reduce_programs,
         num_programs=num_programs, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(heap.world_size),
-        num_warps=params.num_warps)
+        ALIGNED=cfg.hidden % 8 == 0, num_warps=params.num_warps)  # bf16 rows of 16-byte multiples
     sync.after_launch()

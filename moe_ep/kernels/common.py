@@ -11,10 +11,14 @@ def _copy_span(src_ptr, dst_ptr, count, part, PARTS, BLOCK: tl.constexpr, ALIGNE
     per_part = tl.cdiv(tl.cdiv(count, PARTS), BLOCK) * BLOCK
     start = part * per_part
     end = tl.minimum(start + per_part, count)
-    if ALIGNED:
-        src_ptr = tl.multiple_of(src_ptr, 16)
-        dst_ptr = tl.multiple_of(dst_ptr, 16)
     for block in range(start, end, BLOCK):
-        offs = block + tl.arange(0, BLOCK)
-        mask = offs < end
-        tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=mask), mask=mask)
+        # The alignment is declared on pointers computed here: tl.multiple_of on a function's
+        # argument is lost when the function is inlined (the accesses would stay element-sized).
+        src = src_ptr + block
+        dst = dst_ptr + block
+        if ALIGNED:
+            src = tl.multiple_of(src, 16)
+            dst = tl.multiple_of(dst, 16)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < end - block
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)

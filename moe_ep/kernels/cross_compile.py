@@ -3,12 +3,20 @@
     python -m moe_ep.kernels.cross_compile     # exit 0 when all compile
 
 Run without ``TRITON_INTERPRET`` (the interpreter has nothing to compile).
+
+Pointer arguments are compiled as 16-byte aligned, as Triton's JIT specialises the tensors of
+real launches. The assembly (PTX, AMD GCN) is also checked for element-sized (1- or 2-byte)
+global loads and stores: the bf16 and fp8 rows must move in vectors. An address made from an integer (every
+peer pointer) has no alignment Triton can see unless the kernel declares it
+(``tl.multiple_of`` on a pointer computed in the same function); without it a row is copied
+one element at a time.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 import sys
 
 TARGETS = (("cuda", 90, 32), ("hip", "gfx942", 64), ("hip", "gfx950", 64))
@@ -37,6 +45,13 @@ def defined_kernels() -> set[str]:
     return names
 
 
+def element_sized_accesses(asm: str) -> int:
+    """Global loads and stores of 1 or 2 bytes (not vectors) in NVIDIA PTX or AMD GCN assembly."""
+    ptx = re.findall(r"\b(?:ld|st)\.global(?:\.[a-z]+)*\.[bsu](?:8|16)\b", asm)
+    gcn = re.findall(r"\b(?:global|buffer|flat)_(?:load|store)_(?:[su]?byte|[su]?short)(?:_d16\w*)?\b", asm)
+    return len(ptx) + len(gcn)
+
+
 def compile_all(verbose: bool = True) -> list[str]:
     """Compile each registered kernel for each target; returns the failures."""
     import triton
@@ -51,9 +66,16 @@ def compile_all(verbose: bool = True) -> list[str]:
         for backend, arch, warp_size in TARGETS:
             target = GPUTarget(backend, arch, warp_size)
             try:
-                src = ASTSource(spec.kernel, spec.signature, spec.constexprs)
+                arg_names = spec.kernel.arg_names
+                attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
+                         if kind.startswith("*") or name in spec.divisible}
+                src = ASTSource(spec.kernel, spec.signature, spec.constexprs, attrs)
                 compiled = triton.compile(src, target=target)
                 size = len(compiled.asm.get("cubin", compiled.asm.get("hsaco", b"")))
+                narrow = element_sized_accesses(compiled.asm["ptx" if backend == "cuda" else "amdgcn"])
+                if narrow:
+                    raise AssertionError(f"{narrow} element-sized (1- or 2-byte) global loads/stores in the PTX: "
+                                         "declare the rows' alignment (tl.multiple_of)")
                 if verbose:
                     print(f"ok   {spec.name:32s} {backend}:{arch}  {size} bytes")
             except Exception as exc:  # report every failure, not just the first

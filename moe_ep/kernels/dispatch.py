@@ -147,20 +147,24 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
 
 @triton.jit
 def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM_SCALES: tl.constexpr,
-                      QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, BLOCK_H: tl.constexpr):
+                      QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """Values ``[start, start + BLOCK_H)`` of row ``row`` of x, as sent: ``(values [BLOCK_H],
     scales [BLOCK_H // 128] (fp8 only), offs_h, mask_h, offs_s, mask_s)``; quantised here when
-    QUANTIZE, loaded with their scales when X_FP8 (already fp8)."""
+    QUANTIZE, loaded with their scales when X_FP8 (already fp8). ALIGNED: rows of x are
+    16-byte multiples at 16-aligned addresses."""
     offs_h = start + tl.arange(0, BLOCK_H)
     mask_h = offs_h < HIDDEN
     offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
     mask_s = offs_s < NUM_SCALES
     scales = tl.zeros([BLOCK_H // 128], tl.float32)
+    ptr_x = x_ptr + row * HIDDEN  # x_ptr may be a peer's (an inter-node forward): declare rows aligned
+    if ALIGNED:
+        ptr_x = tl.multiple_of(ptr_x, 16)
     if QUANTIZE:
-        values, scales = _quantize_fp8(tl.load(x_ptr + row * HIDDEN + offs_h, mask=mask_h, other=0.0).to(tl.float32),
+        values, scales = _quantize_fp8(tl.load(ptr_x + offs_h, mask=mask_h, other=0.0).to(tl.float32),
                                        BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
     else:
-        values = tl.load(x_ptr + row * HIDDEN + offs_h, mask=mask_h)
+        values = tl.load(ptr_x + offs_h, mask=mask_h)
         if X_FP8:
             scales = tl.load(x_scales_ptr + row * NUM_SCALES + offs_s, mask=mask_s, other=0.0)
     return values, scales, offs_h, mask_h, offs_s, mask_s
@@ -198,7 +202,7 @@ def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, t
     # Payload, BLOCK_H values at a time: loaded (and quantised) once, stored to each destination.
     for start in range(part * BLOCK_H, HIDDEN, parts * BLOCK_H):
         values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
-            x_ptr, x_scales_ptr, load_row, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H)
+            x_ptr, x_scales_ptr, load_row, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H, ALIGNED)
         for d in range(0, world_size):
             if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
                 row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)
@@ -434,6 +438,13 @@ class HtStaging:
                          expert_counts=torch.empty(cfg.num_experts, dtype=torch.int32, device=device))
 
 
+def rows_aligned(cfg, x, out) -> bool:
+    """Whether the rows of ``x`` and of the dispatched payload are 16-byte multiples at 16-byte
+    aligned addresses, so kernels may declare it (vector loads and stores, also through peer
+    pointers); a caller's ``x`` may be an unaligned view."""
+    return (cfg.hidden * out.x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
 def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_weights, out, staging=None) -> None:
     """Launch the ``path`` ("ll" or "ht") dispatch of this rank's tokens into ``out`` (a
     ``DispatchOutput``).
@@ -488,7 +499,7 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
         send_programs=params.send_programs, token_parts=params.token_parts, recv_parts=params.recv_parts,
         num_programs=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
-        BLOCK_R=block_r, ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0,
+        BLOCK_R=block_r, ALIGNED=rows_aligned(cfg, x, out),
         BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), BLOCK_ALL_E=block_all_e,
         num_warps=params.num_warps)
     sync.after_launch()

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
-                                     _receive_program, _route_block, _send_token)
+                                     _receive_program, _route_block, _send_token, rows_aligned)
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
@@ -73,7 +73,7 @@ def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, 
     ptr_s = _peer_ptr(peer_bases_ptr, proxy, iscales_offset, tl.float32) + row * NUM_SCALES
     for start in range(0, HIDDEN, BLOCK_H):
         values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
-            x_ptr, x_scales_ptr, t64, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H)
+            x_ptr, x_scales_ptr, t64, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H, ALIGNED)
         tl.store(ptr_x + offs_h, values, mask=mask_h)
         if NUM_SCALES > 0:
             tl.store(ptr_s + offs_s, scales, mask=mask_s)
@@ -228,8 +228,10 @@ def _combine_internode_kernel(
         node_signal_offset, counters_ptr, status_ptr, rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, send_programs,
         proxy_programs, reduce_programs, num_programs,
-        BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+        ALIGNED: tl.constexpr):
     # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1]; send_mask [num_tokens] int64;
+    # ALIGNED: bf16 rows are 16-byte multiples, declared on every row pointer made from a peer base
     # fwd_token / fwd_mask [N, M], fwd_count [N] (from the dispatch); out [num_tokens, HIDDEN] bf16
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
@@ -257,10 +259,14 @@ def _combine_internode_kernel(
             if src_node == my_node:
                 ptr_dst = _peer_ptr(peer_bases_ptr, src_rank, direct_offset, tl.bfloat16) + \
                     (rank * max_tokens + token) * HIDDEN
+                if ALIGNED:  # (declared in each branch: it does not survive the merge of the two)
+                    ptr_dst = tl.multiple_of(ptr_dst, 16)
             else:
                 proxy = my_node * GPUS_PER_NODE + src_rank % GPUS_PER_NODE
                 ptr_dst = _peer_ptr(peer_bases_ptr, proxy, inter_offset, tl.bfloat16) + \
                     ((my_local * NUM_NODES + src_node) * max_tokens + token) * HIDDEN
+                if ALIGNED:
+                    ptr_dst = tl.multiple_of(ptr_dst, 16)
             for start in range(0, HIDDEN, BLOCK_H):
                 offs_h = start + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < HIDDEN
@@ -281,14 +287,18 @@ def _combine_internode_kernel(
                 sent_to = tl.load(fwd_mask_ptr + node * max_tokens + i)
                 ptr_dst = _peer_ptr(peer_bases_ptr, node * GPUS_PER_NODE + my_local, node_offset, tl.bfloat16) + \
                     (my_node * max_tokens + token) * HIDDEN
+                if ALIGNED:
+                    ptr_dst = tl.multiple_of(ptr_dst, 16)
                 for start in range(0, HIDDEN, BLOCK_H):
                     offs_h = start + tl.arange(0, BLOCK_H)
                     mask_h = offs_h < HIDDEN
                     acc = tl.zeros([BLOCK_H], tl.float32)
                     for g in range(0, GPUS_PER_NODE):
                         sent = ((sent_to >> (my_node * GPUS_PER_NODE + g)) & 1) != 0
-                        acc += tl.load(base + ((g * NUM_NODES + node) * max_tokens + token) * HIDDEN + offs_h,
-                                       mask=mask_h & sent, other=0.0).to(tl.float32)
+                        ptr_part = base + ((g * NUM_NODES + node) * max_tokens + token) * HIDDEN
+                        if ALIGNED:
+                            ptr_part = tl.multiple_of(ptr_part, 16)
+                        acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
                     tl.store(ptr_dst + offs_h, _to_bf16(acc), mask=mask_h)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_n, remote_n, proxy_programs)
         _signal_peers(peer_bases_ptr, node_signal_offset, my_node, same_local, last, epoch)
@@ -312,13 +322,17 @@ def _combine_internode_kernel(
                         for g in range(0, GPUS_PER_NODE):
                             d = node * GPUS_PER_NODE + g
                             sent = ((sent_to >> d) & 1) != 0
-                            node_acc += tl.load(direct + (d * max_tokens + t64) * HIDDEN + offs_h,
-                                                mask=mask_h & sent, other=0.0).to(tl.float32)
+                            ptr_part = direct + (d * max_tokens + t64) * HIDDEN
+                            if ALIGNED:
+                                ptr_part = tl.multiple_of(ptr_part, 16)
+                            node_acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
                         acc += node_acc
                     else:
                         node_bits = (sent_to >> (node * GPUS_PER_NODE)) & ((1 << GPUS_PER_NODE) - 1)
-                        acc += tl.load(from_nodes + (node * max_tokens + t64) * HIDDEN + offs_h,
-                                       mask=mask_h & (node_bits != 0), other=0.0).to(tl.float32)
+                        ptr_part = from_nodes + (node * max_tokens + t64) * HIDDEN
+                        if ALIGNED:
+                            ptr_part = tl.multiple_of(ptr_part, 16)
+                        acc += tl.load(ptr_part + offs_h, mask=mask_h & (node_bits != 0), other=0.0).to(tl.float32)
                 tl.store(out_ptr + t64 * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
@@ -345,7 +359,8 @@ register(_combine_internode_kernel,
           "fwd_token_ptr": "*i32", "fwd_mask_ptr": "*i64", "fwd_count_ptr": "*i32", "out_ptr": "*bf16", **_COMMON,
           **{name: "i64" for name in ("direct_offset", "direct_signal_offset", "inter_offset", "inter_signal_offset",
                                       "node_offset", "node_signal_offset")}},
-         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2})
+         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2,
+          "ALIGNED": True})
 
 
 def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
@@ -383,7 +398,7 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
         BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
         BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(experts_per_rank),
         BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
-        ALIGNED=(cfg.hidden * out.x.element_size()) % 16 == 0, num_warps=params.num_warps)
+        ALIGNED=rows_aligned(cfg, x, out), num_warps=params.num_warps)
     sync.after_launch()
 
 
@@ -407,5 +422,5 @@ def launch_combine_internode(heap, sync, cfg, params, y, handle, out) -> None:
         GPUS_PER_NODE=per_node, NUM_NODES=nodes, send_programs=params.send_programs,
         proxy_programs=params.proxy_programs, reduce_programs=params.reduce_programs, num_programs=num_programs,
         BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
-        BLOCK_G=triton.next_power_of_2(per_node), num_warps=params.num_warps)
+        BLOCK_G=triton.next_power_of_2(per_node), ALIGNED=cfg.hidden % 8 == 0, num_warps=params.num_warps)
     sync.after_launch()

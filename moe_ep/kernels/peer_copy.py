@@ -27,8 +27,10 @@ from moe_ep.transport.primitives import (PHASE_COPY_CREDIT, PHASE_COPY_RECV, REC
 def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offset, credit_offset,
                       counters_ptr, status_ptr, rank, world_size, chunk, max_polls,
                       PARTS: tl.constexpr, BLOCK: tl.constexpr, COPY_OUT: tl.constexpr,
-                      NUM_PROGRAMS: tl.constexpr):
+                      NUM_PROGRAMS: tl.constexpr, ALIGNED: tl.constexpr):
     # src_ptr: [R, chunk] int32, row d goes to rank d; out_ptr: [R, chunk] int32, row s from rank s
+    # ALIGNED: chunk is a multiple of 4 (16-byte rows), declared on every row pointer (vector copies
+    # also need Triton to know chunk's divisibility: it does for a multiple of 16)
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
     part_len = tl.cdiv(tl.cdiv(chunk, PARTS), BLOCK) * BLOCK
@@ -41,10 +43,14 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch - 1,
                     epoch, PHASE_COPY_CREDIT, max_polls, 1)
         ptr_dst = _peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32) + rank * chunk
+        ptr_row = src_ptr + peer * chunk
+        if ALIGNED:
+            ptr_dst = tl.multiple_of(ptr_dst, 16)
+            ptr_row = tl.multiple_of(ptr_row, 16)
         for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
             offs = start + tl.arange(0, BLOCK)  # [BLOCK]
             mask = offs < chunk
-            values = tl.load(src_ptr + peer * chunk + offs, mask=mask)
+            values = tl.load(ptr_row + offs, mask=mask)
             tl.store(ptr_dst + offs, values, mask=mask)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_one, last, epoch)
@@ -53,10 +59,14 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
                     epoch, PHASE_COPY_RECV, max_polls, 1)
         if COPY_OUT:
             ptr_src = _peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32) + peer * chunk
+            ptr_out = out_ptr + peer * chunk
+            if ALIGNED:
+                ptr_src = tl.multiple_of(ptr_src, 16)
+                ptr_out = tl.multiple_of(ptr_out, 16)
             for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < chunk
-                tl.store(out_ptr + peer * chunk + offs, tl.load(ptr_src + offs, mask=mask), mask=mask)
+                tl.store(ptr_out + offs, tl.load(ptr_src + offs, mask=mask), mask=mask)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, credit_offset, rank, offs_one, last, epoch)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
@@ -66,7 +76,7 @@ register(_peer_copy_kernel,
          {"src_ptr": "*i32", "out_ptr": "*i32", "peer_bases_ptr": "*i64", "data_offset": "i64",
           "signal_offset": "i64", "credit_offset": "i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           "rank": "i32", "world_size": "i32", "chunk": "i32", "max_polls": "i32"},
-         {"PARTS": 4, "BLOCK": 1024, "COPY_OUT": True, "NUM_PROGRAMS": 32})
+         {"PARTS": 4, "BLOCK": 1024, "COPY_OUT": True, "NUM_PROGRAMS": 32, "ALIGNED": True}, divisible=("chunk",))
 
 
 def peer_copy_regions(world_size: int, chunk_bytes: int) -> list[tuple[str, int]]:
@@ -88,5 +98,6 @@ def launch_peer_copy(heap, sync, src, out=None, parts: int = 4, block: int = 204
         credit_offset=heap.offset("copy_credit"), counters_ptr=sync.counters("peer_copy"),
         status_ptr=sync.status, rank=heap.rank, world_size=world, chunk=src.shape[1],
         max_polls=sync.max_polls, PARTS=parts, BLOCK=block, COPY_OUT=out is not None,
-        NUM_PROGRAMS=num_programs, num_warps=num_warps)
+        NUM_PROGRAMS=num_programs, num_warps=num_warps,
+        ALIGNED=src.shape[1] % 4 == 0 and src.data_ptr() % 16 == 0 and (out is None or out.data_ptr() % 16 == 0))
     sync.after_launch()

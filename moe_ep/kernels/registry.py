@@ -14,6 +14,7 @@ class KernelSpec:
     kernel: object  # the @triton.jit function
     signature: dict  # argument name -> Triton type ("*i32", "i64", "constexpr", ...)
     constexprs: dict = field(default_factory=dict)  # constexpr argument name -> example value
+    divisible: tuple = ()  # int arguments that a real launch passes as multiples of 16
 
     @property
     def name(self) -> str:
@@ -23,11 +24,13 @@ class KernelSpec:
 KERNELS: list[KernelSpec] = []
 
 
-def register(kernel, signature: dict, constexprs: dict):
+def register(kernel, signature: dict, constexprs: dict, divisible: tuple = ()):
     """Add ``kernel`` to the registry; constexpr arguments appear in both dicts. A kernel may be
-    registered more than once, with other constexprs (e.g. each path's configuration)."""
+    registered more than once, with other constexprs (e.g. each path's configuration).
+    ``divisible``: int arguments Triton will see as multiples of 16 at real launches (its JIT
+    specialises them so), which the cross-compile then assumes too."""
     sig = {name: kind for name, kind in signature.items() if kind != "constexpr"}
     for name in constexprs:
         sig[name] = "constexpr"
-    KERNELS.append(KernelSpec(kernel, sig, dict(constexprs)))
+    KERNELS.append(KernelSpec(kernel, sig, dict(constexprs), tuple(divisible)))
     return kernel
