@@ -213,7 +213,8 @@ class Buffer:
         choice = self._choices.get((path, bucket))
         if choice is None:
             key = TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
-                          dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=bucket)
+                          dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=bucket,
+                          gpus_per_node=self.cfg.gpus_per_node if path == "inter" else 0)
             choice = self._choices[(path, bucket)] = self._tuned.choose(key, self._on_gpu)
             log.info("moe_ep: %s launch parameters for %s", choice.source, key)
         return choice

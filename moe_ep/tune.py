@@ -26,6 +26,10 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     """The grid searched for ``family`` ("dispatch" or "combine") on ``path``: the default first."""
     if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
         grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
+    elif path == "inter":
+        grid = {"send_programs": (64, 128, 264), "forward_parts": (8, 16, 32), "recv_parts": (8, 16)} \
+            if family == "dispatch" else \
+            {"send_programs": (64, 128, 264), "proxy_programs": (32, 64, 128), "reduce_programs": (64, 128)}
     elif family == "dispatch":  # token_parts > 1 splits each token's row over programs, in 1024-value chunks
         grid = {"send_programs": (32, 64, 128, 256, 512) if path == "ll" else (132, 264, 528, 1056),
                 "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
@@ -63,9 +67,13 @@ def _tune_rank(ctx, opts):
         return float(t)
 
     for dtype_name, path in itertools.product(opts["dtypes"], opts["paths"]):
+        if path == "inter" and world // opts["gpus_per_node"] < 2:
+            continue  # one node: no inter-node path at this world size
         dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
+        # "inter": the inter-node path, the ranks as nodes of --gpus-per-node
+        across = {"mode": "ll", "gpus_per_node": opts["gpus_per_node"]} if path == "inter" else {"mode": path}
         cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype, mode=path)
+                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype, **across)
         buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         y = torch.zeros(buf.capacity, cfg.hidden, dtype=torch.bfloat16, device=dev)
         for num_tokens in opts["tokens"]:
@@ -99,6 +107,7 @@ def _tune_rank(ctx, opts):
             t_default_c, (t_c, best_c) = search("combine", combine_call, lambda c: Choice(best_d, c, "tuning"))
             entries.append(dict(gpu=_platform.device_name(dev), world_size=world, hidden=cfg.hidden,
                                 dispatch_dtype=dtype_name, path=path, bucket=num_tokens,
+                                gpus_per_node=cfg.gpus_per_node if path == "inter" else 0,
                                 dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
                                 measured={"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6,
                                           "combine_default_us": t_default_c * 1e6, "combine_tuned_us": t_c * 1e6}))
@@ -116,7 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", default=None, help="world sizes (default: 2..all GPUs, powers of two)")
     p.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,4096", help="token buckets to tune")
     p.add_argument("--dtypes", default="fp8,bf16")
-    p.add_argument("--paths", default="ll,ht")
+    p.add_argument("--paths", default="ll,ht", help="ll, ht, and inter (needs --gpus-per-node)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
@@ -129,13 +140,17 @@ def main(argv=None) -> int:
     if args.smoke:
         device, worlds = "cpu", [2]
         args.tokens, args.hidden, args.num_experts, args.topk, args.iters, args.batch = "3", 256, 8, 2, 1, 1
+        args.paths, args.gpus_per_node = "ll,ht,inter", 1
     elif gpus < 2:
         raise SystemExit("tuning needs at least 2 GPUs (or --smoke for a CPU run)")
     else:
         device = "cuda"
         worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else [w for w in (2, 4, 8) if w <= gpus]
     tokens = sorted({token_bucket(int(t)) for t in args.tokens.split(",")})
+    if "inter" in args.paths.split(",") and not args.gpus_per_node:
+        raise SystemExit("--paths inter needs --gpus-per-node")
     opts = dict(tokens=tokens, dtypes=args.dtypes.split(","), paths=args.paths.split(","), hidden=args.hidden,
+                gpus_per_node=args.gpus_per_node,
                 num_experts=args.num_experts, topk=args.topk, iters=args.iters, batch=args.batch)
     entries = []
     for world in worlds:

@@ -38,8 +38,15 @@ class TuneKey:
     world_size: int
     hidden: int
     dispatch_dtype: str  # "fp8" or "bf16"
-    path: str  # "ll" or "ht"
+    path: str  # "ll", "ht" or "inter"
     bucket: int  # token_bucket of the tokens per rank
+    gpus_per_node: int = 0  # the inter path's node size; 0 on one node
+
+
+def _key_fields(entry: dict) -> dict:
+    """TuneKey fields of a JSON entry (fields added since a file was written take their default)."""
+    return {f.name: entry[f.name] if f.default is dataclasses.MISSING else entry.get(f.name, f.default)
+            for f in dataclasses.fields(TuneKey)}
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ def read_entries(path: str | os.PathLike) -> dict[TuneKey, Choice]:
     data = json.loads(path.read_text())
     entries = {}
     for e in data.get("entries", []):
-        key = TuneKey(**{f.name: e[f.name] for f in dataclasses.fields(TuneKey)})
+        key = TuneKey(**_key_fields(e))
         entries[key] = Choice(DispatchParams(**e["dispatch"]), CombineParams(**e["combine"]), f"tuned: {path}")
     return entries
 
@@ -95,7 +102,7 @@ def write_entries(path: str | os.PathLike, new: list[dict]) -> None:
     old = json.loads(path.read_text())["entries"] if path.exists() else []
 
     def key(e):
-        return tuple(e[f.name] for f in dataclasses.fields(TuneKey))
+        return tuple(_key_fields(e).values())
 
     merged = {key(e): e for e in old}
     merged.update({key(e): e for e in new})

@@ -41,6 +41,11 @@ def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
     fallback = TunedTable.load(extra_file).choose(other, True)
     assert fallback.source == "default"
     assert fallback.dispatch == default_dispatch("ll", 7168, 4, 256, True)
+    # A file written before a key field existed reads with that field's default.
+    old_file = tmp_path / "old.json"
+    legacy = {k: v for k, v in _entry(key, 55).items() if k != "gpus_per_node"}
+    old_file.write_text(json.dumps({"entries": [legacy]}))
+    assert TunedTable.load(old_file).choose(key, True).dispatch.send_programs == 55
     # Merging replaces the entry with the same key and keeps the others.
     write_entries(extra_file, [_entry(key, 33), _entry(other, 44)])
     entries = json.loads(extra_file.read_text())["entries"]
@@ -106,13 +111,17 @@ def test_tuner_writes_a_table_the_buffer_uses(tmp_path):
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     entries = json.loads(out.read_text())["entries"]
-    assert {(e["dispatch_dtype"], e["path"]) for e in entries} == {("fp8", "ll"), ("fp8", "ht"), ("bf16", "ll"),
-                                                                     ("bf16", "ht")}
+    assert {(e["dispatch_dtype"], e["path"]) for e in entries} == {(d, p) for d in ("fp8", "bf16")
+                                                                     for p in ("ll", "ht", "inter")}
+    assert all(e["gpus_per_node"] == (1 if e["path"] == "inter" else 0) for e in entries)
     assert all(e["bucket"] == 4 and e["measured"]["dispatch_tuned_us"] <= e["measured"]["dispatch_default_us"]
                for e in entries)
     key = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ll", bucket=4)
     chosen = TunedTable.load(out).choose(key, False)
     assert chosen.source == f"tuned: {out}"
+    inter = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="inter", bucket=4, gpus_per_node=1)
+    assert TunedTable.load(out).choose(inter, False).source == f"tuned: {out}"
+    assert TunedTable.load(out).choose(dataclasses.replace(inter, gpus_per_node=2), False).source == "default"
 
 
 def _warmup_then_call(ctx):

@@ -4,7 +4,7 @@
 #   suite  the -m gpu suite at world size 4, then 2 (benchmarks/scripts/gpu_suite.sh)
 #   soak   MOE_EP_SOAK_CALLS (10000) checked dispatch + combine pairs on 4 GPUs, fp8, alone
 #   bench  the EP4 and EP2 sweep with the NCCL, NVSHMEM (all_to_all_vdev_2d) and p2p baselines
-#   tune   python -m moe_ep.tune on 2 and 4 GPUs (the tuned JSON lands in the tarball)
+#   tune   python -m moe_ep.tune on 4 and 2 GPUs, LL, HT and inter (2 x 2) (the tuned JSON lands in the tarball)
 # Usage: MOE_EP_COMMIT=<sha> bash benchmarks/scripts/gpu_session.sh STEP [extra args for the step]
 set -u
 STEP=${1:?step: suite, soak, bench or tune}; shift
@@ -23,7 +23,7 @@ case $STEP in
   bench) timeout -k 10 ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_ep.py --out "$WORK" --worlds 4,2 --nvshmem on \
          --iters 10 "$@" >>"$LOG" 2>&1 ;;
   tune)  timeout -k 10 ${TUNE_TIMEOUT:-560} python3 -m moe_ep.tune --worlds 4,2 --tokens 1,32,128,512,4096 \
-         --out "$WORK/tuned.json" "$@" >>"$LOG" 2>&1 ;;
+         --paths ll,ht,inter --gpus-per-node 2 --out "$WORK/tuned.json" "$@" >>"$LOG" 2>&1 ;;
   *) echo "unknown step $STEP" >&2; exit 2 ;;
 esac
 echo "$STEP: exit $?" >>"$LOG"
