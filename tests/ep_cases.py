@@ -118,6 +118,15 @@ def check_untouched(out: moe_ep.DispatchOutput, n: int) -> None:
     assert bool((out.src[n:] == POISON_INT).all()), "src written past num_tokens"
 
 
+def unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` one element past a 16-byte boundary (a valid input whose rows
+    the kernels must not declare aligned)."""
+    flat = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
+    view = flat[1:1 + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
               hidden: int | None = None, topk: int | None = None, seed: int = 0, mode: str = "auto",
               crossover_tokens: int | None = None, hints: list | None = None, nodes: int = 1):
@@ -148,6 +157,10 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             expected = reference.dispatch(xs, ids, weights, num_experts, dtype)
             me = ctx.rank
             x_in = tuple(t.to(ctx.device) for t in xs[me]) if prequantized else xs[me].to(ctx.device)
+            if call == 4:  # the payload at an address that is not 16-byte aligned
+                x_in = (unaligned(x_in[0]), x_in[1]) if prequantized else unaligned(x_in)
+                payload = x_in[0] if prequantized else x_in
+                assert payload.numel() == 0 or payload.data_ptr() % 16, "the copy should be unaligned"
             ids_in = ids[me].to(ctx.device) if call % 2 else ids[me].int().to(ctx.device)
             use_out = call % 3 != 2  # also exercise freshly allocated outputs
             out = buf.dispatch(x_in, ids_in, weights[me].to(ctx.device),
