@@ -106,10 +106,8 @@ def _bench_rank(ctx, opts):
         row_bytes = hidden + 4 * (hidden // 128) if dtype_name == "fp8" else 2 * hidden
         buffers = {}
         for path in opts["paths"]:
-            # "inter": the inter-node path with the ranks as nodes of --gpus-per-node ranks
-            across = {"mode": "ll", "gpus_per_node": opts["gpus_per_node"]} if path == "inter" else {"mode": path}
             cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=max_tokens,
-                                  dispatch_dtype=dtype, **across)
+                                  dispatch_dtype=dtype, **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]))
             buffers[path] = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         for routing, num_tokens, sets in _points(opts, world, dev):
             # The oracle runs on the CPU, as in the tests: torch's CUDA division by a Python
@@ -201,7 +199,7 @@ def _bench_rank(ctx, opts):
             rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
                             (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
             if rank == 0 and opts["progress"]:
-                _progress(rows, point, opts)
+                _progress(rows, point, opts, "moe_ep")
         for buf in buffers.values():
             buf.close()
     barrier.close()
@@ -218,8 +216,8 @@ def _pairs_received(ids, rank, per_rank):
 def _bench_vdev_rank(ctx, opts):
     """torch's NVSHMEM all_to_all_vdev_2d path (benchmarks/baselines.py), in its own processes:
     NVSHMEM must be the symmetric-memory backend before the first allocation. Timed eagerly (its
-    combine sums on the host's stream; no graph), each call after a device barrier. Returns
-    rank 0's rows, or {"error": ...} where the op does not run here."""
+    combine sums on the host's stream; no graph), each call after a device barrier. Rank 0 returns
+    {"rows": the points measured, "error": None, or why the op stopped (it may not run here)}."""
     import torch.distributed as dist
 
     from baselines import VdevBaseline
@@ -261,7 +259,7 @@ def _bench_vdev_rank(ctx, opts):
                 rows += _report(ctx, point, VDEV, _minus(t_d, t_b), _minus(t_c, t_b), None, None,
                                 remote, everything, payload_bytes, hidden)
                 if rank == 0 and opts["progress"]:
-                    _progress(rows, point, opts)
+                    _progress(rows, point, opts, "nvshmem")
         barrier.close()
     except Exception as err:  # noqa: BLE001 — a baseline that cannot run here is reported, not fatal
         msg = f"{type(err).__name__}: {err}"
@@ -278,16 +276,15 @@ def _sweep_size(opts) -> int:
     return len(opts["dtypes"]) * sum(per_routing)
 
 
-_SWEEP_CLOCK: dict = {}  # (world, impl family) -> (start, points done), in the process of rank 0
+_SWEEP_CLOCK: dict = {}  # (world, "moe_ep" or "nvshmem") -> (start, points done), in rank 0's process
 
 
-def _progress(rows, point, opts):
+def _progress(rows, point, opts, family):
     """A progress line per finished point on stderr ([done/total], elapsed, ETA), and the point's
     rows appended to a JSON-lines file, so a run cut short (a lease's time limit) keeps what it
     measured."""
     mine = [r for r in rows if all(r[k] == v for k, v in point.items())]
-    impl = mine[0]["impl"] if mine else ""
-    key = (point["world"], impl.split("-")[0])
+    key = (point["world"], family)
     start, done = _SWEEP_CLOCK.get(key, (time.monotonic(), 0))
     done += 1
     _SWEEP_CLOCK[key] = (start, done)

@@ -89,6 +89,12 @@ class EpConfig:
             return 0
         return self.max_tokens_per_rank
 
+    @staticmethod
+    def path_options(path: str, gpus_per_node: int | None = None) -> dict:
+        """Keyword arguments that make every call of a Buffer take ``path``: "ll", "ht" or "auto"
+        as the mode, or "inter" (the inter-node path: mode "ll" across nodes of gpus_per_node)."""
+        return {"mode": "ll", "gpus_per_node": gpus_per_node} if path == "inter" else {"mode": path}
+
     def nodes(self, world_size: int) -> int:
         """Nodes of ``gpus_per_node`` consecutive ranks (1 when gpus_per_node is None)."""
         per_node = self.gpus_per_node or world_size

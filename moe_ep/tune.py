@@ -70,10 +70,9 @@ def _tune_rank(ctx, opts):
         if path == "inter" and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
         dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
-        # "inter": the inter-node path, the ranks as nodes of --gpus-per-node
-        across = {"mode": "ll", "gpus_per_node": opts["gpus_per_node"]} if path == "inter" else {"mode": path}
         cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype, **across)
+                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype,
+                              **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]))
         buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         y = torch.zeros(buf.capacity, cfg.hidden, dtype=torch.bfloat16, device=dev)
         for num_tokens in opts["tokens"]:

@@ -24,7 +24,7 @@ import triton.language as tl
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr,
+                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr, _row,
                                          _signal_peers, _wait_peers)
 
 
@@ -54,10 +54,8 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
         for i in range(pid, num_recv, send_programs):
             src_rank = tl.load(src_ptr + 2 * i)
             token = tl.load(src_ptr + 2 * i + 1)
-            ptr_dst = _peer_ptr(peer_bases_ptr, src_rank, x_offset, tl.bfloat16) + \
-                (rank * max_tokens + token).to(tl.int64) * HIDDEN
-            if ALIGNED:  # an address made from an integer has no known alignment: say it, or the
-                ptr_dst = tl.multiple_of(ptr_dst, 16)  # row's accesses split into 2-byte ones
+            ptr_dst = _row(_peer_ptr(peer_bases_ptr, src_rank, x_offset, tl.bfloat16), rank * max_tokens + token,
+                           HIDDEN, ALIGNED)
             for start in range(0, HIDDEN, BLOCK_H):
                 offs_h = start + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < HIDDEN
@@ -76,10 +74,8 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                 acc = tl.zeros([BLOCK_H], tl.float32)
                 for d in range(0, world_size):
                     sent = ((sent_to >> d) & 1) != 0
-                    ptr_part = base + (d * max_tokens + t).to(tl.int64) * HIDDEN
-                    if ALIGNED:
-                        ptr_part = tl.multiple_of(ptr_part, 16)
-                    part = tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0)
+                    part = tl.load(_row(base, d * max_tokens + t, HIDDEN, ALIGNED) + offs_h, mask=mask_h & sent,
+                                   other=0.0)
                     acc += part.to(tl.float32)
                 tl.store(out_ptr + tl.cast(t, tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
         if CREDITS:

@@ -12,8 +12,8 @@ def _copy_span(src_ptr, dst_ptr, count, part, PARTS, BLOCK: tl.constexpr, ALIGNE
     start = part * per_part
     end = tl.minimum(start + per_part, count)
     for block in range(start, end, BLOCK):
-        # The alignment is declared on pointers computed here: tl.multiple_of on a function's
-        # argument is lost when the function is inlined (the accesses would stay element-sized).
+        # Declared on pointers computed here, as in transport.primitives._row (an argument's
+        # declaration is lost when the function is inlined).
         src = src_ptr + block
         dst = dst_ptr + block
         if ALIGNED:

@@ -48,7 +48,7 @@ from moe_ep.kernels.numerics import _quantize_fp8
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr,
-                                         _signal_peers, _wait_peers)
+                                         _row, _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -157,9 +157,7 @@ def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM
     offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
     mask_s = offs_s < NUM_SCALES
     scales = tl.zeros([BLOCK_H // 128], tl.float32)
-    ptr_x = x_ptr + row * HIDDEN  # x_ptr may be a peer's (an inter-node forward): declare rows aligned
-    if ALIGNED:
-        ptr_x = tl.multiple_of(ptr_x, 16)
+    ptr_x = _row(x_ptr, row, HIDDEN, ALIGNED)  # x_ptr may be a peer's (an inter-node forward)
     if QUANTIZE:
         values, scales = _quantize_fp8(tl.load(ptr_x + offs_h, mask=mask_h, other=0.0).to(tl.float32),
                                        BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
@@ -206,9 +204,7 @@ def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, t
         for d in range(0, world_size):
             if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
                 row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)
-                ptr_x = _peer_ptr(peer_bases_ptr, d, x_offset, OUT_DTYPE) + row_d * HIDDEN
-                if ALIGNED:
-                    ptr_x = tl.multiple_of(ptr_x, 16)
+                ptr_x = _row(_peer_ptr(peer_bases_ptr, d, x_offset, OUT_DTYPE), row_d, HIDDEN, ALIGNED)
                 tl.store(ptr_x + offs_h, values, mask=mask_h)
                 if NUM_SCALES > 0:
                     ptr_s = _peer_ptr(peer_bases_ptr, d, scales_offset, tl.float32) + row_d * NUM_SCALES

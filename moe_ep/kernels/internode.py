@@ -50,7 +50,7 @@ from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers,
-                                         _wait_peers)
+                                         _row, _wait_peers)
 
 
 @triton.jit
@@ -67,9 +67,7 @@ def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, 
     tl.store(_peer_ptr(peer_bases_ptr, proxy, iweights_offset, tl.float32) + row * TOPK + offs_k,
              tl.load(topk_weights_ptr + t64 * TOPK + offs_k, mask=mask_k), mask=mask_k)
     tl.store(_peer_ptr(peer_bases_ptr, proxy, isrc_offset, tl.int32) + row, t)
-    ptr_x = _peer_ptr(peer_bases_ptr, proxy, ix_offset, OUT_DTYPE) + row * HIDDEN
-    if ALIGNED:
-        ptr_x = tl.multiple_of(ptr_x, 16)
+    ptr_x = _row(_peer_ptr(peer_bases_ptr, proxy, ix_offset, OUT_DTYPE), row, HIDDEN, ALIGNED)
     ptr_s = _peer_ptr(peer_bases_ptr, proxy, iscales_offset, tl.float32) + row * NUM_SCALES
     for start in range(0, HIDDEN, BLOCK_H):
         values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
@@ -257,16 +255,12 @@ def _combine_internode_kernel(
             token = tl.load(src_ptr + 2 * i + 1).to(tl.int64)
             src_node = src_rank // GPUS_PER_NODE
             if src_node == my_node:
-                ptr_dst = _peer_ptr(peer_bases_ptr, src_rank, direct_offset, tl.bfloat16) + \
-                    (rank * max_tokens + token) * HIDDEN
-                if ALIGNED:  # (declared in each branch: it does not survive the merge of the two)
-                    ptr_dst = tl.multiple_of(ptr_dst, 16)
+                ptr_dst = _row(_peer_ptr(peer_bases_ptr, src_rank, direct_offset, tl.bfloat16),
+                               rank * max_tokens + token, HIDDEN, ALIGNED)
             else:
                 proxy = my_node * GPUS_PER_NODE + src_rank % GPUS_PER_NODE
-                ptr_dst = _peer_ptr(peer_bases_ptr, proxy, inter_offset, tl.bfloat16) + \
-                    ((my_local * NUM_NODES + src_node) * max_tokens + token) * HIDDEN
-                if ALIGNED:
-                    ptr_dst = tl.multiple_of(ptr_dst, 16)
+                ptr_dst = _row(_peer_ptr(peer_bases_ptr, proxy, inter_offset, tl.bfloat16),
+                               (my_local * NUM_NODES + src_node) * max_tokens + token, HIDDEN, ALIGNED)
             for start in range(0, HIDDEN, BLOCK_H):
                 offs_h = start + tl.arange(0, BLOCK_H)
                 mask_h = offs_h < HIDDEN
@@ -285,19 +279,15 @@ def _combine_internode_kernel(
             for i in range(q, forwarded, proxy_programs):
                 token = tl.load(fwd_token_ptr + node * max_tokens + i).to(tl.int64)
                 sent_to = tl.load(fwd_mask_ptr + node * max_tokens + i)
-                ptr_dst = _peer_ptr(peer_bases_ptr, node * GPUS_PER_NODE + my_local, node_offset, tl.bfloat16) + \
-                    (my_node * max_tokens + token) * HIDDEN
-                if ALIGNED:
-                    ptr_dst = tl.multiple_of(ptr_dst, 16)
+                ptr_dst = _row(_peer_ptr(peer_bases_ptr, node * GPUS_PER_NODE + my_local, node_offset, tl.bfloat16),
+                               my_node * max_tokens + token, HIDDEN, ALIGNED)
                 for start in range(0, HIDDEN, BLOCK_H):
                     offs_h = start + tl.arange(0, BLOCK_H)
                     mask_h = offs_h < HIDDEN
                     acc = tl.zeros([BLOCK_H], tl.float32)
                     for g in range(0, GPUS_PER_NODE):
                         sent = ((sent_to >> (my_node * GPUS_PER_NODE + g)) & 1) != 0
-                        ptr_part = base + ((g * NUM_NODES + node) * max_tokens + token) * HIDDEN
-                        if ALIGNED:
-                            ptr_part = tl.multiple_of(ptr_part, 16)
+                        ptr_part = _row(base, (g * NUM_NODES + node) * max_tokens + token, HIDDEN, ALIGNED)
                         acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
                     tl.store(ptr_dst + offs_h, _to_bf16(acc), mask=mask_h)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_n, remote_n, proxy_programs)
@@ -322,16 +312,12 @@ def _combine_internode_kernel(
                         for g in range(0, GPUS_PER_NODE):
                             d = node * GPUS_PER_NODE + g
                             sent = ((sent_to >> d) & 1) != 0
-                            ptr_part = direct + (d * max_tokens + t64) * HIDDEN
-                            if ALIGNED:
-                                ptr_part = tl.multiple_of(ptr_part, 16)
+                            ptr_part = _row(direct, d * max_tokens + t64, HIDDEN, ALIGNED)
                             node_acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
                         acc += node_acc
                     else:
                         node_bits = (sent_to >> (node * GPUS_PER_NODE)) & ((1 << GPUS_PER_NODE) - 1)
-                        ptr_part = from_nodes + (node * max_tokens + t64) * HIDDEN
-                        if ALIGNED:
-                            ptr_part = tl.multiple_of(ptr_part, 16)
+                        ptr_part = _row(from_nodes, node * max_tokens + t64, HIDDEN, ALIGNED)
                         acc += tl.load(ptr_part + offs_h, mask=mask_h & (node_bits != 0), other=0.0).to(tl.float32)
                 tl.store(out_ptr + t64 * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)

@@ -20,7 +20,7 @@ import triton.language as tl
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import (PHASE_COPY_CREDIT, PHASE_COPY_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch,
-                                         _peer_ptr, _signal_peers, _wait_peers)
+                                         _peer_ptr, _row, _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -42,11 +42,8 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
     if sending:
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch - 1,
                     epoch, PHASE_COPY_CREDIT, max_polls, 1)
-        ptr_dst = _peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32) + rank * chunk
-        ptr_row = src_ptr + peer * chunk
-        if ALIGNED:
-            ptr_dst = tl.multiple_of(ptr_dst, 16)
-            ptr_row = tl.multiple_of(ptr_row, 16)
+        ptr_dst = _row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED)
+        ptr_row = _row(src_ptr, peer, chunk, ALIGNED)
         for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
             offs = start + tl.arange(0, BLOCK)  # [BLOCK]
             mask = offs < chunk
@@ -58,11 +55,8 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch,
                     epoch, PHASE_COPY_RECV, max_polls, 1)
         if COPY_OUT:
-            ptr_src = _peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32) + peer * chunk
-            ptr_out = out_ptr + peer * chunk
-            if ALIGNED:
-                ptr_src = tl.multiple_of(ptr_src, 16)
-                ptr_out = tl.multiple_of(ptr_out, 16)
+            ptr_src = _row(_peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32), peer, chunk, ALIGNED)
+            ptr_out = _row(out_ptr, peer, chunk, ALIGNED)
             for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 mask = offs < chunk

@@ -52,6 +52,19 @@ def _peer_ptr(peer_bases_ptr, rank, byte_offset, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _row(base_ptr, row, row_len, ALIGNED: tl.constexpr):
+    """Pointer to row ``row`` of ``row_len`` elements from ``base_ptr``, declared 16-byte aligned when
+    ALIGNED (the caller's rows are 16-byte multiples in a 16-aligned region). An address made from
+    an integer (a peer pointer) has no alignment the compiler can see, and then every access of
+    the row is split into element-sized ones. The pointer is computed here because
+    ``tl.multiple_of`` on a function's argument is lost when the function is inlined."""
+    ptr = base_ptr + tl.cast(row, tl.int64) * row_len
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _signal(ptr, value):
     """Publish ``value`` at ``ptr`` after every earlier store of this program (release, sys)."""
     tl.atomic_xchg(ptr, value, sem="release", scope="sys")
