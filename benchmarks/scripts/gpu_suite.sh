@@ -3,7 +3,7 @@
 # never run two multi-rank jobs on the same GPUs at once (each GPU time-slices the process
 # groups, and kernels that wait for all ranks then crawl; benchmarks/NOTES.md run 8).
 # One verbose log per step under $OUT, so a step cut by its time limit still shows what passed.
-# Usage: [SUITE_TIMEOUT=s] [SOAK=1 SOAK_TIMEOUT=s MOE_EP_SOAK_CALLS=... MOE_EP_SOAK_HIDDEN=...] \
+# Usage: [WORLDS="4 2"] [SUITE_TIMEOUT=s] [SOAK=1 SOAK_TIMEOUT=s MOE_EP_SOAK_CALLS=... MOE_EP_SOAK_HIDDEN=...] \
 #        bash benchmarks/scripts/gpu_suite.sh [pytest args]
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -12,10 +12,12 @@ OUT=${OUT:-/tmp/moe_ep_out}
 mkdir -p "$OUT"
 run() {  # name, time limit, pytest args...
   local name=$1 limit=$2; shift 2
-  timeout -k 10 "$limit" python3 -m pytest -v -p no:cacheprovider --durations=12 -rfEs "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" python3 -m pytest -v -p no:cacheprovider -o console_output_style=times --durations=12 -rfEs "$@" >"$OUT/$name.log" 2>&1
   echo "$name: exit $?" >>"$OUT/$name.log"
 }
-run gpu4 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu4 or cuda-4" "$@"
-CUDA_VISIBLE_DEVICES=0,1 run gpu2 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu2 or cuda-2" "$@"
+for w in ${WORLDS:-4 2}; do
+  if [ "$w" = 4 ]; then run gpu4 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu4 or cuda-4" "$@"; fi
+  if [ "$w" = 2 ]; then CUDA_VISIBLE_DEVICES=0,1 run gpu2 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu2 or cuda-2" "$@"; fi
+done
 if [ "${SOAK:-0}" = 1 ]; then run soak4 "${SOAK_TIMEOUT:-600}" -m "soak and gpu" -k gpu4 -s tests/test_soak.py; fi
 grep -h "PASSED\|FAILED\|ERROR\|SKIPPED\|exit\|passed\|failed\| calls in " "$OUT"/*.log
