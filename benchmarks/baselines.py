@@ -57,13 +57,20 @@ def nccl_combine(y, state: NcclState, group):
     return out.to(torch.bfloat16)
 
 
+MAX_VDEV_GROUPS = 16  # torch's NUM_TILES = THREADS_PER_BLOCK / A2AV_TILE_SIZE (512 / 32)
+
+
 class VdevBaseline:
     """torch's NVSHMEM all-to-all for MoE: ``torch.ops.symm_mem.all_to_all_vdev_2d`` for dispatch
     and ``all_to_all_vdev_2d_offset`` for combine, as a torch user would wire them.
 
     Dispatch sends one row per (token, expert) pair — payload (fp8 codes + scales, or bf16) and
-    the pair's weight — sorted by global expert; the receiver gets them expert-major (per local
-    expert, per source rank) with splits and offsets on the device: no host synchronisation.
+    the pair's weight — sorted by destination; the receiver gets them group-major (per group of
+    local experts, per source rank) with splits and offsets on the device: no host
+    synchronisation. torch takes at most ``MAX_VDEV_GROUPS`` splits per rank (its check "Number
+    of experts must be smaller than NUM_TILES"), so a rank's experts are folded into that many
+    groups of consecutive experts (DeepSeek-V3 at EP4: 64 experts per rank, 16 groups of 4); the
+    sort within a group that a layer would still need is not timed.
     Combine sends the expert outputs back with the dispatch's splits/offsets and sums each token's
     pairs. Everything lives in symmetric memory of torch's NVSHMEM backend, which must be the
     process's backend before its first symmetric allocation (``symm_mem.set_backend("NVSHMEM")``).
@@ -75,16 +82,20 @@ class VdevBaseline:
         self.group_name = group.group_name
         self.world = dist.get_world_size(group)
         self.hidden, self.num_experts, self.topk, self.fp8 = hidden, num_experts, topk, fp8
+        experts_per_rank = num_experts // self.world
+        self.groups_per_rank = min(experts_per_rank, MAX_VDEV_GROUPS)
+        self.experts_per_group = -(-experts_per_rank // self.groups_per_rank)
+        splits = self.world * self.groups_per_rank
         payload = hidden + 4 * (hidden // 128) if fp8 else 2 * hidden
         self.row_bytes = payload + 4  # + the pair's weight (float32)
         pairs = max_tokens * topk
         self.inp = symm_mem.empty(pairs, self.row_bytes, dtype=torch.uint8, device=device)
         self.out = symm_mem.empty(pairs * self.world, self.row_bytes, dtype=torch.uint8, device=device)
-        self.in_splits = symm_mem.empty(num_experts, dtype=torch.int64, device=device)
-        self.out_splits_offsets = symm_mem.empty(2, num_experts, dtype=torch.int64, device=device)
+        self.in_splits = symm_mem.empty(splits, dtype=torch.int64, device=device)
+        self.out_splits_offsets = symm_mem.empty(2, splits, dtype=torch.int64, device=device)
         self.y = symm_mem.empty(pairs * self.world, hidden, dtype=torch.bfloat16, device=device)
         self.back = symm_mem.empty(pairs, hidden, dtype=torch.bfloat16, device=device)
-        self.back_splits_offsets = symm_mem.empty(2, num_experts, dtype=torch.int64, device=device)
+        self.back_splits_offsets = symm_mem.empty(2, splits, dtype=torch.int64, device=device)
         for t in (self.inp, self.out, self.in_splits, self.out_splits_offsets, self.y, self.back,
                   self.back_splits_offsets):
             symm_mem.rendezvous(t, self.group_name)
@@ -93,11 +104,14 @@ class VdevBaseline:
 
     def dispatch(self, x, topk_ids, topk_weights):
         num_tokens = x.shape[0]
-        flat = topk_ids.reshape(-1)
-        key = torch.where(flat >= 0, flat, torch.full_like(flat, self.num_experts))  # -1 pairs sort last
+        flat = topk_ids.reshape(-1).long()
+        splits = self.world * self.groups_per_rank
+        experts_per_rank = self.num_experts // self.world
+        group = (flat // experts_per_rank) * self.groups_per_rank + (flat % experts_per_rank) // self.experts_per_group
+        key = torch.where(flat >= 0, group, torch.full_like(flat, splits))  # -1 pairs sort last
         order = torch.argsort(key, stable=True)
         self.pair_token = order // self.topk
-        self.pair_valid = key[order] < self.num_experts
+        self.pair_valid = key[order] < splits
         if self.fp8:
             q, scales = reference.quantize_fp8(x)
             payload = torch.cat([q.view(torch.uint8), scales.view(torch.uint8)], dim=1)
@@ -106,7 +120,7 @@ class VdevBaseline:
         weight = topk_weights.reshape(-1)[order].float().view(torch.uint8).view(-1, 4)
         n = num_tokens * self.topk
         torch.cat([payload[self.pair_token], weight], dim=1, out=self.inp[:n])
-        self.in_splits.copy_(torch.bincount(key, minlength=self.num_experts + 1)[:self.num_experts])
+        self.in_splits.copy_(torch.bincount(key, minlength=splits + 1)[:splits])
         torch.ops.symm_mem.all_to_all_vdev_2d(self.inp, self.out, self.in_splits, self.out_splits_offsets,
                                               self.group_name)
         return self.out, self.out_splits_offsets

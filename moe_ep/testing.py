@@ -56,6 +56,9 @@ def _worker(rank: int, world_size: int, device_type: str, port: int, tasks, resu
         device = torch.device("cpu")
         backend = "gloo"
     else:
+        # The ranks share the host's cores: torch's default (all of them in every process)
+        # oversubscribes them world_size times, and the CPU-side references of the tests crawl.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         device = torch.device(device_type, rank)
         torch.cuda.set_device(device)
         backend = "nccl"
