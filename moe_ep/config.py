@@ -8,6 +8,7 @@ import torch
 
 DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 MODES = ("auto", "ll", "ht")
+INTER_TRANSPORTS = ("auto", "peer", "put")
 QUANT_BLOCK = 128  # values per fp8 scale
 DEFAULT_LL_MAX_TOKENS = 256  # LL capacity per rank in "auto" mode
 # "auto" takes LL up to this many tokens per rank (the count all ranks share), HT above.
@@ -31,6 +32,11 @@ class EpConfig:
     gpus_per_node        ranks per node (consecutive ranks form a node); None: all on one node
     ll_max_tokens        "auto": the most tokens per rank the LL path takes (its heap grows with it)
     crossover_tokens     "auto": LL up to this shared token count (and ll_max_tokens), HT above
+    inter_transport      how a token crosses between nodes: "put" (staged in the own arena, put,
+                         completed, then signalled: NVSHMEM/rocSHMEM calls on the "nvshmem" heap,
+                         else the same steps over peer pointers), "peer" (stored straight into
+                         the proxy's arena: simulated nodes only), "auto" ("put" on the "nvshmem"
+                         heap, else "peer")
     """
 
     hidden: int
@@ -44,6 +50,7 @@ class EpConfig:
     gpus_per_node: int | None = None
     ll_max_tokens: int = DEFAULT_LL_MAX_TOKENS
     crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
+    inter_transport: str = "auto"
 
     def __post_init__(self):
         for name in ("hidden", "num_experts", "topk", "max_tokens_per_rank", "ll_max_tokens", "crossover_tokens"):
@@ -60,12 +67,25 @@ class EpConfig:
             raise ValueError(f"EpConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.gpus_per_node is not None and (not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1):
             raise ValueError(f"EpConfig.gpus_per_node must be a positive int or None, got {self.gpus_per_node!r}")
+        if self.inter_transport not in INTER_TRANSPORTS:
+            raise ValueError(f"EpConfig.inter_transport must be one of {INTER_TRANSPORTS}, got {self.inter_transport!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"EpConfig.timeout_s must be positive, got {self.timeout_s}")
 
     @property
     def fp8(self) -> bool:
         return self.dispatch_dtype == torch.float8_e4m3fn
+
+    @property
+    def inter_puts(self) -> bool:
+        """Whether the inter-node legs are puts (see inter_transport)."""
+        return self.inter_transport == "put" or (self.inter_transport == "auto" and self.backend == "nvshmem")
+
+    @property
+    def inter_shmem(self) -> bool:
+        """Whether those puts are NVSHMEM/rocSHMEM calls (the "nvshmem" heap) rather than copies
+        through peer pointers."""
+        return self.inter_puts and self.backend == "nvshmem"
 
     @property
     def num_scales(self) -> int:

@@ -26,13 +26,18 @@ capacity M = M_ll) a rank also holds, double-buffered like LL:
   inter_dispatch_*         [2, N, M, ...]                 rows [., n, :]: rank (n, my local index) —
                            (x, scales, global topk_ids,   the tokens it sends to this node, which this
                            weights, src_token)            rank forwards to the node's ranks
-  inter_dispatch_count /   [2, N] int32                   slot [., n]: that rank
-  _signal
+  inter_dispatch_count /   [2, N] int64                   slot [., n]: that rank (rows it sent, then the
+  _signal                                                 epoch; 64-bit: the put transport's word)
   inter_combine_x          [2, G, N, M, H] bfloat16       [., g, n, t]: local rank g's partial of token t
                                                           of rank (n, my local index)
   inter_combine_signal     [2, G] int32                   slot [., g]: local rank g
   node_combine_x           [2, N, M, H] bfloat16          [., m, t]: node m's summed partial of my token t
-  node_combine_signal      [2, N] int32                   slot [., m]: the proxy of node m
+  node_combine_signal      [2, N] int64                   slot [., m]: the proxy of node m (epoch)
+With inter_transport "put", the sources of the puts (written by this rank only, single-buffered:
+a call's puts complete within it):
+  inter_stage_*            [N, M, ...]                    rows [m, :]: this rank's tokens for node m
+  node_stage_x             [N, M, H] bfloat16             [n, t]: this rank's node sum for rank (n, my local)
+  inter_stage_signal       [N] int64                      the count or epoch word being put to node n
 
 B = 2 for LL (double buffer: call e uses half e % 2, no handshake; see kernels/dispatch.py) and
 1 for HT (one buffer with credits: the big path keeps one copy). Bytes per rank ~=
@@ -81,19 +86,31 @@ def _internode_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     m, h = cfg.ll_tokens, cfg.hidden
     rows = 2 * nodes * m  # double-buffered, like every LL region
     value_bytes = 1 if cfg.fp8 else 2
-    return [
+    sizes = [
         ("inter_dispatch_x", rows * h * value_bytes),
         ("inter_dispatch_scales", rows * cfg.num_scales * 4),
         ("inter_dispatch_topk_ids", rows * cfg.topk * 4),
         ("inter_dispatch_topk_weights", rows * cfg.topk * 4),
         ("inter_dispatch_src_token", rows * 4),
-        ("inter_dispatch_count", 2 * 4 * nodes),
-        ("inter_dispatch_signal", 2 * 4 * nodes),
+        ("inter_dispatch_count", 2 * 8 * nodes),
+        ("inter_dispatch_signal", 2 * 8 * nodes),
         ("inter_combine_x", per_node * rows * h * 2),
         ("inter_combine_signal", 2 * 4 * per_node),
         ("node_combine_x", rows * h * 2),
-        ("node_combine_signal", 2 * 4 * nodes),
+        ("node_combine_signal", 2 * 8 * nodes),
     ]
+    if cfg.inter_puts:  # the sources of the puts: one call's rows per destination node
+        staged = nodes * m
+        sizes += [
+            ("inter_stage_x", staged * h * value_bytes),
+            ("inter_stage_scales", staged * cfg.num_scales * 4),
+            ("inter_stage_topk_ids", staged * cfg.topk * 4),
+            ("inter_stage_topk_weights", staged * cfg.topk * 4),
+            ("inter_stage_src_token", staged * 4),
+            ("node_stage_x", staged * h * 2),
+            ("inter_stage_signal", 8 * nodes),
+        ]
+    return sizes
 
 
 def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:

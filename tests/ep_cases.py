@@ -129,7 +129,8 @@ def unaligned(t: torch.Tensor) -> torch.Tensor:
 
 def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
               hidden: int | None = None, topk: int | None = None, seed: int = 0, mode: str = "auto",
-              crossover_tokens: int | None = None, hints: list | None = None, nodes: int = 1):
+              crossover_tokens: int | None = None, hints: list | None = None, nodes: int = 1,
+              inter_transport: str = "auto", backend: str | None = None):
     """``calls`` dispatch + combine pairs on one Buffer with fresh inputs, each checked against the
     reference; returns the rows this rank received over all calls (or, with ``hints``, the path
     each call took; in "auto" mode a call with hint h holds at most h tokens per rank)."""
@@ -142,6 +143,9 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
     extra = {} if crossover_tokens is None else {"crossover_tokens": crossover_tokens}
     if nodes > 1:  # ranks as `nodes` simulated nodes of world / nodes consecutive ranks
         extra["gpus_per_node"] = world // nodes
+        extra["inter_transport"] = inter_transport
+    if backend is not None:
+        extra["backend"] = backend
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
                           max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype, mode=mode, **extra)
     buf = moe_ep.Buffer(ctx.group, cfg)

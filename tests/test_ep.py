@@ -53,21 +53,54 @@ def test_auto_switches_between_paths(ranks):
 
 # Across nodes: the ranks as simulated nodes — two nodes (2 x 2 on four ranks, 2 x 1 on two) for
 # every inter-node case, and one rank per node (4 x 1) for one — every token crossing "the
-# network" once per node through its proxy.
-INTER_CASES = ("fp8-uniform", "fp8-masked-ids", "bf16-skewed-odd-hidden", "fp8-prequantized")
-PER_RANK_NODES_CASE = "fp8-masked-ids"
+# network" once per node through its proxy. Each case names how tokens cross: "put" (staged in
+# the own arena, put, completed, signalled: the structure real nodes need, its puts emulated
+# through peer pointers here) or "peer" (stored straight into the proxy's arena).
+INTER_CASES = {"fp8-uniform": "put", "fp8-masked-ids": "peer", "bf16-skewed-odd-hidden": "put",
+               "fp8-prequantized": "put"}
+PER_RANK_NODES_CASE = "fp8-masked-ids"  # its 4 x 1 layout takes the other transport: both see N > 2
 
 
-@pytest.mark.parametrize("kind, dtype, extra, one_rank_per_node",
-                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, id=c[3]) for c in CASES if c[3] in INTER_CASES])
-def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_node):
+@pytest.mark.parametrize("kind, dtype, extra, one_rank_per_node, transport",
+                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, INTER_CASES[c[3]], id=c[3])
+                          for c in CASES if c[3] in INTER_CASES])
+def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_node, transport):
     """The inter-node path (proxy forwarding, per-node pre-summed combine) against the reference
     with its node-ordered combine: five calls, poisoned outputs, every valid row bit-exact."""
     on_cpu = ranks.device == "cpu"
     shape = CPU_SHAPE if on_cpu else GPU_SHAPE
     hidden = extra.get("hidden_cpu" if on_cpu else "hidden_gpu")
-    layouts = [2] + ([ranks.world_size] if one_rank_per_node and ranks.world_size > 2 else [])
-    for nodes in layouts:
+    other = {"put": "peer", "peer": "put"}[transport]
+    layouts = [(2, transport)] + ([(ranks.world_size, other)] if one_rank_per_node and ranks.world_size > 2 else [])
+    for nodes, how in layouts:
         received = ranks.run(run_calls, kind, dtype, shape, CALLS, prequantized=extra.get("prequantized", False),
-                             hidden=hidden, topk=extra.get("topk"), mode="ll", nodes=nodes)
-        assert all(r > 0 for r in received), f"{nodes} nodes: some rank received nothing: {received}"
+                             hidden=hidden, topk=extra.get("topk"), mode="ll", nodes=nodes, inter_transport=how)
+        assert all(r > 0 for r in received), f"{nodes} nodes ({how}): some rank received nothing: {received}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world, nodes", [(4, 2), (4, 4), (2, 2)], ids=["gpu4-2x2", "gpu4-4x1", "gpu2-2x1"])
+def test_internode_nvshmem_puts(world, nodes):
+    """The inter-node legs as real NVSHMEM puts (the heap in torch's NVSHMEM symmetric memory,
+    the kernels linked with its device library), ranks as simulated nodes: five calls each of fp8
+    and bf16 against the reference. Fresh rank processes: NVSHMEM must be torch's symmetric-memory
+    backend before a process's first allocation."""
+    import torch
+
+    from moe_ep.testing import RankPool
+
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
+    with RankPool(world, "cuda") as pool:
+        why = pool.run(_shmem_missing)[0]
+        assert why is None, f"NVSHMEM device calls unavailable on the GPU ranks: {why}"
+        for dtype in ("float8_e4m3fn", "bfloat16"):
+            received = pool.run(run_calls, "uniform", dtype, GPU_SHAPE, CALLS, mode="ll", nodes=nodes,
+                                inter_transport="put", backend="nvshmem")
+            assert all(r > 0 for r in received), f"{dtype}: some rank received nothing: {received}"
+
+
+def _shmem_missing(ctx):
+    from moe_ep.transport import shmem
+
+    return shmem.available()

@@ -47,10 +47,12 @@ import triton.language as tl
 from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
                                      _receive_program, _route_block, _send_token, rows_aligned)
 from moe_ep.kernels.numerics import _to_bf16
-from moe_ep.kernels.registry import register
+from moe_ep.kernels.registry import KERNELS, register
+from moe_ep.transport import shmem
 from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers,
                                          _row, _wait_peers)
+from moe_ep.transport.shmem import _complete_puts, _put_row, _put_word
 
 
 @triton.jit
@@ -77,6 +79,24 @@ def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, 
             tl.store(ptr_s + offs_s, scales, mask=mask_s)
 
 
+@triton.jit
+def _put_staged_token(peer_bases_ptr, rank, proxy, stage_row, row, sx_offset, sscales_offset, sids_offset,
+                      sweights_offset, ssrc_offset, ix_offset, iscales_offset, iids_offset, iweights_offset,
+                      isrc_offset, HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                      OUT_DTYPE: tl.constexpr, SHMEM: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Put the token staged at row ``stage_row`` of this rank's ``inter_stage_*`` regions into row
+    ``row`` of ``proxy``'s ``inter_dispatch_*`` regions, field by field."""
+    _put_row(peer_bases_ptr, rank, proxy, ix_offset, row, sx_offset, stage_row, HIDDEN, OUT_DTYPE, SHMEM, ALIGNED,
+             BLOCK)
+    if NUM_SCALES > 0:
+        _put_row(peer_bases_ptr, rank, proxy, iscales_offset, row, sscales_offset, stage_row, NUM_SCALES, tl.float32,
+                 SHMEM, False, BLOCK)
+    _put_row(peer_bases_ptr, rank, proxy, iids_offset, row, sids_offset, stage_row, TOPK, tl.int32, SHMEM, False, BLOCK)
+    _put_row(peer_bases_ptr, rank, proxy, iweights_offset, row, sweights_offset, stage_row, TOPK, tl.float32, SHMEM,
+             False, BLOCK)
+    _put_row(peer_bases_ptr, rank, proxy, isrc_offset, row, ssrc_offset, stage_row, 1, tl.int32, SHMEM, False, BLOCK)
+
+
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
 @triton.jit(do_not_specialize=("num_tokens", "send_programs", "forward_parts", "recv_parts", "num_programs"))
@@ -86,10 +106,12 @@ def _dispatch_internode_kernel(
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
         expert_counts_offset, signal_offset, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset,
-        icount_offset, isignal_offset, counters_ptr, status_ptr,
+        icount_offset, isignal_offset, sx_offset, sscales_offset, sids_offset, sweights_offset, ssrc_offset,
+        ssignal_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
+        PUT: tl.constexpr, SHMEM: tl.constexpr,
         send_programs, forward_parts, recv_parts,
         num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -106,9 +128,11 @@ def _dispatch_internode_kernel(
         half, world_size, max_tokens, x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
         signal_offset, HIDDEN * ELEMENT_BYTES, NUM_SCALES * 4, TOPK * 4)
     expert_counts_offset += half * world_size * EXPERTS_PER_RANK * 4
-    ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset, icount_offset, isignal_offset = _half_offsets(
+    ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset, _, _ = _half_offsets(
         half, NUM_NODES, max_tokens, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset,
         icount_offset, isignal_offset, HIDDEN * ELEMENT_BYTES, NUM_SCALES * 4, TOPK * 4)
+    icount_offset += half * NUM_NODES * 8  # 64-bit words: what the put transport writes
+    isignal_offset += half * NUM_NODES * 8
     my_node = rank // GPUS_PER_NODE
     my_local = rank % GPUS_PER_NODE
     offs_r = tl.arange(0, BLOCK_R)
@@ -116,7 +140,6 @@ def _dispatch_internode_kernel(
     local_r = mask_r & (offs_r // GPUS_PER_NODE == my_node)  # [BLOCK_R] ranks of the own node
     offs_n = tl.arange(0, BLOCK_N)
     remote_n = (offs_n < NUM_NODES) & (offs_n != my_node)  # [BLOCK_N] the other nodes
-    proxies = tl.where(offs_n < NUM_NODES, offs_n * GPUS_PER_NODE + my_local, 0)  # [BLOCK_N] this rank's proxies
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     if pid < send_programs:
@@ -146,20 +169,40 @@ def _dispatch_internode_kernel(
                 node_slot_t = tl.sum(tl.where(sel, node_slots, 0), axis=0)
                 for m in range(0, NUM_NODES):
                     if tl.sum(tl.where(offs_n == m, node_t, 0), axis=0) > 0:
-                        _put_token_to_proxy(t, tl.sum(tl.where(offs_n == m, node_slot_t, 0), axis=0),
-                                            m * GPUS_PER_NODE + my_local, my_node, ids_t, x_ptr, x_scales_ptr,
-                                            topk_weights_ptr, peer_bases_ptr, ix_offset, iscales_offset, iids_offset,
-                                            iweights_offset, isrc_offset, max_tokens, offs_k, mask_k, HIDDEN, TOPK,
-                                            NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
+                        slot_m = tl.sum(tl.where(offs_n == m, node_slot_t, 0), axis=0)
+                        if PUT:  # staged in the own arena (rows of node m), then put to the proxy
+                            _put_token_to_proxy(t, slot_m, rank, m, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
+                                                peer_bases_ptr, sx_offset, sscales_offset, sids_offset,
+                                                sweights_offset, ssrc_offset, max_tokens, offs_k, mask_k, HIDDEN,
+                                                TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
+                            _put_staged_token(peer_bases_ptr, rank, m * GPUS_PER_NODE + my_local,
+                                              m * max_tokens + slot_m, my_node * max_tokens + slot_m, sx_offset,
+                                              sscales_offset, sids_offset, sweights_offset, ssrc_offset, ix_offset,
+                                              iscales_offset, iids_offset, iweights_offset, isrc_offset, HIDDEN,
+                                              TOPK, NUM_SCALES, OUT_DTYPE, SHMEM, ALIGNED, BLOCK_COPY)
+                        else:
+                            _put_token_to_proxy(t, slot_m, m * GPUS_PER_NODE + my_local, my_node, ids_t, x_ptr,
+                                                x_scales_ptr, topk_weights_ptr, peer_bases_ptr, ix_offset,
+                                                iscales_offset, iids_offset, iweights_offset, isrc_offset,
+                                                max_tokens, offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES, QUANTIZE,
+                                                X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
             counts += tl.sum(is_local, axis=0)
             node_counts += tl.sum(is_node, axis=0)
             hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, send_programs)
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
                        offs_r, world_size, epoch, EXPERTS_PER_RANK)
+        if PUT:
+            _complete_puts(SHMEM)  # before arriving: the last arriver signals for every sender
         last_n = _arrive(counters_ptr + SEND_ARRIVALS + world_size + offs_n, remote_n, send_programs)
-        tl.store(_peer_ptr(peer_bases_ptr, proxies, icount_offset + my_node * 4, tl.int32), node_counts, mask=last_n)
-        _signal_peers(peer_bases_ptr, isignal_offset, my_node, proxies, last_n, epoch)
+        for m in range(0, NUM_NODES):  # the row count, then the epoch that signals it
+            if tl.sum(tl.where(offs_n == m, last_n.to(tl.int32), 0), axis=0) > 0:
+                proxy = m * GPUS_PER_NODE + my_local
+                count_m = tl.sum(tl.where(offs_n == m, node_counts, 0), axis=0)
+                _put_word(peer_bases_ptr, rank, proxy, icount_offset + my_node * 8, ssignal_offset + m * 8, count_m,
+                          SHMEM)
+                _put_word(peer_bases_ptr, rank, proxy, isignal_offset + my_node * 8, ssignal_offset + m * 8, epoch,
+                          SHMEM)
     elif pid < send_programs + NUM_NODES * forward_parts:
         node = (pid - send_programs) // forward_parts
         part = (pid - send_programs) % forward_parts
@@ -169,9 +212,11 @@ def _dispatch_internode_kernel(
                 tl.store(fwd_count_ptr + node, 0)
         else:
             offs_one = tl.arange(0, 1) + node
-            _wait_peers(peer_bases_ptr, isignal_offset, status_ptr, rank, offs_one, offs_one * 0 + src_rank,
+            # 64-bit slots: the epoch is the low half of slot `node` (int32 index 2 * node)
+            _wait_peers(peer_bases_ptr, isignal_offset, status_ptr, rank, offs_one * 2, offs_one * 0 + src_rank,
                         offs_one < NUM_NODES, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, 1)
-            staged = tl.load(_peer_ptr(peer_bases_ptr, rank, icount_offset, tl.int32) + node, volatile=True)
+            staged = tl.load(_peer_ptr(peer_bases_ptr, rank, icount_offset + node * 8, tl.int64),
+                             volatile=True).to(tl.int32)
             if part == 0:
                 tl.store(fwd_count_ptr + node, staged)
             first_row = node * max_tokens
@@ -223,8 +268,9 @@ def _dispatch_internode_kernel(
 def _combine_internode_kernel(
         y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr, out_ptr,
         peer_bases_ptr, direct_offset, direct_signal_offset, inter_offset, inter_signal_offset, node_offset,
-        node_signal_offset, counters_ptr, status_ptr, rank, world_size, num_tokens, max_tokens, max_polls,
-        HIDDEN: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, send_programs,
+        node_signal_offset, stage_offset, ssignal_offset, counters_ptr, status_ptr, rank, world_size, num_tokens,
+        max_tokens, max_polls, HIDDEN: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
+        PUT: tl.constexpr, SHMEM: tl.constexpr, send_programs,
         proxy_programs, reduce_programs, num_programs,
         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
         ALIGNED: tl.constexpr):
@@ -239,7 +285,7 @@ def _combine_internode_kernel(
     inter_offset += (GPUS_PER_NODE * NUM_NODES * max_tokens).to(tl.int64) * HIDDEN * 2 * half
     inter_signal_offset += half * GPUS_PER_NODE * 4
     node_offset += (NUM_NODES * max_tokens).to(tl.int64) * HIDDEN * 2 * half
-    node_signal_offset += half * NUM_NODES * 4
+    node_signal_offset += half * NUM_NODES * 8  # 64-bit words: what the put transport writes
     my_node = rank // GPUS_PER_NODE
     my_local = rank % GPUS_PER_NODE
     offs_r = tl.arange(0, BLOCK_R)
@@ -279,8 +325,13 @@ def _combine_internode_kernel(
             for i in range(q, forwarded, proxy_programs):
                 token = tl.load(fwd_token_ptr + node * max_tokens + i).to(tl.int64)
                 sent_to = tl.load(fwd_mask_ptr + node * max_tokens + i)
-                ptr_dst = _row(_peer_ptr(peer_bases_ptr, node * GPUS_PER_NODE + my_local, node_offset, tl.bfloat16),
-                               my_node * max_tokens + token, HIDDEN, ALIGNED)
+                dst_rank = node * GPUS_PER_NODE + my_local
+                if PUT:  # the sum is staged in the own arena, then put
+                    ptr_dst = _row(_peer_ptr(peer_bases_ptr, rank, stage_offset, tl.bfloat16),
+                                   node * max_tokens + token, HIDDEN, ALIGNED)
+                else:
+                    ptr_dst = _row(_peer_ptr(peer_bases_ptr, dst_rank, node_offset, tl.bfloat16),
+                                   my_node * max_tokens + token, HIDDEN, ALIGNED)
                 for start in range(0, HIDDEN, BLOCK_H):
                     offs_h = start + tl.arange(0, BLOCK_H)
                     mask_h = offs_h < HIDDEN
@@ -290,13 +341,21 @@ def _combine_internode_kernel(
                         ptr_part = _row(base, (g * NUM_NODES + node) * max_tokens + token, HIDDEN, ALIGNED)
                         acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
                     tl.store(ptr_dst + offs_h, _to_bf16(acc), mask=mask_h)
+                if PUT:
+                    _put_row(peer_bases_ptr, rank, dst_rank, node_offset, my_node * max_tokens + token, stage_offset,
+                             node * max_tokens + token, HIDDEN, tl.bfloat16, SHMEM, ALIGNED, BLOCK_H)
+        if PUT:
+            _complete_puts(SHMEM)  # before arriving: the last arriver signals for every proxy program
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_n, remote_n, proxy_programs)
-        _signal_peers(peer_bases_ptr, node_signal_offset, my_node, same_local, last, epoch)
+        for node in range(0, NUM_NODES):
+            if tl.sum(tl.where(offs_n == node, last.to(tl.int32), 0), axis=0) > 0:
+                _put_word(peer_bases_ptr, rank, node * GPUS_PER_NODE + my_local, node_signal_offset + my_node * 8,
+                          ssignal_offset + node * 8, epoch, SHMEM)
     else:
         _wait_peers(peer_bases_ptr, direct_signal_offset, status_ptr, rank, offs_r, offs_r, local_r, epoch, epoch,
                     PHASE_COMBINE_RECV, max_polls, BLOCK_R)
-        _wait_peers(peer_bases_ptr, node_signal_offset, status_ptr, rank, offs_n, same_local, remote_n, epoch, epoch,
-                    PHASE_COMBINE_RECV, max_polls, BLOCK_N)
+        _wait_peers(peer_bases_ptr, node_signal_offset, status_ptr, rank, offs_n * 2, same_local, remote_n, epoch,
+                    epoch, PHASE_COMBINE_RECV, max_polls, BLOCK_N)  # the low halves of 64-bit slots
         direct = _peer_ptr(peer_bases_ptr, rank, direct_offset, tl.bfloat16)
         from_nodes = _peer_ptr(peer_bases_ptr, rank, node_offset, tl.bfloat16)
         for t in range(pid - send_programs - proxy_programs, num_tokens, reduce_programs):
@@ -335,18 +394,43 @@ register(_dispatch_internode_kernel,
           **{name: "i64" for name in ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset",
                                       "count_offset", "expert_counts_offset", "signal_offset", "ix_offset",
                                       "iscales_offset", "iids_offset", "iweights_offset", "isrc_offset",
-                                      "icount_offset", "isignal_offset")}},
+                                      "icount_offset", "isignal_offset", "sx_offset", "sscales_offset",
+                                      "sids_offset", "sweights_offset", "ssrc_offset", "ssignal_offset")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
+          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "PUT": False, "SHMEM": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
           "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
 register(_combine_internode_kernel,
          {**{name: "i32" for name in ("send_programs", "proxy_programs", "reduce_programs", "num_programs")},
           "y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64",
           "fwd_token_ptr": "*i32", "fwd_mask_ptr": "*i64", "fwd_count_ptr": "*i32", "out_ptr": "*bf16", **_COMMON,
           **{name: "i64" for name in ("direct_offset", "direct_signal_offset", "inter_offset", "inter_signal_offset",
-                                      "node_offset", "node_signal_offset")}},
-         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2,
+                                      "node_offset", "node_signal_offset", "stage_offset", "ssignal_offset")}},
+         {"HIDDEN": 7168, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "PUT": False, "SHMEM": False, "BLOCK_H": 4096, "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_G": 2,
           "ALIGNED": True})
+
+
+# The put transport's structure (staged rows, puts, 64-bit words) with its emulated puts; the
+# NVSHMEM/rocSHMEM variant (SHMEM) needs the vendor's device library and builds only on GPUs.
+for _spec in [spec for spec in KERNELS if spec.kernel in (_dispatch_internode_kernel, _combine_internode_kernel)]:
+    register(_spec.kernel, _spec.signature, {**_spec.constexprs, "PUT": True})
+
+
+def _stage_offsets(heap, cfg, names) -> list[int]:
+    """The offsets of the put transport's staging regions (zeros where the legs are peer stores:
+    the kernel never reads them then)."""
+    return [heap.offset(name) if cfg.inter_puts else 0 for name in names]
+
+
+_WITH_SHMEM: dict = {}
+
+
+def _launchable(kernel, cfg):
+    """``kernel``, or (NVSHMEM/rocSHMEM puts) its variant linked with the vendor's device library."""
+    if not cfg.inter_shmem:
+        return kernel
+    if kernel not in _WITH_SHMEM:
+        _WITH_SHMEM[kernel] = shmem.with_shmem(kernel)
+    return _WITH_SHMEM[kernel]
 
 
 def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
@@ -358,8 +442,10 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
     experts_per_rank = cfg.experts_per_rank(world)
     handle = out.handle
     num_programs = params.send_programs + nodes * params.forward_parts + world * params.recv_parts + 1
+    stage = _stage_offsets(heap, cfg, ("inter_stage_x", "inter_stage_scales", "inter_stage_topk_ids",
+                                       "inter_stage_topk_weights", "inter_stage_src_token", "inter_stage_signal"))
     sync.before_launch()
-    _dispatch_internode_kernel[(num_programs,)](
+    _launchable(_dispatch_internode_kernel, cfg)[(num_programs,)](
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
         out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
@@ -374,11 +460,14 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
         ix_offset=heap.offset("inter_dispatch_x"), iscales_offset=heap.offset("inter_dispatch_scales"),
         iids_offset=heap.offset("inter_dispatch_topk_ids"), iweights_offset=heap.offset("inter_dispatch_topk_weights"),
         isrc_offset=heap.offset("inter_dispatch_src_token"), icount_offset=heap.offset("inter_dispatch_count"),
-        isignal_offset=heap.offset("inter_dispatch_signal"), counters_ptr=sync.counters("dispatch_inter"),
+        isignal_offset=heap.offset("inter_dispatch_signal"), sx_offset=stage[0], sscales_offset=stage[1],
+        sids_offset=stage[2], sweights_offset=stage[3], ssrc_offset=stage[4], ssignal_offset=stage[5],
+        counters_ptr=sync.counters("dispatch_inter"),
         status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=x.shape[0],
         max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
         EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
-        X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, send_programs=params.send_programs,
+        X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, PUT=cfg.inter_puts,
+        SHMEM=cfg.inter_shmem, send_programs=params.send_programs,
         forward_parts=params.forward_parts, recv_parts=params.recv_parts, num_programs=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
         BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
@@ -395,18 +484,20 @@ def launch_combine_internode(heap, sync, cfg, params, y, handle, out) -> None:
     nodes = cfg.nodes(world)
     per_node = world // nodes
     num_programs = params.send_programs + params.proxy_programs + params.reduce_programs
+    stage = _stage_offsets(heap, cfg, ("node_stage_x", "inter_stage_signal"))
     sync.before_launch()
-    _combine_internode_kernel[(num_programs,)](
+    _launchable(_combine_internode_kernel, cfg)[(num_programs,)](
         y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens, send_mask_ptr=handle.send_mask,
         fwd_token_ptr=handle.forwarded_token, fwd_mask_ptr=handle.forwarded_mask,
         fwd_count_ptr=handle.forwarded_count, out_ptr=out, peer_bases_ptr=heap.peer_bases,
         direct_offset=heap.offset("ll_combine_x"), direct_signal_offset=heap.offset("ll_combine_signal"),
         inter_offset=heap.offset("inter_combine_x"), inter_signal_offset=heap.offset("inter_combine_signal"),
         node_offset=heap.offset("node_combine_x"), node_signal_offset=heap.offset("node_combine_signal"),
+        stage_offset=stage[0], ssignal_offset=stage[1],
         counters_ptr=sync.counters("combine_inter"), status_ptr=sync.status, rank=heap.rank, world_size=world,
         num_tokens=handle.num_tokens, max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
-        GPUS_PER_NODE=per_node, NUM_NODES=nodes, send_programs=params.send_programs,
-        proxy_programs=params.proxy_programs, reduce_programs=params.reduce_programs, num_programs=num_programs,
+        GPUS_PER_NODE=per_node, NUM_NODES=nodes, PUT=cfg.inter_puts, SHMEM=cfg.inter_shmem,
+        send_programs=params.send_programs, proxy_programs=params.proxy_programs, reduce_programs=params.reduce_programs, num_programs=num_programs,
         BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
         BLOCK_G=triton.next_power_of_2(per_node), ALIGNED=cfg.hidden % 8 == 0, num_warps=params.num_warps)
     sync.after_launch()
