@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from moe_ep.timing import median  # noqa: E402  (after the path: the repository may not be installed)
+from moe_ep.config import INTER_PATHS  # noqa: E402  (after the path: the repository may not be installed)
+from moe_ep.timing import median  # noqa: E402
 
 NUM_INPUT_SETS = 3
 VDEV = "nvshmem-vdev2d"  # torch's NVSHMEM all_to_all_vdev_2d baseline
@@ -107,7 +108,8 @@ def _bench_rank(ctx, opts):
         buffers = {}
         for path in opts["paths"]:
             cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=max_tokens,
-                                  dispatch_dtype=dtype, **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]))
+                                  dispatch_dtype=dtype, **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]),
+                                  **({"inter_transport": opts["inter_transport"]} if path in INTER_PATHS else {}))
             buffers[path] = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         for routing, num_tokens, sets in _points(opts, world, dev):
             # The oracle runs on the CPU, as in the tests: torch's CUDA division by a Python
@@ -118,7 +120,7 @@ def _bench_rank(ctx, opts):
                             generator=torch.Generator(device=dev).manual_seed(99)).to(torch.bfloat16)
             ys = [y[:e.num_tokens].cpu() for e in expected]
             z_expected = {path: reference.combine(ys, expected, [num_tokens] * world,
-                                                  opts["gpus_per_node"] if path == "inter" else None)[rank]
+                                                  opts["gpus_per_node"] if path in INTER_PATHS else None)[rank]
                           for path in buffers}
             mine = expected[rank]
             remote_rows = int((mine.src[:, 0] != rank).sum())
@@ -169,7 +171,7 @@ def _bench_rank(ctx, opts):
                 buf.check()
                 rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
                                 remote_rows, mine.num_tokens, row_bytes, hidden,
-                                inter_rows if path == "inter" else 0)
+                                inter_rows if path in INTER_PATHS else 0)
             # The NCCL path (it synchronises with the host, so it runs eagerly).
             nccl_held = {}
 
@@ -476,9 +478,11 @@ def parse_args(argv=None):
     p.add_argument("--skewed-tokens", default="128,4096")
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--routings", default="uniform,skewed")
-    p.add_argument("--paths", default="ll,ht,auto", help="ll, ht, auto, and inter (needs --gpus-per-node)")
+    p.add_argument("--paths", default="ll,ht,auto", help="ll, ht, auto, and inter / inter_ht (need --gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="the inter path: ranks form simulated nodes of this many ranks")
+    p.add_argument("--inter-transport", default="auto", choices=("auto", "peer", "put"),
+                   help="how the inter paths cross between simulated nodes (EpConfig.inter_transport)")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
@@ -504,7 +508,7 @@ def main(argv=None):
         device_kind, worlds = "cpu", [2]
         args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "3", "3", 256, 8, 2
         args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, 1, 4
-        args.paths, args.gpus_per_node = "ll,ht,auto,inter", 1
+        args.paths, args.gpus_per_node = "ll,ht,auto,inter,inter_ht", 1
     else:
         if gpus < 2:
             raise SystemExit("the benchmark needs at least 2 GPUs (or --smoke for a CPU run)")
@@ -514,7 +518,7 @@ def main(argv=None):
     opts = dict(tokens=[int(t) for t in args.tokens.split(",")], skewed_tokens=[int(t) for t in args.skewed_tokens.split(",")],
                 dtypes=args.dtypes.split(","), routings=args.routings.split(","), paths=args.paths.split(","),
                 hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
-                batch=args.batch, gpus_per_node=args.gpus_per_node,
+                batch=args.batch, gpus_per_node=args.gpus_per_node, inter_transport=args.inter_transport,
                 copy_parts=args.copy_parts, copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
     slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from moe_ep import _platform
-from moe_ep.config import EpConfig
+from moe_ep.config import INTER_PATHS, EpConfig
 from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
@@ -40,7 +40,7 @@ class DispatchHandle:
     num_recv_tokens: torch.Tensor  # [1] int32 (device): received rows, [0, num_recv_tokens) valid
     send_mask: torch.Tensor  # [max_tokens_per_rank] int64: bit d set when this rank's token t went to rank d
     num_tokens: int  # tokens this rank dispatched: rows of combine's output
-    path: str  # "ll", "ht" or "inter": the path that dispatched
+    path: str  # "ll", "ht", "inter" or "inter_ht": the path that dispatched
     buffer_id: int  # id() of the Buffer that dispatched
     # Inter-node path only (None otherwise): what this rank forwarded for each other node's rank
     # with its local index, as that rank's proxy.
@@ -87,9 +87,6 @@ class Buffer:
         if self.world_size > 63 or slots > MAX_RANKS.value:
             raise ValueError(f"{self.world_size} ranks in {self.nodes} nodes exceed what one Buffer addresses "
                              f"(at most 63 ranks, and ranks + nodes <= {MAX_RANKS.value} across nodes)")
-        if self.nodes > 1 and cfg.mode != "ll":
-            raise ValueError(f"across nodes (gpus_per_node={cfg.gpus_per_node}) only mode 'll' is built so far, "
-                             f"got mode {cfg.mode!r}")
         if device is None:
             device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
                 torch.device("cuda", torch.cuda.current_device())
@@ -99,7 +96,12 @@ class Buffer:
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
         self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
         self._on_gpu = self.device.type != "cpu"
-        self._staging = HtStaging.allocate(cfg, self.world_size, self.device) if cfg.ht_tokens else None
+        if self.nodes > 1:  # the inter-node path's HT variant stages every token, with node slots
+            self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.max_tokens_per_rank,
+                                               self.nodes) if cfg.mode != "ll" else None
+        else:
+            self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.ht_tokens) \
+                if cfg.ht_tokens else None
         self._tuned = TunedTable.load(tuned)
         self._choices: dict[tuple[str, int], Choice] = {}
 
@@ -114,12 +116,15 @@ class Buffer:
         per-rank batch, which serving stacks know) or else ``cfg.max_tokens_per_rank``.
         LL up to ``cfg.crossover_tokens`` (and the LL capacity), HT above."""
         cfg = self.cfg
-        if self.nodes > 1:
-            return "inter"
         if cfg.mode != "auto":
-            return cfg.mode
-        shared = cfg.max_tokens_per_rank if num_tokens_hint is None else min(num_tokens_hint, cfg.max_tokens_per_rank)
-        return "ll" if shared <= cfg.ll_tokens else "ht"
+            path = cfg.mode
+        else:
+            shared = cfg.max_tokens_per_rank if num_tokens_hint is None else \
+                min(num_tokens_hint, cfg.max_tokens_per_rank)
+            path = "ll" if shared <= cfg.ll_tokens else "ht"
+        if self.nodes > 1:  # across nodes: the inter-node path's LL or HT variant
+            return "inter" if path == "ll" else "inter_ht"
+        return path
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -152,8 +157,9 @@ class Buffer:
             raise TypeError("out must be a DispatchOutput made by this Buffer")
         out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
         params = self.launch_params(path, num_tokens).dispatch
-        if path == "inter":
-            launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
+        if path in INTER_PATHS:
+            launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
+                                      self._staging if path == "inter_ht" else None)
         else:
             launch_dispatch(self.heap, self.sync, self.cfg, params, path, x, x_scales, topk_ids, topk_weights, out,
                             self._staging)
@@ -198,7 +204,7 @@ class Buffer:
         if out is None:
             out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
         params = self.launch_params(handle.path, handle.num_tokens).combine
-        if handle.path == "inter":
+        if handle.path in INTER_PATHS:
             launch_combine_internode(self.heap, self.sync, self.cfg, params, y, handle, out)
         else:
             launch_combine(self.heap, self.sync, self.cfg, params, handle.path, y, handle, out)
@@ -214,7 +220,7 @@ class Buffer:
         if choice is None:
             key = TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
                           dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=bucket,
-                          gpus_per_node=self.cfg.gpus_per_node if path == "inter" else 0)
+                          gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0)
             choice = self._choices[(path, bucket)] = self._tuned.choose(key, self._on_gpu)
             log.info("moe_ep: %s launch parameters for %s", choice.source, key)
         return choice
@@ -228,7 +234,10 @@ class Buffer:
         dispatch + combine per path and token bucket up to the path's capacity, before the first
         timed or serving call."""
         cfg = self.cfg
-        paths = [("inter", cfg.ll_tokens)] if self.nodes > 1 else [("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)]
+        if self.nodes > 1:  # LL variant up to the LL capacity, the HT variant (mode "ht"/"auto") up to all
+            paths = [("inter", cfg.ll_tokens), ("inter_ht", cfg.max_tokens_per_rank if cfg.mode != "ll" else 0)]
+        else:
+            paths = [("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)]
         for path, capacity in paths:
             bucket = 1
             while capacity and bucket <= token_bucket(capacity):

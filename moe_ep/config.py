@@ -9,6 +9,7 @@ import torch
 DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
 MODES = ("auto", "ll", "ht")
 INTER_TRANSPORTS = ("auto", "peer", "put")
+INTER_PATHS = ("inter", "inter_ht")  # the inter-node path's LL and HT variants
 QUANT_BLOCK = 128  # values per fp8 scale
 DEFAULT_LL_MAX_TOKENS = 256  # LL capacity per rank in "auto" mode
 # "auto" takes LL up to this many tokens per rank (the count all ranks share), HT above.
@@ -112,8 +113,11 @@ class EpConfig:
     @staticmethod
     def path_options(path: str, gpus_per_node: int | None = None) -> dict:
         """Keyword arguments that make every call of a Buffer take ``path``: "ll", "ht" or "auto"
-        as the mode, or "inter" (the inter-node path: mode "ll" across nodes of gpus_per_node)."""
-        return {"mode": "ll", "gpus_per_node": gpus_per_node} if path == "inter" else {"mode": path}
+        as the mode, or "inter" / "inter_ht" (the inter-node path's LL / HT variant: mode "ll" / "ht"
+        across nodes of gpus_per_node)."""
+        if path in INTER_PATHS:
+            return {"mode": "ll" if path == "inter" else "ht", "gpus_per_node": gpus_per_node}
+        return {"mode": path}
 
     def nodes(self, world_size: int) -> int:
         """Nodes of ``gpus_per_node`` consecutive ranks (1 when gpus_per_node is None)."""

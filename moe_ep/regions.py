@@ -20,8 +20,9 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   p_combine_signal         [B, R] int32                   slot [., d]: rank d
   ht_combine_credit        [R] int32                      slot s: rank s
 
-Across nodes (N = world / gpus_per_node > 1; G = gpus_per_node; the inter-node path, on the LL
-capacity M = M_ll) a rank also holds, double-buffered like LL:
+Across nodes (N = world / gpus_per_node > 1; G = gpus_per_node; the inter-node path, LL and HT
+variants alike, on M = max_tokens_per_rank: its LL regions above have that capacity and there
+are no HT regions) a rank also holds, double-buffered like LL:
 
   inter_dispatch_*         [2, N, M, ...]                 rows [., n, :]: rank (n, my local index) —
                            (x, scales, global topk_ids,   the tokens it sends to this node, which this
@@ -83,7 +84,7 @@ def _internode_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     if nodes == 1:
         return []
     per_node = world_size // nodes
-    m, h = cfg.ll_tokens, cfg.hidden
+    m, h = cfg.max_tokens_per_rank, cfg.hidden
     rows = 2 * nodes * m  # double-buffered, like every LL region
     value_bytes = 1 if cfg.fp8 else 2
     sizes = [
@@ -114,11 +115,15 @@ def _internode_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
 
 
 def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
-    """(name, bytes) of every region of one rank's arena, in order."""
+    """(name, bytes) of every region of one rank's arena, in order. Across nodes both variants
+    of the inter-node path (LL, HT) use the double-buffered LL regions at the full capacity."""
+    if cfg.nodes(world_size) > 1:
+        return ([("barrier_flags", 4 * world_size)]
+                + _path_regions("ll", cfg, world_size, cfg.max_tokens_per_rank, halves=2, credits=False)
+                + _internode_regions(cfg, world_size))
     return ([("barrier_flags", 4 * world_size)]
             + _path_regions("ll", cfg, world_size, cfg.ll_tokens, halves=2, credits=False)
-            + _path_regions("ht", cfg, world_size, cfg.ht_tokens, halves=1, credits=True)
-            + _internode_regions(cfg, world_size))
+            + _path_regions("ht", cfg, world_size, cfg.ht_tokens, halves=1, credits=True))
 
 
 def heap_bytes(cfg: EpConfig, world_size: int) -> int:

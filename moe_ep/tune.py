@@ -21,12 +21,14 @@ import sys
 
 import torch
 
+from moe_ep.config import INTER_PATHS
+
 
 def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     """The grid searched for ``family`` ("dispatch" or "combine") on ``path``: the default first."""
     if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
         grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
-    elif path == "inter":
+    elif path in INTER_PATHS:
         grid = {"send_programs": (64, 128, 264), "forward_parts": (8, 16, 32), "recv_parts": (8, 16)} \
             if family == "dispatch" else \
             {"send_programs": (64, 128, 264), "proxy_programs": (32, 64, 128), "reduce_programs": (64, 128)}
@@ -67,7 +69,7 @@ def _tune_rank(ctx, opts):
         return float(t)
 
     for dtype_name, path in itertools.product(opts["dtypes"], opts["paths"]):
-        if path == "inter" and world // opts["gpus_per_node"] < 2:
+        if path in INTER_PATHS and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
         dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
         cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
@@ -106,7 +108,7 @@ def _tune_rank(ctx, opts):
             t_default_c, (t_c, best_c) = search("combine", combine_call, lambda c: Choice(best_d, c, "tuning"))
             entries.append(dict(gpu=_platform.device_name(dev), world_size=world, hidden=cfg.hidden,
                                 dispatch_dtype=dtype_name, path=path, bucket=num_tokens,
-                                gpus_per_node=cfg.gpus_per_node if path == "inter" else 0,
+                                gpus_per_node=cfg.gpus_per_node if path in INTER_PATHS else 0,
                                 dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
                                 measured={"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6,
                                           "combine_default_us": t_default_c * 1e6, "combine_tuned_us": t_c * 1e6}))
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", default=None, help="world sizes (default: 2..all GPUs, powers of two)")
     p.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,4096", help="token buckets to tune")
     p.add_argument("--dtypes", default="fp8,bf16")
-    p.add_argument("--paths", default="ll,ht", help="ll, ht, and inter (needs --gpus-per-node)")
+    p.add_argument("--paths", default="ll,ht", help="ll, ht, and inter / inter_ht (need --gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--hidden", type=int, default=7168)
@@ -146,8 +148,8 @@ def main(argv=None) -> int:
         device = "cuda"
         worlds = [int(w) for w in args.worlds.split(",")] if args.worlds else [w for w in (2, 4, 8) if w <= gpus]
     tokens = sorted({token_bucket(int(t)) for t in args.tokens.split(",")})
-    if "inter" in args.paths.split(",") and not args.gpus_per_node:
-        raise SystemExit("--paths inter needs --gpus-per-node")
+    if set(args.paths.split(",")) & set(INTER_PATHS) and not args.gpus_per_node:
+        raise SystemExit("--paths inter / inter_ht need --gpus-per-node")
     opts = dict(tokens=tokens, dtypes=args.dtypes.split(","), paths=args.paths.split(","), hidden=args.hidden,
                 gpus_per_node=args.gpus_per_node,
                 num_experts=args.num_experts, topk=args.topk, iters=args.iters, batch=args.batch)

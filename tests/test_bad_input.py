@@ -54,9 +54,9 @@ def _bad_calls_then_good_one(ctx, shape):
     buf.check()
     buf.close()
     # Configurations that cannot work are refused before anything is allocated.
-    with pytest.raises(ValueError, match="only mode 'll'"):
-        moe_ep.Buffer(ctx.group, moe_ep.EpConfig(hidden=h, num_experts=num_experts, topk=1, max_tokens_per_rank=4,
-                                                 gpus_per_node=1, mode="auto"))
+    with pytest.raises(ValueError, match="inter_transport"):
+        moe_ep.EpConfig(hidden=h, num_experts=num_experts, topk=1, max_tokens_per_rank=4, gpus_per_node=1,
+                        inter_transport="rdma")
     with pytest.raises(ValueError, match="not a multiple of gpus_per_node"):
         moe_ep.Buffer(ctx.group, moe_ep.EpConfig(hidden=h, num_experts=num_experts, topk=1, max_tokens_per_rank=4,
                                                  gpus_per_node=ctx.world_size + 1, mode="ll"))

@@ -55,16 +55,17 @@ def test_auto_switches_between_paths(ranks):
 # every inter-node case, and one rank per node (4 x 1) for one — every token crossing "the
 # network" once per node through its proxy. Each case names how tokens cross: "put" (staged in
 # the own arena, put, completed, signalled: the structure real nodes need, its puts emulated
-# through peer pointers here) or "peer" (stored straight into the proxy's arena).
-INTER_CASES = {"fp8-uniform": "put", "fp8-masked-ids": "peer", "bf16-skewed-odd-hidden": "put",
-               "fp8-prequantized": "put"}
+# through peer pointers here) or "peer" (stored straight into the proxy's arena); and the
+# variant: mode "ll" (each send program routes and quantises) or "ht" (the stage kernel first).
+INTER_CASES = {"fp8-uniform": ("put", "ll"), "fp8-masked-ids": ("peer", "ll"),
+               "bf16-skewed-odd-hidden": ("put", "ht"), "fp8-prequantized": ("peer", "ht")}
 PER_RANK_NODES_CASE = "fp8-masked-ids"  # its 4 x 1 layout takes the other transport: both see N > 2
 
 
-@pytest.mark.parametrize("kind, dtype, extra, one_rank_per_node, transport",
-                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, INTER_CASES[c[3]], id=c[3])
+@pytest.mark.parametrize("kind, dtype, extra, one_rank_per_node, transport, mode",
+                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, *INTER_CASES[c[3]], id=f"{INTER_CASES[c[3]][1]}-{c[3]}")
                           for c in CASES if c[3] in INTER_CASES])
-def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_node, transport):
+def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_node, transport, mode):
     """The inter-node path (proxy forwarding, per-node pre-summed combine) against the reference
     with its node-ordered combine: five calls, poisoned outputs, every valid row bit-exact."""
     on_cpu = ranks.device == "cpu"
@@ -74,8 +75,18 @@ def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_nod
     layouts = [(2, transport)] + ([(ranks.world_size, other)] if one_rank_per_node and ranks.world_size > 2 else [])
     for nodes, how in layouts:
         received = ranks.run(run_calls, kind, dtype, shape, CALLS, prequantized=extra.get("prequantized", False),
-                             hidden=hidden, topk=extra.get("topk"), mode="ll", nodes=nodes, inter_transport=how)
+                             hidden=hidden, topk=extra.get("topk"), mode=mode, nodes=nodes, inter_transport=how)
         assert all(r > 0 for r in received), f"{nodes} nodes ({how}): some rank received nothing: {received}"
+
+
+def test_internode_auto_switches_between_variants(ranks):
+    """mode "auto" across two nodes: the inter-node path's LL, HT, LL, HT, LL variants chosen
+    from a shared token count on one Buffer, every call checked against the reference."""
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    hints = [4, shape.max_tokens_per_rank, 4, shape.max_tokens_per_rank, 4]
+    paths = ranks.run(run_calls, "uniform", "float8_e4m3fn", shape, len(hints), mode="auto", crossover_tokens=4,
+                      hints=hints, nodes=2, inter_transport="put")
+    assert all(p == ["inter", "inter_ht", "inter", "inter_ht", "inter"] for p in paths), paths
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ case $STEP in
   bench) timeout -k 10 ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_ep.py --out "$WORK" --worlds 4,2 --nvshmem on \
          --iters 10 "$@" >>"$LOG" 2>&1 ;;
   tune)  timeout -k 10 ${TUNE_TIMEOUT:-560} python3 -m moe_ep.tune --worlds 4,2 --tokens 1,32,128,512,4096 \
-         --paths ll,ht,inter --gpus-per-node 2 --out "$WORK/tuned.json" "$@" >>"$LOG" 2>&1 ;;
+         --paths ll,ht,inter,inter_ht --gpus-per-node 2 --out "$WORK/tuned.json" "$@" >>"$LOG" 2>&1 ;;
   *) echo "unknown step $STEP" >&2; exit 2 ;;
 esac
 echo "$STEP: exit $?" >>"$LOG"

@@ -90,32 +90,48 @@ def _expert_histogram(ids, BLOCK_ALL_E: tl.constexpr):
     return tl.histogram(tl.maximum(flat, 0), BLOCK_ALL_E, mask=flat >= 0).to(tl.int32)
 
 
+@triton.jit
+def _nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr):
+    """``[BLOCK_T, BLOCK_R]`` destination flags -> ``[BLOCK_T, BLOCK_N]`` int32: 1 where a node
+    other than ``my_node`` holds one of the token's experts."""
+    node_of = (offs_r // GPUS_PER_NODE)[None, :, None] == offs_n[None, None, :]  # [1, BLOCK_R, BLOCK_N]
+    is_node = tl.max(((is_dst[:, :, None] > 0) & node_of).to(tl.int32), axis=1)
+    return tl.where(((offs_n < NUM_NODES) & (offs_n != my_node))[None, :], is_node, 0)
+
+
 @triton.jit(do_not_specialize=("num_tokens",))
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
-                           expert_counts_ptr, send_mask_ptr, world_size, num_tokens,
-                           HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
-                           NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           expert_counts_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, rank, world_size,
+                           num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
+                           NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, GPUS_PER_NODE: tl.constexpr,
+                           NUM_NODES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_ALL_E: tl.constexpr):
     """HT staging, with the whole GPU: program b < cdiv(T, BLOCK_T) lays out token block b
     (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64; the last block also
-    counts [R] int32 and expert_counts [num_experts] int32); every program quantises tokens
-    t % num_programs == pid into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES]
-    float32 (when QUANTIZE)."""
+    counts [R] int32 and expert_counts [num_experts] int32; across nodes (NUM_NODES > 1) also
+    node_slots [T, N] int32, the token's row among those bound for each other node (-1: none),
+    and, last block, node_counts [N]); every program quantises tokens t % num_programs == pid
+    into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE)."""
     pid = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
+    offs_n = tl.arange(0, BLOCK_N)
+    my_node = rank // GPUS_PER_NODE
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     num_blocks = tl.maximum(tl.cdiv(num_tokens, BLOCK_T), 1)
     if pid < num_blocks:
         carry = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier blocks bound for each rank
+        node_carry = tl.zeros([BLOCK_N], tl.int32)  # ... and for each other node
         last_block = pid == num_blocks - 1
         hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # the last block: (token, k) pairs per expert
         for start in range(0, pid * BLOCK_T, BLOCK_T):
             _, ids, is_dst = _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK,
                                           EXPERTS_PER_RANK, BLOCK_T)
             carry += tl.sum(is_dst, axis=0)
+            if NUM_NODES > 1:
+                node_carry += tl.sum(_nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES), axis=0)
             if last_block:
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
         offs_t, ids, is_dst = _route_block(topk_ids_ptr, pid * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
@@ -127,6 +143,13 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
         bits = tl.sum(tl.where(is_dst > 0, tl.full(is_dst.shape, 1, tl.int64) << offs_r[None, :].to(tl.int64), 0),
                       axis=1)  # [BLOCK_T]
         tl.store(send_mask_ptr + offs_t, bits, mask=mask_t)
+        if NUM_NODES > 1:
+            is_node = _nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES)  # [BLOCK_T, BLOCK_N]
+            node_slots = tl.cumsum(is_node, axis=0) - is_node + node_carry[None, :]
+            tl.store(node_slots_ptr + offs_t[:, None] * NUM_NODES + offs_n[None, :],
+                     tl.where(is_node > 0, node_slots, -1), mask=mask_t[:, None] & (offs_n < NUM_NODES)[None, :])
+            if last_block:
+                tl.store(node_counts_ptr + offs_n, node_carry + tl.sum(is_node, axis=0), mask=offs_n < NUM_NODES)
         if last_block:
             tl.store(counts_ptr + offs_r, carry + tl.sum(is_dst, axis=0), mask=mask_r)
             tl.store(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E), hist + _expert_histogram(ids, BLOCK_ALL_E),
@@ -409,9 +432,12 @@ register(_dispatch_kernel, KERNELS[-1].signature,
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "send_mask_ptr": "*i64",
-          "world_size": "i32", "num_tokens": "i32"},
-         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "BLOCK_T": 128,
-          "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_ALL_E": 256})
+          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "rank": "i32", "world_size": "i32", "num_tokens": "i32"},
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "GPUS_PER_NODE": 4,
+          "NUM_NODES": 1, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8, "BLOCK_ALL_E": 256})
+# Across nodes (the inter-node path's HT variant): node slots too.
+register(_dispatch_stage_kernel, KERNELS[-1].signature,
+         {**KERNELS[-1].constexprs, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_N": 2})
 
 
 @dataclass(frozen=True)
@@ -423,15 +449,19 @@ class HtStaging:
     slots: torch.Tensor  # [ht_tokens, world_size] int32: row of token t on rank d, -1 if none
     counts: torch.Tensor  # [world_size] int32: rows this rank sends to each rank
     expert_counts: torch.Tensor  # [num_experts] int32: this rank's (token, k) pairs per expert
+    node_slots: torch.Tensor  # [tokens, nodes] int32 across nodes: row of token t among those for node n, -1 if none
+    node_counts: torch.Tensor  # [nodes] int32: rows this rank sends to each other node
 
     @staticmethod
-    def allocate(cfg, world_size: int, device) -> "HtStaging":
-        rows = cfg.ht_tokens if cfg.fp8 else 0
+    def allocate(cfg, world_size: int, device, tokens: int, nodes: int = 1) -> "HtStaging":
+        rows = tokens if cfg.fp8 else 0
         return HtStaging(x=torch.empty(rows, cfg.hidden, dtype=torch.float8_e4m3fn, device=device),
                          scales=torch.empty(rows, cfg.num_scales, dtype=torch.float32, device=device),
-                         slots=torch.empty(cfg.ht_tokens, world_size, dtype=torch.int32, device=device),
+                         slots=torch.empty(tokens, world_size, dtype=torch.int32, device=device),
                          counts=torch.empty(world_size, dtype=torch.int32, device=device),
-                         expert_counts=torch.empty(cfg.num_experts, dtype=torch.int32, device=device))
+                         expert_counts=torch.empty(cfg.num_experts, dtype=torch.int32, device=device),
+                         node_slots=torch.empty(tokens if nodes > 1 else 0, nodes, dtype=torch.int32, device=device),
+                         node_counts=torch.empty(nodes, dtype=torch.int32, device=device))
 
 
 def rows_aligned(cfg, x, out) -> bool:
@@ -439,6 +469,31 @@ def rows_aligned(cfg, x, out) -> bool:
     aligned addresses, so kernels may declare it (vector loads and stores, also through peer
     pointers); a caller's ``x`` may be an unaligned view."""
     return (cfg.hidden * out.x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+
+
+def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, nodes: int):
+    """The HT stage kernel over this rank's tokens into ``staging`` (``HtStaging``) and
+    ``send_mask``; returns the rows to send, ``(x, x_scales)``: the staged fp8 rows when it
+    quantised them, else the inputs."""
+    world = heap.world_size
+    num_tokens = x.shape[0]
+    quantize = cfg.fp8 and x_scales is None
+    counts = staging.counts
+    sync.before_launch()
+    _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
+        x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
+        staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=staging.slots, counts_ptr=counts,
+        expert_counts_ptr=staging.expert_counts, send_mask_ptr=send_mask,
+        node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
+        rank=heap.rank, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+        EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
+        GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, BLOCK_T=params.block_t, BLOCK_H=params.block_h,
+        BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
+        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
+        num_warps=params.num_warps)
+    if quantize:
+        return staging.x[:num_tokens], staging.scales[:num_tokens]
+    return x, x_scales
 
 
 def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_weights, out, staging=None) -> None:
@@ -460,18 +515,8 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
     slots = counts = expert_counts = send_mask  # placeholders the LL kernel never reads
     block_all_e = triton.next_power_of_2(cfg.num_experts)
     if ht:
-        quantize = cfg.fp8 and x_scales is None
         slots, counts, expert_counts = staging.slots, staging.counts, staging.expert_counts
-        sync.before_launch()
-        _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
-            x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
-            staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=slots, counts_ptr=counts,
-            expert_counts_ptr=expert_counts, send_mask_ptr=send_mask, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
-            EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
-            BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_R=block_r, BLOCK_K=block_k,
-            BLOCK_ALL_E=block_all_e, num_warps=params.num_warps)
-        if quantize:
-            x, x_scales = staging.x[:num_tokens], staging.scales[:num_tokens]
+        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, 1)
     prefix = f"{path}_dispatch_"
     num_programs = params.send_programs + world * params.recv_parts + 1
     sync.before_launch()

@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
-                                     _receive_program, _route_block, _send_token, rows_aligned)
+                                     _nodes_hit, _receive_program, _route_block, _send_token, launch_stage,
+                                     rows_aligned)
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport import shmem
@@ -97,12 +98,49 @@ def _put_staged_token(peer_bases_ptr, rank, proxy, stage_row, row, sx_offset, ss
     _put_row(peer_bases_ptr, rank, proxy, isrc_offset, row, ssrc_offset, stage_row, 1, tl.int32, SHMEM, False, BLOCK)
 
 
+@triton.jit
+def _send_token_across(t, is_local, slot, node_t, node_slot_t, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
+                       send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
+                       src_offset, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset, sx_offset,
+                       sscales_offset, sids_offset, sweights_offset, ssrc_offset, rank, my_node, my_local,
+                       world_size, max_tokens, offs_r, mask_r, offs_n, offs_k, mask_k, HIDDEN: tl.constexpr,
+                       TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
+                       QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, PUT: tl.constexpr,
+                       SHMEM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, ALIGNED: tl.constexpr):
+    """Token t of this rank: into row ``[rank, slot[d]]`` of each own-node rank d where
+    ``is_local[d]``, and once to the proxy of each other node m where ``node_t[m]``, at row
+    ``[my_node, node_slot_t[m]]`` of its inter-node regions (PUT: staged in the own arena, then put)."""
+    _send_token(t, t, rank, is_local, slot, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
+                peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, world_size,
+                max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES,
+                QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+    for m in range(0, NUM_NODES):
+        if tl.sum(tl.where(offs_n == m, node_t, 0), axis=0) > 0:
+            slot_m = tl.sum(tl.where(offs_n == m, node_slot_t, 0), axis=0)
+            if PUT:  # staged in the own arena (rows of node m), then put to the proxy
+                _put_token_to_proxy(t, slot_m, rank, m, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr, peer_bases_ptr,
+                                    sx_offset, sscales_offset, sids_offset, sweights_offset, ssrc_offset, max_tokens,
+                                    offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H,
+                                    ALIGNED)
+                _put_staged_token(peer_bases_ptr, rank, m * GPUS_PER_NODE + my_local, m * max_tokens + slot_m,
+                                  my_node * max_tokens + slot_m, sx_offset, sscales_offset, sids_offset,
+                                  sweights_offset, ssrc_offset, ix_offset, iscales_offset, iids_offset,
+                                  iweights_offset, isrc_offset, HIDDEN, TOPK, NUM_SCALES, OUT_DTYPE, SHMEM, ALIGNED,
+                                  BLOCK_COPY)
+            else:
+                _put_token_to_proxy(t, slot_m, m * GPUS_PER_NODE + my_local, my_node, ids_t, x_ptr, x_scales_ptr,
+                                    topk_weights_ptr, peer_bases_ptr, ix_offset, iscales_offset, iids_offset,
+                                    iweights_offset, isrc_offset, max_tokens, offs_k, mask_k, HIDDEN, TOPK,
+                                    NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
+
+
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
 @triton.jit(do_not_specialize=("num_tokens", "send_programs", "forward_parts", "recv_parts", "num_programs"))
 def _dispatch_internode_kernel(
-        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr,
-        out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, expert_counts_ptr,
+        node_slots_ptr, node_counts_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
         expert_counts_offset, signal_offset, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset,
@@ -111,7 +149,7 @@ def _dispatch_internode_kernel(
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
-        PUT: tl.constexpr, SHMEM: tl.constexpr,
+        PUT: tl.constexpr, SHMEM: tl.constexpr, STAGED: tl.constexpr,
         send_programs, forward_parts, recv_parts,
         num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -143,52 +181,51 @@ def _dispatch_internode_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     if pid < send_programs:
-        counts = tl.zeros([BLOCK_R], tl.int32)  # earlier tokens bound for each own-node rank
-        node_counts = tl.zeros([BLOCK_N], tl.int32)  # earlier tokens bound for each other node
-        hist = tl.zeros([BLOCK_ALL_E], tl.int32)
-        for chunk in range(0, num_tokens, BLOCK_T):
-            offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                               EXPERTS_PER_RANK, BLOCK_T)
-            is_local = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R]
-            node_of = (offs_r // GPUS_PER_NODE)[None, :, None] == offs_n[None, None, :]  # [1, BLOCK_R, BLOCK_N]
-            is_node = tl.max(((is_dst[:, :, None] > 0) & node_of).to(tl.int32), axis=1)
-            is_node = tl.where(remote_n[None, :], is_node, 0)  # [BLOCK_T, BLOCK_N]
-            slots = tl.cumsum(is_local, axis=0) - is_local + counts[None, :]
-            node_slots = tl.cumsum(is_node, axis=0) - is_node + node_counts[None, :]
-            first = chunk + (pid - chunk % send_programs + send_programs) % send_programs
-            for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), send_programs):
-                sel = (offs_t == t)[:, None]
-                ids_t = tl.sum(tl.where(sel, ids, 0), axis=0)
-                tl.store(send_mask_ptr + t, _bits(tl.sum(tl.where(sel, is_dst, 0), axis=0) > 0, offs_r))
-                _send_token(t, t, rank, tl.sum(tl.where(sel, is_local, 0), axis=0),
-                            tl.sum(tl.where(sel, slots, 0), axis=0), ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
-                            send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
-                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            0, 1, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
-                node_t = tl.sum(tl.where(sel, is_node, 0), axis=0)  # [BLOCK_N]
-                node_slot_t = tl.sum(tl.where(sel, node_slots, 0), axis=0)
-                for m in range(0, NUM_NODES):
-                    if tl.sum(tl.where(offs_n == m, node_t, 0), axis=0) > 0:
-                        slot_m = tl.sum(tl.where(offs_n == m, node_slot_t, 0), axis=0)
-                        if PUT:  # staged in the own arena (rows of node m), then put to the proxy
-                            _put_token_to_proxy(t, slot_m, rank, m, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
-                                                peer_bases_ptr, sx_offset, sscales_offset, sids_offset,
-                                                sweights_offset, ssrc_offset, max_tokens, offs_k, mask_k, HIDDEN,
-                                                TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
-                            _put_staged_token(peer_bases_ptr, rank, m * GPUS_PER_NODE + my_local,
-                                              m * max_tokens + slot_m, my_node * max_tokens + slot_m, sx_offset,
-                                              sscales_offset, sids_offset, sweights_offset, ssrc_offset, ix_offset,
-                                              iscales_offset, iids_offset, iweights_offset, isrc_offset, HIDDEN,
-                                              TOPK, NUM_SCALES, OUT_DTYPE, SHMEM, ALIGNED, BLOCK_COPY)
-                        else:
-                            _put_token_to_proxy(t, slot_m, m * GPUS_PER_NODE + my_local, my_node, ids_t, x_ptr,
-                                                x_scales_ptr, topk_weights_ptr, peer_bases_ptr, ix_offset,
-                                                iscales_offset, iids_offset, iweights_offset, isrc_offset,
-                                                max_tokens, offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES, QUANTIZE,
-                                                X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
-            counts += tl.sum(is_local, axis=0)
-            node_counts += tl.sum(is_node, axis=0)
-            hist += _expert_histogram(ids, BLOCK_ALL_E)
+        if STAGED:  # the stage kernel laid the tokens out (and quantised them): send programs only copy
+            counts = tl.load(counts_ptr + offs_r, mask=local_r, other=0)  # [BLOCK_R] rows for own-node ranks
+            node_counts = tl.load(node_counts_ptr + offs_n, mask=remote_n, other=0)  # [BLOCK_N]
+            hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
+                           mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
+            for t in range(pid, num_tokens, send_programs):
+                slot = tl.load(slots_ptr + t * world_size + offs_r, mask=local_r, other=-1)
+                node_slot_t = tl.load(node_slots_ptr + t * NUM_NODES + offs_n, mask=remote_n, other=-1)
+                ids_t = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
+                _send_token_across(t, (slot >= 0).to(tl.int32), slot, (node_slot_t >= 0).to(tl.int32), node_slot_t,
+                                   ids_t, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr,
+                                   x_offset, scales_offset, ids_offset, weights_offset, src_offset, ix_offset,
+                                   iscales_offset, iids_offset, iweights_offset, isrc_offset, sx_offset,
+                                   sscales_offset, sids_offset, sweights_offset, ssrc_offset, rank, my_node, my_local,
+                                   world_size, max_tokens, offs_r, mask_r, offs_n, offs_k, mask_k, HIDDEN, TOPK,
+                                   EXPERTS_PER_RANK, NUM_SCALES, False, X_FP8, OUT_DTYPE, GPUS_PER_NODE, NUM_NODES,
+                                   PUT, SHMEM, BLOCK_H, BLOCK_COPY, ALIGNED)
+        else:  # every send program routes all tokens itself (one pass) and quantises its own
+            counts = tl.zeros([BLOCK_R], tl.int32)  # earlier tokens bound for each own-node rank
+            node_counts = tl.zeros([BLOCK_N], tl.int32)  # earlier tokens bound for each other node
+            hist = tl.zeros([BLOCK_ALL_E], tl.int32)
+            for chunk in range(0, num_tokens, BLOCK_T):
+                offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                                   EXPERTS_PER_RANK, BLOCK_T)
+                is_local = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R]
+                is_node = _nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES)  # [BLOCK_T, BLOCK_N]
+                slots = tl.cumsum(is_local, axis=0) - is_local + counts[None, :]
+                node_slots = tl.cumsum(is_node, axis=0) - is_node + node_counts[None, :]
+                first = chunk + (pid - chunk % send_programs + send_programs) % send_programs
+                for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), send_programs):
+                    sel = (offs_t == t)[:, None]
+                    tl.store(send_mask_ptr + t, _bits(tl.sum(tl.where(sel, is_dst, 0), axis=0) > 0, offs_r))
+                    _send_token_across(t, tl.sum(tl.where(sel, is_local, 0), axis=0),
+                                       tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, is_node, 0), axis=0),
+                                       tl.sum(tl.where(sel, node_slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
+                                       x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr,
+                                       x_offset, scales_offset, ids_offset, weights_offset, src_offset, ix_offset,
+                                       iscales_offset, iids_offset, iweights_offset, isrc_offset, sx_offset,
+                                       sscales_offset, sids_offset, sweights_offset, ssrc_offset, rank, my_node,
+                                       my_local, world_size, max_tokens, offs_r, mask_r, offs_n, offs_k, mask_k,
+                                       HIDDEN, TOPK, EXPERTS_PER_RANK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE,
+                                       GPUS_PER_NODE, NUM_NODES, PUT, SHMEM, BLOCK_H, BLOCK_COPY, ALIGNED)
+                counts += tl.sum(is_local, axis=0)
+                node_counts += tl.sum(is_node, axis=0)
+                hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, local_r, send_programs)
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
                        offs_r, world_size, epoch, EXPERTS_PER_RANK)
@@ -387,7 +424,8 @@ _COMMON = {"peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32
 register(_dispatch_internode_kernel,
          {**{name: "i32" for name in ("send_programs", "forward_parts", "recv_parts", "num_programs")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
-          "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "node_slots_ptr": "*i32",
+          "node_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
           "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32", "out_num_tokens_ptr": "*i32",
           "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64", "fwd_token_ptr": "*i32",
           "fwd_mask_ptr": "*i64", "fwd_count_ptr": "*i32", **_COMMON,
@@ -397,7 +435,7 @@ register(_dispatch_internode_kernel,
                                       "icount_offset", "isignal_offset", "sx_offset", "sscales_offset",
                                       "sids_offset", "sweights_offset", "ssrc_offset", "ssignal_offset")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "PUT": False, "SHMEM": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
+          "GPUS_PER_NODE": 2, "NUM_NODES": 2, "PUT": False, "SHMEM": False, "STAGED": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
           "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
 register(_combine_internode_kernel,
          {**{name: "i32" for name in ("send_programs", "proxy_programs", "reduce_programs", "num_programs")},
@@ -413,6 +451,9 @@ register(_combine_internode_kernel,
 # NVSHMEM/rocSHMEM variant (SHMEM) needs the vendor's device library and builds only on GPUs.
 for _spec in [spec for spec in KERNELS if spec.kernel in (_dispatch_internode_kernel, _combine_internode_kernel)]:
     register(_spec.kernel, _spec.signature, {**_spec.constexprs, "PUT": True})
+# The HT variant's dispatch (staged, pre-quantised input).
+register(_dispatch_internode_kernel, KERNELS[-2].signature,
+         {**KERNELS[-2].constexprs, "STAGED": True, "QUANTIZE": False, "X_FP8": True})
 
 
 def _stage_offsets(heap, cfg, names) -> list[int]:
@@ -433,21 +474,30 @@ def _launchable(kernel, cfg):
     return _WITH_SHMEM[kernel]
 
 
-def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
+def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out,
+                              staging=None) -> None:
     """The inter-node dispatch of this rank's tokens into ``out`` (inputs as ``launch_dispatch``'s;
-    ``out.handle`` carries the forwarding record). Inputs are validated by the caller (``Buffer``)."""
+    ``out.handle`` carries the forwarding record). ``staging`` (``HtStaging``): the HT variant —
+    the stage kernel lays the tokens out and quantises them with the whole GPU first; None: the
+    LL variant. Inputs are validated by the caller (``Buffer``)."""
     world = heap.world_size
     nodes = cfg.nodes(world)
     per_node = world // nodes
     experts_per_rank = cfg.experts_per_rank(world)
     handle = out.handle
+    staged = staging is not None
+    if staged:
+        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, handle.send_mask, nodes)
+    layout = (staging.slots, staging.counts, staging.expert_counts, staging.node_slots, staging.node_counts) \
+        if staged else (handle.send_mask,) * 5  # placeholders the LL variant never reads
     num_programs = params.send_programs + nodes * params.forward_parts + world * params.recv_parts + 1
     stage = _stage_offsets(heap, cfg, ("inter_stage_x", "inter_stage_scales", "inter_stage_topk_ids",
                                        "inter_stage_topk_weights", "inter_stage_src_token", "inter_stage_signal"))
     sync.before_launch()
     _launchable(_dispatch_internode_kernel, cfg)[(num_programs,)](
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
-        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
+        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=layout[0], counts_ptr=layout[1],
+        expert_counts_ptr=layout[2], node_slots_ptr=layout[3], node_counts_ptr=layout[4],
         out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
@@ -464,10 +514,10 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
         sids_offset=stage[2], sweights_offset=stage[3], ssrc_offset=stage[4], ssignal_offset=stage[5],
         counters_ptr=sync.counters("dispatch_inter"),
         status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=x.shape[0],
-        max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+        max_tokens=cfg.max_tokens_per_rank, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
         EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
         X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, PUT=cfg.inter_puts,
-        SHMEM=cfg.inter_shmem, send_programs=params.send_programs,
+        SHMEM=cfg.inter_shmem, STAGED=staged, send_programs=params.send_programs,
         forward_parts=params.forward_parts, recv_parts=params.recv_parts, num_programs=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
         BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
@@ -495,7 +545,7 @@ def launch_combine_internode(heap, sync, cfg, params, y, handle, out) -> None:
         node_offset=heap.offset("node_combine_x"), node_signal_offset=heap.offset("node_combine_signal"),
         stage_offset=stage[0], ssignal_offset=stage[1],
         counters_ptr=sync.counters("combine_inter"), status_ptr=sync.status, rank=heap.rank, world_size=world,
-        num_tokens=handle.num_tokens, max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
+        num_tokens=handle.num_tokens, max_tokens=cfg.max_tokens_per_rank, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
         GPUS_PER_NODE=per_node, NUM_NODES=nodes, PUT=cfg.inter_puts, SHMEM=cfg.inter_shmem,
         send_programs=params.send_programs, proxy_programs=params.proxy_programs, reduce_programs=params.reduce_programs, num_programs=num_programs,
         BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),

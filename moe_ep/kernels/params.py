@@ -80,6 +80,10 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
                               block_t=64, block_copy=4096, num_warps=4)
+    if path == "inter_ht":  # HT-sized programs after the stage kernel, plus forwarders for each other node
+        return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
+                              stage_programs=_HT_DISPATCH_PROGRAMS, block_h=_row_block(hidden), block_t=128,
+                              block_copy=8192, num_warps=8, forward_parts=32)
     if path == "inter":  # LL-sized programs, plus forwarders for each other node
         return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
                               stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
@@ -102,4 +106,5 @@ def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu
                              block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
     return CombineParams(send_programs=_HT_COMBINE_PROGRAMS,
                          reduce_programs=max(1, min(bucket, _HT_COMBINE_PROGRAMS)),
-                         block_h=min(4096, _row_block(hidden)), num_warps=8)
+                         block_h=min(4096, _row_block(hidden)), num_warps=8,
+                         proxy_programs=256 if path == "inter_ht" else 1)
