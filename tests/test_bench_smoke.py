@@ -16,7 +16,7 @@ def test_benchmark_smoke(tmp_path):
     rows = result["rows"]
     impls = {(r["impl"], r["op"]) for r in rows}
     assert {("moe_ep-ll", "dispatch"), ("moe_ep-ll", "combine"), ("nccl", "dispatch"), ("nccl", "combine"),
-            ("p2p-copy", "copy")} <= impls
+            ("p2p-copy", "copy"), ("moe_ep-ll-prequant", "dispatch"), ("moe_ep-inter_ht-prequant", "dispatch")} <= impls
     assert all(r["lat_avg_us"] > 0 and r["lat_min_us"] <= r["lat_avg_us"] <= r["lat_max_us"] for r in rows)
     assert {r["tokens"] for r in rows} == {3} and {r["dtype"] for r in rows} == {"fp8", "bf16"}
     assert {r["impl"] for r in rows} >= {"moe_ep-ll", "moe_ep-ht", "moe_ep-auto", "moe_ep-inter", "moe_ep-inter_ht"}

@@ -20,7 +20,7 @@ case $STEP in
   soak)  MOE_EP_SOAK_CALLS=${MOE_EP_SOAK_CALLS:-10000} MOE_EP_SOAK_SECONDS=${MOE_EP_SOAK_SECONDS:-520} \
          MOE_EP_SOAK_HIDDEN=${MOE_EP_SOAK_HIDDEN:-1024} timeout -k 10 570 python3 -m pytest -v -s -p no:cacheprovider \
          -m "soak and gpu" -k "gpu4 and fp8" tests/test_soak.py "$@" >>"$LOG" 2>&1 ;;
-  bench) timeout -k 10 ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_ep.py --out "$WORK" --worlds 4,2 --nvshmem on \
+  bench) timeout -k 10 ${BENCH_TIMEOUT:-560} python3 benchmarks/bench_ep.py --out "$WORK" --worlds 4,2 --nvshmem on --prequantized \
          --iters 10 "$@" >>"$LOG" 2>&1 ;;
   tune)  timeout -k 10 ${TUNE_TIMEOUT:-560} python3 -m moe_ep.tune --worlds 4,2 --tokens 1,32,128,512,4096 \
          --paths ll,ht,inter,inter_ht --gpus-per-node 2 --out "$WORK/tuned.json" "$@" >>"$LOG" 2>&1 ;;
