@@ -28,10 +28,14 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     """The grid searched for ``family`` ("dispatch" or "combine") on ``path``: the default first."""
     if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
         grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
-    elif path in INTER_PATHS:
+    elif path == "inter":
         grid = {"send_programs": (64, 128, 264), "forward_parts": (8, 16, 32), "recv_parts": (8, 16)} \
             if family == "dispatch" else \
             {"send_programs": (64, 128, 264), "proxy_programs": (32, 64, 128), "reduce_programs": (64, 128)}
+    elif path == "inter_ht":  # HT-sized grids after the stage kernel
+        grid = {"send_programs": (264, 528), "forward_parts": (16, 32, 64), "recv_parts": (16, 32)} \
+            if family == "dispatch" else \
+            {"send_programs": (528, 1056), "proxy_programs": (128, 256), "reduce_programs": (264, 1056)}
     elif family == "dispatch":  # token_parts > 1 splits each token's row over programs, in 1024-value chunks
         grid = {"send_programs": (32, 64, 128, 256, 512) if path == "ll" else (132, 264, 528, 1056),
                 "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
