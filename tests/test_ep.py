@@ -90,6 +90,7 @@ def test_internode_auto_switches_between_variants(ranks):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(900)  # fresh processes, NVSHMEM start-up, kernels linked with its device library
 @pytest.mark.parametrize("world, nodes", [(4, 2), (4, 4), (2, 2)], ids=["gpu4-2x2", "gpu4-4x1", "gpu2-2x1"])
 def test_internode_nvshmem_puts(world, nodes):
     """The inter-node legs as real NVSHMEM puts (the heap in torch's NVSHMEM symmetric memory,
@@ -107,7 +108,7 @@ def test_internode_nvshmem_puts(world, nodes):
         assert why is None, f"NVSHMEM device calls unavailable on the GPU ranks: {why}"
         for dtype in ("float8_e4m3fn", "bfloat16"):
             received = pool.run(run_calls, "uniform", dtype, GPU_SHAPE, CALLS, mode="ll", nodes=nodes,
-                                inter_transport="put", backend="nvshmem")
+                                inter_transport="put", backend="nvshmem", timeout=600)
             assert all(r > 0 for r in received), f"{dtype}: some rank received nothing: {received}"
 
 
