@@ -546,7 +546,7 @@ def main(argv=None):
         device_kind, worlds = "cpu", [2]
         args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "3", "3", 256, 8, 2
         args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, 1, 4
-        args.paths, args.gpus_per_node = "ll,ht,auto,inter,inter_ht", 1
+        args.paths, args.gpus_per_node = "ll,ht,inter_ht", 1  # the other paths run the same code
     else:
         if gpus < 2:
             raise SystemExit("the benchmark needs at least 2 GPUs (or --smoke for a CPU run)")

@@ -19,8 +19,8 @@ def test_benchmark_smoke(tmp_path):
             ("p2p-copy", "copy"), ("moe_ep-ll-prequant", "dispatch"), ("moe_ep-inter_ht-prequant", "dispatch")} <= impls
     assert all(r["lat_avg_us"] > 0 and r["lat_min_us"] <= r["lat_avg_us"] <= r["lat_max_us"] for r in rows)
     assert {r["tokens"] for r in rows} == {3} and {r["dtype"] for r in rows} == {"fp8", "bf16"}
-    assert {r["impl"] for r in rows} >= {"moe_ep-ll", "moe_ep-ht", "moe_ep-auto", "moe_ep-inter", "moe_ep-inter_ht"}
-    assert all(r["bw_internode_gbps"] > 0 for r in rows if r["impl"] in ("moe_ep-inter", "moe_ep-inter_ht"))
+    assert {r["impl"] for r in rows} >= {"moe_ep-ll", "moe_ep-ht", "moe_ep-inter_ht"}
+    assert all(r["bw_internode_gbps"] > 0 for r in rows if r["impl"] == "moe_ep-inter_ht")
     assert result["environment"]["commit"] and result["environment"]["torch"]
     for name in ("results.csv", "results.md", "latency.png", "bandwidth.png", "speedup.png"):
         assert (tmp_path / name).stat().st_size > 0, name
