@@ -43,12 +43,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.common import _copy_span
 from moe_ep.kernels.numerics import _quantize_fp8
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr,
-                                         _row, _signal_peers, _wait_peers)
+                                         SEND_ARRIVALS, _arrive, _copy_span, _finish_launch, _launch_epoch,
+                                         _peer_ptr, _row, _signal_peers, _wait_peers)
 
 
 @triton.jit

@@ -449,11 +449,12 @@ register(_combine_internode_kernel,
 
 # The put transport's structure (staged rows, puts, 64-bit words) with its emulated puts; the
 # NVSHMEM/rocSHMEM variant (SHMEM) needs the vendor's device library and builds only on GPUs.
-for _spec in [spec for spec in KERNELS if spec.kernel in (_dispatch_internode_kernel, _combine_internode_kernel)]:
+_DISPATCH_SPEC, _COMBINE_SPEC = KERNELS[-2], KERNELS[-1]
+for _spec in (_DISPATCH_SPEC, _COMBINE_SPEC):
     register(_spec.kernel, _spec.signature, {**_spec.constexprs, "PUT": True})
-# The HT variant's dispatch (staged, pre-quantised input).
-register(_dispatch_internode_kernel, KERNELS[-2].signature,
-         {**KERNELS[-2].constexprs, "STAGED": True, "QUANTIZE": False, "X_FP8": True})
+# The HT variant's dispatch (staged, pre-quantised input), with puts.
+register(_dispatch_internode_kernel, _DISPATCH_SPEC.signature,
+         {**_DISPATCH_SPEC.constexprs, "PUT": True, "STAGED": True, "QUANTIZE": False, "X_FP8": True})
 
 
 def _stage_offsets(heap, cfg, names) -> list[int]:

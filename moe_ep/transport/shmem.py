@@ -22,7 +22,7 @@ import types
 import triton
 import triton.language as tl
 
-from moe_ep.transport.primitives import _peer_ptr, _row
+from moe_ep.transport.primitives import _copy_span, _peer_ptr, _row
 
 try:  # torch's bindings: _nvshmem_triton on CUDA builds, _rocshmem_triton on ROCm (torch >= 2.13)
     import torch
@@ -81,11 +81,8 @@ def _put_row(peer_bases_ptr, rank, pe, dst_offset, dst_row, src_offset, src_row,
     if SHMEM:
         _lib.put(_row(_peer_ptr(peer_bases_ptr, rank, dst_offset, DTYPE), dst_row, row_len, ALIGNED), src, row_len, pe)
     else:
-        dst = _row(_peer_ptr(peer_bases_ptr, pe, dst_offset, DTYPE), dst_row, row_len, ALIGNED)
-        for block in range(0, row_len, BLOCK):
-            offs = block + tl.arange(0, BLOCK)
-            mask = offs < row_len
-            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+        _copy_span(src, _row(_peer_ptr(peer_bases_ptr, pe, dst_offset, DTYPE), dst_row, row_len, ALIGNED), row_len, 0,
+                   1, BLOCK, ALIGNED)
 
 
 @triton.jit
