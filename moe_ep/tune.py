@@ -68,7 +68,7 @@ def _tune_rank(ctx, opts):
     entries = []
 
     def slowest_rank(times):
-        t = torch.tensor([median(times)], dtype=torch.float64)
+        t = torch.tensor([median(times)], dtype=torch.float64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
         return float(t)
 
