@@ -73,8 +73,8 @@ class Buffer:
                  check_inputs: bool = True, tuned: str | None = None):
         """``check_inputs``: also check expert-id values (one device-to-host copy per dispatch;
         skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked.
-        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones and $MOE_EP_TUNED
-        (see ``moe_ep.tuning``)."""
+        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones and $MOE_EP_TUNED,
+        or "off" for the defaults only (see ``moe_ep.tuning``)."""
         self.group = group
         self.cfg = cfg
         self.rank = dist.get_rank(group)

@@ -22,6 +22,7 @@ import sys
 import torch
 
 from moe_ep.config import INTER_PATHS
+from moe_ep.tuning import OFF
 
 
 def candidates(family: str, path: str, default, on_gpu: bool) -> list:
@@ -79,7 +80,7 @@ def _tune_rank(ctx, opts):
         cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
                               max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype,
                               **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]))
-        buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
+        buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False, tuned=OFF)  # the defaults, not a shipped table
         y = torch.zeros(buf.capacity, cfg.hidden, dtype=torch.bfloat16, device=dev)
         for num_tokens in opts["tokens"]:
             gen = torch.Generator(device=dev).manual_seed(7 + rank)

@@ -10,7 +10,9 @@ Token counts are bucketed to powers of two, so a new batch size reuses a bucket'
 
 ``Buffer`` reads the files shipped under ``moe_ep/tuned/``, then the file named by the
 ``MOE_EP_TUNED`` environment variable, then the one passed as ``Buffer(tuned=...)``; a later
-file's entry wins. ``python -m moe_ep.tune`` writes such files.
+file's entry wins; "off" in either place leaves every choice at the defaults (to compare them).
+A bucket with no entry takes the nearest tuned bucket's. ``python -m moe_ep.tune`` writes such
+files.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from moe_ep.kernels.params import CombineParams, DispatchParams, default_combine
 
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 ENV_VAR = "MOE_EP_TUNED"
+OFF = "off"  # as $MOE_EP_TUNED or Buffer(tuned=...): the defaults, no tuned table
 
 
 def token_bucket(num_tokens: int) -> int:
@@ -66,7 +69,10 @@ class TunedTable:
 
     @classmethod
     def load(cls, extra: str | os.PathLike | None = None) -> "TunedTable":
-        """Shipped files, then $MOE_EP_TUNED, then ``extra`` (a later entry wins)."""
+        """Shipped files, then $MOE_EP_TUNED, then ``extra`` (a later entry wins); none at all
+        (the defaults everywhere) when either of those is "off"."""
+        if OFF in (os.environ.get(ENV_VAR), extra):
+            return cls()
         paths = sorted(SHIPPED_DIR.glob("*.json")) if SHIPPED_DIR.is_dir() else []
         paths += [Path(p) for p in (os.environ.get(ENV_VAR), extra) if p]
         table = cls()
@@ -75,11 +81,19 @@ class TunedTable:
         return table
 
     def choose(self, key: TuneKey, on_gpu: bool) -> Choice:
-        """The tuned entry for ``key``, else the defaults."""
+        """The tuned entry for ``key``; else that of the nearest tuned token bucket (by powers of
+        two, the smaller on a tie) of the same GPU, world, hidden, dtype and path: every launch
+        configuration gives the same results, and one tuned beside a size beats the defaults
+        there; else the defaults."""
         if key in self.entries:
             return self.entries[key]
-        return Choice(default_dispatch(key.path, key.hidden, key.world_size, key.bucket, on_gpu),
-                      default_combine(key.path, key.hidden, key.world_size, key.bucket, on_gpu), "default")
+        near = [k for k in self.entries if dataclasses.replace(k, bucket=key.bucket) == key]
+        if near:
+            best = min(near, key=lambda k: (abs(k.bucket.bit_length() - key.bucket.bit_length()), k.bucket))
+            chosen = self.entries[best]
+            return dataclasses.replace(chosen, source=f"{chosen.source} (bucket {best.bucket})")
+        args = (key.path, key.hidden, key.world_size, key.bucket, on_gpu, key.dispatch_dtype)
+        return Choice(default_dispatch(*args), default_combine(*args), "default")
 
 
 def read_entries(path: str | os.PathLike) -> dict[TuneKey, Choice]:

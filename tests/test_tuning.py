@@ -29,18 +29,25 @@ def _entry(key: TuneKey, send_programs: int) -> dict:
 
 
 def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
-    key = TuneKey(gpu="NVIDIA H200", world_size=4, hidden=7168, dispatch_dtype="fp8", path="ll", bucket=128)
+    # A GPU name no shipped table has, so only this test's files answer.
+    key = TuneKey(gpu="test GPU", world_size=4, hidden=7168, dispatch_dtype="fp8", path="ll", bucket=128)
     env_file, extra_file = tmp_path / "env.json", tmp_path / "extra.json"
     write_entries(env_file, [_entry(key, 11)])
     write_entries(extra_file, [_entry(key, 22)])
     monkeypatch.setenv(ENV_VAR, str(env_file))
     assert TunedTable.load().choose(key, True).dispatch.send_programs == 11
+    assert TunedTable.load("off").choose(key, True).source == "default"
     chosen = TunedTable.load(extra_file).choose(key, True)
     assert chosen.dispatch.send_programs == 22 and chosen.source == f"tuned: {extra_file}"
     other = dataclasses.replace(key, bucket=256)
-    fallback = TunedTable.load(extra_file).choose(other, True)
+    near = TunedTable.load(extra_file).choose(other, True)  # the nearest tuned bucket of the same key
+    assert near.dispatch.send_programs == 22 and near.source == f"tuned: {extra_file} (bucket 128)"
+    fallback = TunedTable.load(extra_file).choose(dataclasses.replace(other, hidden=4096), True)
     assert fallback.source == "default"
-    assert fallback.dispatch == default_dispatch("ll", 7168, 4, 256, True)
+    assert fallback.dispatch == default_dispatch("ll", 4096, 4, 256, True)
+    monkeypatch.setenv(ENV_VAR, "off")
+    assert TunedTable.load(extra_file).choose(key, True).source == "default"
+    monkeypatch.setenv(ENV_VAR, str(env_file))
     # A file written before a key field existed reads with that field's default.
     old_file = tmp_path / "old.json"
     legacy = {k: v for k, v in _entry(key, 55).items() if k != "gpus_per_node"}
@@ -50,6 +57,11 @@ def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
     write_entries(extra_file, [_entry(key, 33), _entry(other, 44)])
     entries = json.loads(extra_file.read_text())["entries"]
     assert sorted(e["dispatch"]["send_programs"] for e in entries) == [33, 44]
+    # Between tuned buckets 128 and 256: the nearer by powers of two, the smaller on a tie.
+    table = TunedTable.load(extra_file)
+    picks = {b: table.choose(dataclasses.replace(key, bucket=b), True).dispatch.send_programs
+             for b in (1, 64, 128, 256, 512, 8192)}
+    assert picks == {1: 33, 64: 33, 128: 33, 256: 44, 512: 44, 8192: 44}
 
 
 def test_params_are_validated():

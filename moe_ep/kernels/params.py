@@ -75,8 +75,19 @@ _HT_DISPATCH_PROGRAMS = 264
 _HT_COMBINE_PROGRAMS = 1056
 
 
-def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gpu: bool) -> DispatchParams:
-    """Defaults for the ``path`` dispatch of up to ``bucket`` tokens of ``hidden`` values."""
+# LL rules from the tuning of 4 x H200 (benchmarks/NOTES.md run 10; moe_ep/tuned/nvidia-h200.json):
+# fp8 dispatch up to 128 tokens gains 2-5 us from splitting each token over 4 programs (its
+# quantisation then runs on 4 programs), 256 send programs beat 128 from 128 tokens on
+# (4096: 453 -> 381 us), 32 receive programs per source beat 16 (bf16 4096: 655 -> 611 us); HT
+# combine up to 128 tokens is 5 us faster with 264 programs per side than with 1056.
+_LL_TOKEN_PARTS = 4
+_LL_RECV_PARTS = 32
+
+
+def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gpu: bool,
+                     dispatch_dtype: str = "fp8") -> DispatchParams:
+    """Defaults for the ``path`` dispatch of up to ``bucket`` tokens of ``hidden`` values in
+    ``dispatch_dtype`` ("fp8" or "bf16")."""
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
                               block_t=64, block_copy=4096, num_warps=4)
@@ -88,23 +99,29 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
         return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
                               stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                               num_warps=8, forward_parts=16)
-    if path == "ll":  # one token per send program up to 128 tokens
-        return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
-                              stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
-                              num_warps=8)
+    if path == "ll":
+        if dispatch_dtype == "fp8" and bucket <= 128 and hidden >= _LL_TOKEN_PARTS * 1024:  # 4 programs a token
+            return DispatchParams(send_programs=min(256, max(32, _LL_TOKEN_PARTS * bucket)),
+                                  recv_parts=_LL_RECV_PARTS, stage_programs=1, block_h=1024, block_t=128,
+                                  block_copy=8192, num_warps=8, token_parts=_LL_TOKEN_PARTS)
+        send = 256 if dispatch_dtype == "fp8" and bucket > 128 else max(1, min(bucket, 128))  # bf16: a token each
+        return DispatchParams(send_programs=send, recv_parts=_LL_RECV_PARTS, stage_programs=1,
+                              block_h=_row_block(hidden), block_t=128, block_copy=8192, num_warps=8)
     return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
                           stage_programs=_HT_DISPATCH_PROGRAMS, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                           num_warps=8)
 
 
-def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu: bool) -> CombineParams:
+def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu: bool,
+                    dispatch_dtype: str = "fp8") -> CombineParams:
     """Defaults for the ``path`` combine back to up to ``bucket`` tokens of ``hidden`` values."""
     if not on_gpu:
         return CombineParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
     if path in ("ll", "inter"):
         return CombineParams(send_programs=128, reduce_programs=max(1, min(bucket, 128)),
                              block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
-    return CombineParams(send_programs=_HT_COMBINE_PROGRAMS,
-                         reduce_programs=max(1, min(bucket, _HT_COMBINE_PROGRAMS)),
+    programs = _HT_DISPATCH_PROGRAMS if path == "ht" and bucket <= 128 else _HT_COMBINE_PROGRAMS
+    return CombineParams(send_programs=programs,
+                         reduce_programs=max(1, min(bucket, programs)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8,
                          proxy_programs=256 if path == "inter_ht" else 1)
