@@ -23,7 +23,7 @@ def test_token_bucket(tokens, bucket):
 
 def _entry(key: TuneKey, send_programs: int) -> dict:
     d = dataclasses.asdict(default_dispatch(key.path, key.hidden, key.world_size, key.bucket, True))
-    d["send_programs"] = send_programs
+    d["send_programs"], d["token_parts"] = send_programs, 1
     return dict(dataclasses.asdict(key), dispatch=d,
                 combine=dict(send_programs=8, reduce_programs=8, block_h=1024, num_warps=4))
 
