@@ -41,8 +41,9 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
         grid = {"send_programs": (32, 64, 128, 256, 512) if path == "ll" else (132, 264, 528, 1056),
                 "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
     else:
-        grid = {"send_programs": (64, 128, 264) if path == "ll" else (264, 528, 1056),
-                "reduce_programs": (64, 128) if path == "ll" else (264, 1056), "num_warps": (4, 8)}
+        # Many small send programs: a combine's send phase is latency-bound (run 11: 4224 beat 1056).
+        grid = {"send_programs": (64, 128, 264, 2112) if path == "ll" else (264, 1056, 2112, 4224),
+                "reduce_programs": (64, 128, 2112) if path == "ll" else (264, 1056), "num_warps": (4, 8)}
     names = list(grid)
     out = [default]
     for values in itertools.product(*(grid[n] for n in names)):

@@ -73,6 +73,12 @@ def _row_block(hidden: int) -> int:
 # combine with 8 per multiprocessor (268 us against 307 us with 2).
 _HT_DISPATCH_PROGRAMS = 264
 _HT_COMBINE_PROGRAMS = 1056
+# A combine's send phase is latency-bound (each program: a row's source, then its values, then
+# the remote store): 4 x H100, 4096 tokens, run 11 — HT send phase 757 us with 1056 programs,
+# 650 with 2112, 609 with 4224, 773 with 8448 (whole combine 858 -> 711 us); forced LL at 4096
+# tokens 1002 -> 732 us with 2112 programs on each side.
+_HT_COMBINE_SEND_PROGRAMS = 4224
+_LL_LARGE_COMBINE_PROGRAMS = 2112
 
 
 # LL rules from the tuning of 4 x H200 (benchmarks/NOTES.md run 10; moe_ep/tuned/nvidia-h200.json):
@@ -117,11 +123,16 @@ def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu
     """Defaults for the ``path`` combine back to up to ``bucket`` tokens of ``hidden`` values."""
     if not on_gpu:
         return CombineParams(send_programs=2, reduce_programs=2, block_h=_row_block(hidden), num_warps=4)
+    if path == "ll" and bucket > 256:  # LL forced past its range: HT-like numbers of programs
+        return CombineParams(send_programs=_LL_LARGE_COMBINE_PROGRAMS,
+                             reduce_programs=min(bucket, _LL_LARGE_COMBINE_PROGRAMS),
+                             block_h=min(4096, _row_block(hidden)), num_warps=8)
     if path in ("ll", "inter"):
         return CombineParams(send_programs=128, reduce_programs=max(1, min(bucket, 128)),
                              block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
-    programs = _HT_DISPATCH_PROGRAMS if path == "ht" and bucket <= 128 else _HT_COMBINE_PROGRAMS
-    return CombineParams(send_programs=programs,
-                         reduce_programs=max(1, min(bucket, programs)),
+    small = path == "ht" and bucket <= 128
+    send = _HT_DISPATCH_PROGRAMS if small else _HT_COMBINE_SEND_PROGRAMS if path == "ht" else _HT_COMBINE_PROGRAMS
+    return CombineParams(send_programs=send,
+                         reduce_programs=max(1, min(bucket, _HT_DISPATCH_PROGRAMS if small else _HT_COMBINE_PROGRAMS)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8,
                          proxy_programs=256 if path == "inter_ht" else 1)
