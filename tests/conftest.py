@@ -1,17 +1,22 @@
 """The multi-rank fixture: a test written once runs on CPU ranks in CI and on GPUs with -m gpu."""
 
+import os
+
 import pytest
 import torch
 
 from moe_ep.testing import RankPool
 
-WORLD_SIZES = (2, 4)
+# CPU rank counts: 2 and 4 in CI; MOE_EP_CPU_WORLDS=8 (or "2,4,8") runs 8 CPU ranks, slowly
+# (8 processes on few cores). GPU rank counts: 2, 4 and 8 where that many GPUs are visible.
+CPU_WORLD_SIZES = tuple(int(w) for w in os.environ.get("MOE_EP_CPU_WORLDS", "2,4").split(","))
+GPU_WORLD_SIZES = (2, 4, 8)
 _pools: dict[tuple[str, int], RankPool] = {}
 
 
 def _rank_params():
-    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in WORLD_SIZES]
-    params += [pytest.param(("cuda", w), id=f"gpu{w}", marks=pytest.mark.gpu) for w in WORLD_SIZES]
+    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in CPU_WORLD_SIZES]
+    params += [pytest.param(("cuda", w), id=f"gpu{w}", marks=pytest.mark.gpu) for w in GPU_WORLD_SIZES]
     return params
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The -m gpu suite at world size 4, then 2, then (SOAK=1) the 4-GPU soak, one after another:
+# The -m gpu suite at world size 4, then 2 (WORLDS="8 4 2" on an 8-GPU machine), then (SOAK=1)
+# the 4-GPU soak, one after another:
 # never run two multi-rank jobs on the same GPUs at once (each GPU time-slices the process
 # groups, and kernels that wait for all ranks then crawl; benchmarks/NOTES.md run 8).
 # One verbose log per step under $OUT, so a step cut by its time limit still shows what passed.
@@ -17,6 +18,7 @@ run() {  # name, time limit, pytest args...
 }
 for w in ${WORLDS:-4 2}; do
   if [ "$w" = 4 ]; then run gpu4 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu4 or cuda-4" "$@"; fi
+  if [ "$w" = 8 ]; then run gpu8 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu8 or cuda-8" "$@"; fi
   if [ "$w" = 2 ]; then CUDA_VISIBLE_DEVICES=0,1 run gpu2 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu2 or cuda-2" "$@"; fi
 done
 if [ "${SOAK:-0}" = 1 ]; then run soak4 "${SOAK_TIMEOUT:-600}" -m "soak and gpu" -k gpu4 -s tests/test_soak.py; fi
