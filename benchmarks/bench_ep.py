@@ -72,6 +72,13 @@ def _points(opts, world, device):
                                                     opts["topk"], world, device) for i in range(NUM_INPUT_SETS)]
 
 
+def copy_chunk(remote_bytes: int, world: int) -> int:
+    """int32 words per peer of the peer-copy limit for ``remote_bytes`` sent to the other ranks:
+    their mean share, a multiple of 16 words (Triton then knows the row ends are aligned and
+    copies in vectors)."""
+    return -(-max(1, remote_bytes // max(world - 1, 1) // 4) // 16) * 16
+
+
 def _minus(times, barrier_times):
     """Per-rep op times without the barrier's median time."""
     b = median(barrier_times)
@@ -194,8 +201,7 @@ def _bench_rank(ctx, opts):
                             remote_rows, mine.num_tokens, row_bytes, hidden)
             # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
             # dispatches there (a plain copy, no packing, no layout).
-            # (a multiple of 16 int32: Triton then knows the row ends are aligned and copies in vectors)
-            chunk = -(-max(1, (remote_rows * row_bytes) // max(world - 1, 1) // 4) // 16) * 16
+            chunk = copy_chunk(remote_rows * row_bytes, world)
             src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
             t_copy = batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
                 side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),

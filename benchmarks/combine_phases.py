@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def _phases(ctx, opts):
     import moe_ep
-    from bench_ep import make_inputs
+    from bench_ep import copy_chunk, make_inputs
     from moe_ep.kernels.peer_copy import launch_peer_copy, peer_copy_regions
     from moe_ep.timing import DeviceBarrier, batch_seconds, median
 
@@ -45,7 +45,7 @@ def _phases(ctx, opts):
         def timed(fn):
             return median(batch_seconds(dev, lambda i: (barrier(), fn()), opts["iters"], 3, True, opts["batch"])) - t_b
 
-        chunk = -(-max(1, remote * hidden * 2 // max(world - 1, 1) // 4) // 16) * 16
+        chunk = copy_chunk(remote * hidden * 2, world)  # the bf16 rows it sends back
         src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
         copy = timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None, parts=16, num_warps=8))
         base = buf.launch_params(path, tokens)

@@ -218,12 +218,16 @@ class Buffer:
         bucket = token_bucket(num_tokens)
         choice = self._choices.get((path, bucket))
         if choice is None:
-            key = TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
-                          dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=bucket,
-                          gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0)
+            key = self.tune_key(path, num_tokens)
             choice = self._choices[(path, bucket)] = self._tuned.choose(key, self._on_gpu)
             log.info("moe_ep: %s launch parameters for %s", choice.source, key)
         return choice
+
+    def tune_key(self, path: str, num_tokens: int) -> TuneKey:
+        """The key of tuned tables for a ``path`` call of ``num_tokens`` tokens on this Buffer."""
+        return TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
+                       dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=token_bucket(num_tokens),
+                       gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0)
 
     def set_launch_params(self, path: str, num_tokens: int, choice: Choice) -> None:
         """Use ``choice`` for ``path`` calls in ``num_tokens``'s bucket (as ``moe_ep.tune`` does)."""

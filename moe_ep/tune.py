@@ -60,7 +60,6 @@ def _tune_rank(ctx, opts):
     import torch.distributed as dist
 
     import moe_ep
-    from moe_ep import _platform
     from moe_ep.timing import DeviceBarrier, batch_seconds, median
     from moe_ep.tuning import Choice
 
@@ -112,9 +111,7 @@ def _tune_rank(ctx, opts):
             buf.set_launch_params(path, num_tokens, Choice(best_d, default.combine, "tuning"))
             dispatch_call(0)
             t_default_c, (t_c, best_c) = search("combine", combine_call, lambda c: Choice(best_d, c, "tuning"))
-            entries.append(dict(gpu=_platform.device_name(dev), world_size=world, hidden=cfg.hidden,
-                                dispatch_dtype=dtype_name, path=path, bucket=num_tokens,
-                                gpus_per_node=cfg.gpus_per_node if path in INTER_PATHS else 0,
+            entries.append(dict(dataclasses.asdict(buf.tune_key(path, num_tokens)),
                                 dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
                                 measured={"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6,
                                           "combine_default_us": t_default_c * 1e6, "combine_tuned_us": t_c * 1e6}))

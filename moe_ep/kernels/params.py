@@ -79,6 +79,7 @@ _HT_COMBINE_PROGRAMS = 1056
 # tokens 1002 -> 732 us with 2112 programs on each side.
 _HT_COMBINE_SEND_PROGRAMS = 4224
 _LL_LARGE_COMBINE_PROGRAMS = 2112
+_HT_SMALL_COMBINE_PROGRAMS = 264  # a side, up to 128 tokens (run 10's H200 tuning, below)
 
 
 # LL rules from the tuning of 4 x H200 (benchmarks/NOTES.md run 10; moe_ep/tuned/nvidia-h200.json):
@@ -130,9 +131,10 @@ def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu
     if path in ("ll", "inter"):
         return CombineParams(send_programs=128, reduce_programs=max(1, min(bucket, 128)),
                              block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
-    small = path == "ht" and bucket <= 128
-    send = _HT_DISPATCH_PROGRAMS if small else _HT_COMBINE_SEND_PROGRAMS if path == "ht" else _HT_COMBINE_PROGRAMS
-    return CombineParams(send_programs=send,
-                         reduce_programs=max(1, min(bucket, _HT_DISPATCH_PROGRAMS if small else _HT_COMBINE_PROGRAMS)),
+    if path == "ht" and bucket <= 128:
+        send = reduce = _HT_SMALL_COMBINE_PROGRAMS
+    else:  # inter_ht keeps 1056 senders (not measured with more)
+        send, reduce = _HT_COMBINE_SEND_PROGRAMS if path == "ht" else _HT_COMBINE_PROGRAMS, _HT_COMBINE_PROGRAMS
+    return CombineParams(send_programs=send, reduce_programs=max(1, min(bucket, reduce)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8,
                          proxy_programs=256 if path == "inter_ht" else 1)
