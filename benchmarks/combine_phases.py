@@ -47,9 +47,11 @@ def _phases(ctx, opts):
 
         chunk = copy_chunk(remote * hidden * 2, world)  # the bf16 rows it sends back
         src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-        copy = timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None, parts=16, num_warps=8))
+        out[path] = {"remote_rows": remote}
+        for parts in opts["copy_parts"]:  # bench_ep's p2p limit uses 16 parts per peer
+            copy = timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None, parts=parts, num_warps=8))
+            out[path][f"p2p_copy_us_parts{parts}"] = round(copy * 1e6, 1)
         base = buf.launch_params(path, tokens)
-        out[path] = {"p2p_copy_us": copy * 1e6, "remote_rows": remote}
         for variant in [""] + opts["variants"]:
             fields = {k: int(v) for k, v in (f.split("=") for f in variant.split(",") if f)}
             choice = dataclasses.replace(base, combine=dataclasses.replace(base.combine, **fields))
@@ -74,12 +76,14 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--variants", default="", help="combine-parameter overrides to time too, e.g. "
                    "'block_h=8192;num_warps=4,send_programs=528' (';' between variants)")
+    p.add_argument("--copy-parts", default="16", help="programs per peer of the p2p copies to time, e.g. 16,64")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--batch", type=int, default=10)
     args = p.parse_args()
     from moe_ep.testing import RankPool
 
-    opts = dict(vars(args), paths=args.paths.split(","), variants=[v for v in args.variants.split(";") if v])
+    opts = dict(vars(args), paths=args.paths.split(","), variants=[v for v in args.variants.split(";") if v],
+                copy_parts=[int(v) for v in args.copy_parts.split(",")])
     with RankPool(args.world, "cuda" if torch.cuda.is_available() else "cpu") as pool:
         results = pool.run(_phases, opts, timeout=600)
     for rank, r in enumerate(results):

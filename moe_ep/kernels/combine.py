@@ -5,8 +5,9 @@ e % 2; see kernels/dispatch.py for why that is safe). HT (CREDITS): single-buffe
 credits, and more programs.
 Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity per source):
   Send programs ``[0, send_programs)`` (HT: after every rank's credit of the previous HT call)
-  store each valid received row i (i % send_programs == pid) of ``y`` into row
-  ``[rank, token]`` of ``combine_x`` on its source rank, where (source, token) = ``src[i]``. Each
+  store each valid received row i ((i // rows) % send_programs == pid: ``rows`` adjacent rows at
+  once) of ``y`` into row ``[rank, token]`` of ``combine_x`` on its source rank, where
+  (source, token) = ``src[i]``. Each
   arrives on the send counter; the last one signals every rank (``signal[rank] = epoch``),
   whether or not it sent it anything.
   Reduce programs wait for every rank's signal, then for each token t of this rank
@@ -36,7 +37,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
                     rank, world_size, num_tokens, max_tokens, max_polls,
                     HIDDEN: tl.constexpr, CREDITS: tl.constexpr, send_programs,
                     reduce_programs, num_programs, BLOCK_H: tl.constexpr,
-                    BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr):
+                    BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr):
     # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1] int32; send_mask [num_tokens] int64
     # out [num_tokens, HIDDEN] bf16
     pid = tl.program_id(0)
@@ -51,15 +52,20 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, out_ptr,
             _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                         PHASE_COMBINE_CREDIT, max_polls, BLOCK_R)
         num_recv = tl.load(num_recv_ptr)
-        for i in range(pid, num_recv, send_programs):
-            src_rank = tl.load(src_ptr + 2 * i)
-            token = tl.load(src_ptr + 2 * i + 1)
+        offs_rows = tl.arange(0, ROWS)
+        for first in range(pid * ROWS, num_recv, send_programs * ROWS):  # ROWS adjacent rows in flight
+            rows = first + offs_rows
+            mask_rows = rows < num_recv
+            src_rank = tl.load(src_ptr + 2 * rows, mask=mask_rows, other=0)
+            token = tl.load(src_ptr + 2 * rows + 1, mask=mask_rows, other=0)
             ptr_dst = _row(_peer_ptr(peer_bases_ptr, src_rank, x_offset, tl.bfloat16), rank * max_tokens + token,
                            HIDDEN, ALIGNED)
+            ptr_y = y_ptr + rows.to(tl.int64) * HIDDEN
             for start in range(0, HIDDEN, BLOCK_H):
                 offs_h = start + tl.arange(0, BLOCK_H)
-                mask_h = offs_h < HIDDEN
-                tl.store(ptr_dst + offs_h, tl.load(y_ptr + tl.cast(i, tl.int64) * HIDDEN + offs_h, mask=mask_h), mask=mask_h)
+                mask = mask_rows[:, None] & (offs_h < HIDDEN)[None, :]
+                tl.store(ptr_dst[:, None] + offs_h[None, :], tl.load(ptr_y[:, None] + offs_h[None, :], mask=mask),
+                         mask=mask)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, last, epoch)
     else:
@@ -90,8 +96,9 @@ register(_combine_kernel,
           "peer_bases_ptr": "*i64", "x_offset": "i64", "signal_offset": "i64", "credit_offset": "i64",
           "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32", "world_size": "i32",
           "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"},
-         {"HIDDEN": 7168, "CREDITS": False, "BLOCK_H": 2048, "BLOCK_R": 4, "ALIGNED": True})
+         {"HIDDEN": 7168, "CREDITS": False, "BLOCK_H": 2048, "BLOCK_R": 4, "ALIGNED": True, "ROWS": 1})
 register(_combine_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "CREDITS": True})  # the HT configuration
+register(_combine_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "ROWS": 2})  # rows moved in pairs
 
 
 def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
@@ -111,5 +118,5 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
         max_tokens=cfg.ht_tokens if ht else cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
         CREDITS=ht, send_programs=params.send_programs, reduce_programs=params.reduce_programs,
         num_programs=num_programs, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(heap.world_size),
-        ALIGNED=cfg.hidden % 8 == 0, num_warps=params.num_warps)  # bf16 rows of 16-byte multiples
+        ALIGNED=cfg.hidden % 8 == 0, ROWS=params.rows, num_warps=params.num_warps)  # bf16 rows of 16-byte multiples
     sync.after_launch()

@@ -57,10 +57,11 @@ class CombineParams:
     block_h: int  # values of a row per step
     num_warps: int
     proxy_programs: int = 1  # inter-node: programs that pre-sum the own node's partials per token
+    rows: int = 1  # intra-node: adjacent rows a send program moves at once
 
     def __post_init__(self):
         _check_positive(self)
-        _check_power_of_two(self, "block_h", "num_warps")
+        _check_power_of_two(self, "block_h", "num_warps", "rows")
 
 
 def _row_block(hidden: int) -> int:
