@@ -200,14 +200,16 @@ def _bench_rank(ctx, opts):
             rows += _report(ctx, point, "nccl", _minus(t_d, t_b), _minus(t_c, t_b), None, None,
                             remote_rows, mine.num_tokens, row_bytes, hidden)
             # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
-            # dispatches there (a plain copy, no packing, no layout).
+            # dispatches there (a plain copy, no packing, no layout), with the fastest of the
+            # programs-per-peer counts tried (a copy with too few programs is latency-bound:
+            # 2 x H100, 58 MB a peer, 274 us with 16 a peer, 177 with 64; benchmarks/NOTES.md run 12).
             chunk = copy_chunk(remote_rows * row_bytes, world)
             src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-            t_copy = batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
-                side, side_sync, src, None, parts=opts["copy_parts"], num_warps=opts["copy_warps"])),
-                opts["iters"], opts["warmup"], True, opts["batch"])
+            t_copy = min((_minus(batch_seconds(dev, lambda i: (barrier(), launch_peer_copy(
+                side, side_sync, src, None, parts=parts, num_warps=opts["copy_warps"])),
+                opts["iters"], opts["warmup"], True, opts["batch"]), t_b) for parts in opts["copy_parts"]), key=median)
             side_sync.check()
-            rows += _report(ctx, point, "p2p-copy", _minus(t_copy, t_b), None, None, None,
+            rows += _report(ctx, point, "p2p-copy", t_copy, None, None, None,
                             (world - 1) * chunk * 4 / row_bytes, mine.num_tokens, row_bytes, hidden)
             if rank == 0 and opts["progress"]:
                 _progress(rows, point, opts, "moe_ep")
@@ -533,7 +535,8 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=20, help="timed batches (one CUDA-graph replay each)")
     p.add_argument("--batch", type=int, default=10, help="calls per timed batch")
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--copy-parts", type=int, default=32)
+    p.add_argument("--copy-parts", default="32,64,128",
+                   help="programs per peer of the p2p copies tried; the fastest is the limit")
     p.add_argument("--copy-warps", type=int, default=8)
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<card>-x<gpus>)")
     p.add_argument("--nvshmem", choices=("auto", "on", "off"), default="auto",
@@ -551,7 +554,7 @@ def main(argv=None):
     if args.smoke:
         device_kind, worlds = "cpu", [2]
         args.tokens, args.skewed_tokens, args.hidden, args.num_experts, args.topk = "3", "3", 256, 8, 2
-        args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, 1, 4
+        args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, "1", 4
         args.paths, args.gpus_per_node = "ll,ht,inter_ht", 1  # the other paths run the same code
     else:
         if gpus < 2:
@@ -564,7 +567,7 @@ def main(argv=None):
                 hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
                 batch=args.batch, gpus_per_node=args.gpus_per_node, inter_transport=args.inter_transport,
                 prequantized=args.prequantized or args.smoke,
-                copy_parts=args.copy_parts, copy_warps=args.copy_warps, progress=not args.smoke)
+                copy_parts=[int(v) for v in args.copy_parts.split(",")], copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
     slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}-x{env['gpus']}")

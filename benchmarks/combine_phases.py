@@ -48,7 +48,7 @@ def _phases(ctx, opts):
         chunk = copy_chunk(remote * hidden * 2, world)  # the bf16 rows it sends back
         src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
         out[path] = {"remote_rows": remote}
-        for parts in opts["copy_parts"]:  # bench_ep's p2p limit uses 16 parts per peer
+        for parts in opts["copy_parts"]:  # bench_ep's p2p limit: the fastest of these
             copy = timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None, parts=parts, num_warps=8))
             out[path][f"p2p_copy_us_parts{parts}"] = round(copy * 1e6, 1)
         base = buf.launch_params(path, tokens)
@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--variants", default="", help="combine-parameter overrides to time too, e.g. "
                    "'block_h=8192;num_warps=4,send_programs=528' (';' between variants)")
-    p.add_argument("--copy-parts", default="16", help="programs per peer of the p2p copies to time, e.g. 16,64")
+    p.add_argument("--copy-parts", default="32,64,128", help="programs per peer of the p2p copies to time, e.g. 16,64")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--batch", type=int, default=10)
     args = p.parse_args()
