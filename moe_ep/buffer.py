@@ -47,6 +47,9 @@ class DispatchHandle:
     forwarded_token: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int32: token index there
     forwarded_mask: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int64: bit d = sent to rank d
     forwarded_count: Optional[torch.Tensor] = None  # [nodes] int32: rows forwarded from each node
+    # HT path (one node): where each source's token ranges start among the received rows (the
+    # HT combine sends them back range by range): [world_size, ht_combine_parts + 1] int32.
+    part_rows: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -176,9 +179,11 @@ class Buffer:
                 forwarded_token=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int32, device=dev),
                 forwarded_mask=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
                 forwarded_count=torch.empty(self.nodes, dtype=torch.int32, device=dev))
+        part_rows = torch.empty(self.world_size, cfg.ht_combine_parts + 1, dtype=torch.int32, device=dev) \
+            if self.nodes == 1 and cfg.ht_tokens else None
         handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
                                 send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
-                                num_tokens=0, path="ll", buffer_id=id(self), **forwarded)
+                                num_tokens=0, path="ll", buffer_id=id(self), part_rows=part_rows, **forwarded)
         return DispatchOutput(
             x=torch.empty(cap, cfg.hidden, dtype=cfg.dispatch_dtype, device=dev),
             x_scales=torch.empty(cap, cfg.num_scales, dtype=torch.float32, device=dev) if cfg.fp8 else None,

@@ -18,7 +18,10 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
   p_combine_x              [B, R, M_p, H] bfloat16        rows [., d, :]: rank d (partials per token)
   p_combine_signal         [B, R] int32                   slot [., d]: rank d
+                           (HT: [P, R], one per token range of the ht_combine_parts P)
   ht_combine_credit        [R] int32                      slot s: rank s
+  ht_dispatch_tokens       [R] int32                      slot s: rank s (its tokens in the call: the
+                                                          token ranges of its HT combine)
 
 Across nodes (N = world / gpus_per_node > 1; G = gpus_per_node; the inter-node path, LL and HT
 variants alike, on M = max_tokens_per_rank: its LL regions above have that capacity and there
@@ -72,10 +75,11 @@ def _path_regions(path: str, cfg: EpConfig, world_size: int, tokens: int, halves
         (f"{path}_dispatch_expert_counts", flags * cfg.num_experts // world_size),
         (f"{path}_dispatch_signal", flags),
         (f"{path}_combine_x", rows * cfg.hidden * 2),
-        (f"{path}_combine_signal", flags),
+        (f"{path}_combine_signal", flags * (cfg.ht_combine_parts if credits else 1)),
     ]
     if credits:
-        sizes += [(f"{path}_dispatch_credit", 4 * world_size), (f"{path}_combine_credit", 4 * world_size)]
+        sizes += [(f"{path}_dispatch_credit", 4 * world_size), (f"{path}_combine_credit", 4 * world_size),
+                  (f"{path}_dispatch_tokens", 4 * world_size)]
     return sizes
 
 

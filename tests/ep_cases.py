@@ -88,7 +88,22 @@ def poisoned_dispatch_output(buf: moe_ep.Buffer) -> moe_ep.DispatchOutput:
     out.src.fill_(POISON_INT)
     out.num_tokens.fill_(POISON_INT)
     out.tokens_per_expert.fill_(POISON_INT)
+    if out.handle.part_rows is not None:
+        out.handle.part_rows.fill_(POISON_INT)
     return out
+
+
+def check_part_rows(out: moe_ep.DispatchOutput, exp: reference.RankDispatch, tokens: list, parts: int) -> None:
+    """HT: ``handle.part_rows[s, q]`` is the first received row of source s whose token is at or
+    past min(q * cdiv(T_s, parts), T_s), T_s = ``tokens[s]`` (rows of s are in token order)."""
+    src = exp.src
+    expected = torch.empty(len(tokens), parts + 1, dtype=torch.int32)
+    for s, t in enumerate(tokens):
+        mine = src[src[:, 0] == s, 1]
+        for q in range(parts + 1):
+            bound = min(q * -(-t // parts), t)
+            expected[s, q] = int((src[:, 0] < s).sum()) + int((mine < bound).sum())
+    assert_equal("part_rows", expected, out.handle.part_rows.cpu())
 
 
 def expert_outputs(received: reference.RankDispatch, rank: int) -> torch.Tensor:
@@ -130,7 +145,7 @@ def unaligned(t: torch.Tensor) -> torch.Tensor:
 def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
               hidden: int | None = None, topk: int | None = None, seed: int = 0, mode: str = "auto",
               crossover_tokens: int | None = None, hints: list | None = None, nodes: int = 1,
-              inter_transport: str = "auto", backend: str | None = None):
+              inter_transport: str = "auto", backend: str | None = None, ht_combine_parts: int | None = None):
     """``calls`` dispatch + combine pairs on one Buffer with fresh inputs, each checked against the
     reference; returns the rows this rank received over all calls (or, with ``hints``, the path
     each call took; in "auto" mode a call with hint h holds at most h tokens per rank)."""
@@ -146,6 +161,8 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
         extra["inter_transport"] = inter_transport
     if backend is not None:
         extra["backend"] = backend
+    if ht_combine_parts is not None:
+        extra["ht_combine_parts"] = ht_combine_parts
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
                           max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype, mode=mode, **extra)
     buf = moe_ep.Buffer(ctx.group, cfg)
@@ -172,6 +189,8 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             paths.append(out.handle.path)
             assert (out.handle.path in ("inter", "inter_ht")) == (nodes > 1), out.handle.path
             n = check_dispatch(out, expected[me], buf.capacity)
+            if out.handle.path == "ht":
+                check_part_rows(out, expected[me], [len(i) for i in ids], cfg.ht_combine_parts)
             if use_out:
                 check_untouched(out, n)
             received += n

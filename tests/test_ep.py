@@ -56,6 +56,16 @@ def test_auto_switches_between_paths(ranks):
     assert all(p == ["ll", "ht", "ll", "ht", "ll"] for p in paths), paths
 
 
+@pytest.mark.parametrize("parts", [1, 7])
+def test_ht_combine_token_ranges(ranks, parts):
+    """The HT combine sums each rank's tokens in ht_combine_parts ranges while later ranges are
+    sent: one range (sums after all sends), and more ranges than some ranks have tokens (empty
+    ranges); skewed routing, five checked calls."""
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    received = ranks.run(run_calls, "skewed", "bfloat16", shape, 5, mode="ht", ht_combine_parts=parts)
+    assert sum(received) > 0, received
+
+
 # Across nodes: the ranks as simulated nodes — two nodes (2 x 2 on four ranks, 2 x 1 on two) for
 # every inter-node case, and one rank per node (4 x 1) for one — every token crossing "the
 # network" once per node through its proxy. Each case names how tokens cross: "put" (staged in

@@ -237,11 +237,13 @@ def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, t
 def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
                     x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                     out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-                    max_tokens, recv_parts, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                    max_tokens, recv_parts, src_tokens, part_rows_ptr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                     NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
-                    ALIGNED: tl.constexpr):
+                    ALIGNED: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Copy part ``part`` of the ``count`` rows received from ``src_rank`` (contiguous in the
-    receive region) to output rows ``[out_row, out_row + count)``: one flat copy per field."""
+    receive region) to output rows ``[out_row, out_row + count)``: one flat copy per field.
+    PART_ROWS > 0: also mark where each of the source's PART_ROWS token ranges starts
+    (``_mark_part_rows``; ``src_tokens``: the source's tokens in the call)."""
     first = (src_rank * max_tokens).to(tl.int64)
     out_row = out_row.to(tl.int64)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN, out_x_ptr + out_row * HIDDEN,
@@ -262,6 +264,31 @@ def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
         token = tl.load(base_src + offs, mask=mask)
         tl.store(out_src_ptr + (out_row + offs) * 2, tl.zeros_like(token) + src_rank, mask=mask)
         tl.store(out_src_ptr + (out_row + offs) * 2 + 1, token, mask=mask)
+        if PART_ROWS > 0:
+            before = tl.load(base_src + offs - 1, mask=mask & (offs > 0), other=-1)
+            _mark_part_rows(part_rows_ptr, before, token, mask, out_row + offs, src_tokens, PART_ROWS, BLOCK_Q)
+    if PART_ROWS > 0:
+        if part == 0:  # the end of the rows, as a row past every token: the ranges no row reaches
+            end = tl.zeros([1], tl.int32) + count
+            before = tl.load(base_src + end - 1, mask=end > 0, other=-1)
+            _mark_part_rows(part_rows_ptr, before, end * 0 + src_tokens, end >= 0, out_row + end, src_tokens,
+                            PART_ROWS, BLOCK_Q)
+
+
+@triton.jit
+def _mark_part_rows(part_rows_ptr, before, token, mask, rows, src_tokens, PARTS: tl.constexpr,
+                    BLOCK_Q: tl.constexpr):
+    """The source's tokens [0, src_tokens) form PARTS ranges, range q from token
+    ``min(q * cdiv(src_tokens, PARTS), src_tokens)``. For each boundary q in [0, PARTS], store at
+    ``part_rows_ptr[q]`` the row of the first token at or past it: the masked row whose token is
+    and whose previous row's token (``before``, -1 for the first) is not. Rows hold increasing tokens,
+    so one row in all matches each q (``token == src_tokens`` stands for the end)."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    bound = tl.minimum(offs_q * tl.cdiv(src_tokens, PARTS), src_tokens)
+    hit = (mask[:, None] & (offs_q <= PARTS)[None, :] & (before[:, None] < bound[None, :])
+           & (bound[None, :] <= token[:, None]))
+    zeros = tl.zeros([before.shape[0], BLOCK_Q], tl.int32)
+    tl.store(part_rows_ptr + offs_q[None, :] + zeros, rows.to(tl.int32)[:, None] + zeros, mask=hit)
 
 
 @triton.jit
@@ -278,10 +305,15 @@ def _half_offsets(half, sources, max_tokens, x_offset, scales_offset, ids_offset
 
 @triton.jit
 def _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, src_rank, counts, hist,
-                   last, offs_r, world_size, epoch, EXPERTS_PER_RANK: tl.constexpr):
+                   last, offs_r, world_size, epoch, EXPERTS_PER_RANK: tl.constexpr, tokens_offset=0, num_tokens=0,
+                   SEND_TOKENS: tl.constexpr = False):
     """To each rank d where ``last[d]``, on behalf of ``src_rank``: the row count ``counts[d]``, d's
-    slice of the per-expert counts ``hist``, then the signal (epoch) that makes them visible."""
+    slice of the per-expert counts ``hist`` (SEND_TOKENS: and ``num_tokens``, the source's tokens),
+    then the signal (epoch) that makes them visible."""
     tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + src_rank * 4, tl.int32), counts, mask=last)
+    if SEND_TOKENS:
+        tl.store(_peer_ptr(peer_bases_ptr, offs_r, tokens_offset + src_rank * 4, tl.int32),
+                 tl.zeros_like(counts) + num_tokens, mask=last)
     _publish_expert_counts(peer_bases_ptr, expert_counts_offset, src_rank, hist, last, world_size, EXPERTS_PER_RANK)
     _signal_peers(peer_bases_ptr, signal_offset, src_rank, offs_r, last, epoch)
 
@@ -293,10 +325,12 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
                      out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts,
                      HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
                      NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr, tokens_offset=0,
+                     out_part_rows_ptr=None, PART_ROWS: tl.constexpr = 0, BLOCK_Q: tl.constexpr = 1):
     """Receive program ``j``: part ``j % recv_parts`` of source ``j // recv_parts``'s rows, or (the
     last one, j == R * recv_parts) num_tokens and tokens_per_expert. Returns the sources it is
-    done with (``[BLOCK_R]`` mask)."""
+    done with (``[BLOCK_R]`` mask). PART_ROWS > 0 (HT): also the rows where each of the
+    source's token ranges starts, into ``out_part_rows[source, :]`` ([R, PART_ROWS + 1] int32)."""
     meta = j == world_size * recv_parts  # the program that writes num_tokens / tokens_per_expert
     src_rank = tl.where(meta, world_size - 1, j // recv_parts)
     part = j % recv_parts
@@ -317,10 +351,15 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
     else:
         offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
         count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
+        src_tokens = 0
+        part_rows_ptr = out_part_rows_ptr
+        if PART_ROWS > 0:
+            src_tokens = tl.load(_peer_ptr(peer_bases_ptr, rank, tokens_offset, tl.int32) + src_rank, volatile=True)
+            part_rows_ptr += src_rank * (PART_ROWS + 1)
         _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
                         ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
-                        out_topk_weights_ptr, out_src_ptr, max_tokens, recv_parts, HIDDEN, TOPK, NUM_SCALES,
-                        OUT_DTYPE, BLOCK_COPY, ALIGNED)
+                        out_topk_weights_ptr, out_src_ptr, max_tokens, recv_parts, src_tokens, part_rows_ptr, HIDDEN,
+                        TOPK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED, PART_ROWS, BLOCK_Q)
         mask_done = offs_r == src_rank
     return mask_done
 
@@ -331,19 +370,21 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
 def _dispatch_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, expert_counts_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-        out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
+        out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr, out_part_rows_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-        count_offset, expert_counts_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
+        count_offset, expert_counts_offset, signal_offset, credit_offset, tokens_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, STAGED: tl.constexpr,
         CREDITS: tl.constexpr, send_programs, token_parts, recv_parts,
         num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
-        ALIGNED: tl.constexpr):
+        ALIGNED: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
     # topk_ids / topk_weights [num_tokens, TOPK]; STAGED: slots [num_tokens, R] int32 and counts [R]
-    # from the stage kernel; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64
+    # from the stage kernel; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64;
+    # PART_ROWS > 0 (HT): every source sends its token count too, and out_part_rows [R, PART_ROWS + 1]
+    # gets where each source's token ranges start among the output rows (the HT combine's ranges)
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
@@ -397,14 +438,15 @@ def _dispatch_kernel(
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
-                       offs_r, world_size, epoch, EXPERTS_PER_RANK)
+                       offs_r, world_size, epoch, EXPERTS_PER_RANK, tokens_offset, num_tokens, PART_ROWS > 0)
     else:
         mask_done = _receive_program(
             pid - send_programs, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset,
             scales_offset, ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
             status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
             out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, HIDDEN, TOPK,
-            EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
+            EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED, tokens_offset,
+            out_part_rows_ptr, PART_ROWS, BLOCK_Q)
         if CREDITS:
             last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, recv_parts + 1)
             _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
@@ -412,22 +454,23 @@ def _dispatch_kernel(
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
-            "expert_counts_offset", "signal_offset", "credit_offset")
+            "expert_counts_offset", "signal_offset", "credit_offset", "tokens_offset")
 register(_dispatch_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
           "out_topk_ids_ptr": "*i32", "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32",
           "out_num_tokens_ptr": "*i32", "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64",
-          "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
+          "out_part_rows_ptr": "*i32", "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
           "STAGED": False, "CREDITS": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
-          "BLOCK_ALL_E": 256, "ALIGNED": True})
-# The HT configuration too (staged input, credits): its other half of the kernel.
+          "BLOCK_ALL_E": 256, "ALIGNED": True, "PART_ROWS": 0, "BLOCK_Q": 1})
+# The HT configuration too (staged input, credits, the combine's token ranges): its other half of the kernel.
 register(_dispatch_kernel, KERNELS[-1].signature,
-         {**KERNELS[-1].constexprs, "QUANTIZE": False, "X_FP8": True, "STAGED": True, "CREDITS": True})
+         {**KERNELS[-1].constexprs, "QUANTIZE": False, "X_FP8": True, "STAGED": True, "CREDITS": True,
+          "PART_ROWS": 4, "BLOCK_Q": 8})
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "send_mask_ptr": "*i64",
@@ -525,12 +568,14 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
         expert_counts_ptr=expert_counts, out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        send_mask_ptr=send_mask, peer_bases_ptr=heap.peer_bases,
+        send_mask_ptr=send_mask, out_part_rows_ptr=out.handle.part_rows if ht else send_mask,
+        peer_bases_ptr=heap.peer_bases,
         x_offset=heap.offset(prefix + "x"), scales_offset=heap.offset(prefix + "scales"),
         ids_offset=heap.offset(prefix + "topk_ids"), weights_offset=heap.offset(prefix + "topk_weights"),
         src_offset=heap.offset(prefix + "src_token"), count_offset=heap.offset(prefix + "count"),
         expert_counts_offset=heap.offset(prefix + "expert_counts"), signal_offset=heap.offset(prefix + "signal"),
         credit_offset=heap.offset(prefix + "credit") if ht else 0,
+        tokens_offset=heap.offset(prefix + "tokens") if ht else 0,
         counters_ptr=sync.counters(f"dispatch_{path}"), status_ptr=sync.status,
         rank=heap.rank, world_size=world, num_tokens=num_tokens, max_tokens=capacity,
         max_polls=sync.max_polls,
@@ -541,5 +586,6 @@ def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_w
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
         BLOCK_R=block_r, ALIGNED=rows_aligned(cfg, x, out),
         BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), BLOCK_ALL_E=block_all_e,
+        PART_ROWS=cfg.ht_combine_parts if ht else 0, BLOCK_Q=triton.next_power_of_2(cfg.ht_combine_parts + 1),
         num_warps=params.num_warps)
     sync.after_launch()
