@@ -4,7 +4,7 @@ peer copy of the same bytes, on the GPUs at hand (a diagnostic, not a benchmark 
 The send phase alone is the same kernel on a handle that claims 0 tokens: every received row
 is still sent back and every rank still signals and waits, but no sum is computed.
 
-    python benchmarks/combine_phases.py --world 4 --tokens 4096 --paths ht,ll --variants "block_h=8192"
+    python benchmarks/combine_phases.py --world 4 --tokens 4096 --paths ht,ll --variants "block_h=8192" --ht-parts 1,4
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def _phases(ctx, opts):
     xs, ids, ws = make_inputs(0, "uniform", tokens, hidden, opts["num_experts"], opts["topk"], world, dev)
     y = torch.randn(tokens * world, hidden, device=dev).to(torch.bfloat16)
     out = {}
-    for path in opts["paths"]:
+    for path, parts in [(p, n) for p in opts["paths"] for n in (opts["ht_parts"] if p == "ht" else [1])]:
+        name = f"ht/parts{parts}" if path == "ht" else path
         cfg = moe_ep.EpConfig(hidden=hidden, num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path)
+                              max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path,
+                              ht_combine_parts=parts)
         buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         d = buf.dispatch(xs[rank], ids[rank], ws[rank])
         remote = int((d.src[:int(d.num_tokens.item())].cpu()[:, 0] != rank).sum())
@@ -47,10 +49,10 @@ def _phases(ctx, opts):
 
         chunk = copy_chunk(remote * hidden * 2, world)  # the bf16 rows it sends back
         src = torch.randint(0, 1 << 30, (world, chunk), dtype=torch.int32, device=dev)
-        out[path] = {"remote_rows": remote}
+        out[name] = {"remote_rows": remote}
         for parts in opts["copy_parts"]:  # bench_ep's p2p limit: the fastest of these
             copy = timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None, parts=parts, num_warps=8))
-            out[path][f"p2p_copy_us_parts{parts}"] = round(copy * 1e6, 1)
+            out[name][f"p2p_copy_us_parts{parts}"] = round(copy * 1e6, 1)
         base = buf.launch_params(path, tokens)
         for variant in [""] + opts["variants"]:
             fields = {k: int(v) for k, v in (f.split("=") for f in variant.split(",") if f)}
@@ -59,8 +61,8 @@ def _phases(ctx, opts):
                 buf.set_launch_params(path, n, choice)
             full = timed(lambda: buf.combine(y, d.handle))
             send = timed(lambda: buf.combine(y, empty, out=z0))
-            out[path][variant or "default"] = {"combine_us": round(full * 1e6, 1), "send_phase_us": round(send * 1e6, 1)}
-        out[path]["params"] = dataclasses.asdict(base.combine)
+            out[name][variant or "default"] = {"combine_us": round(full * 1e6, 1), "send_phase_us": round(send * 1e6, 1)}
+        out[name]["params"] = dataclasses.asdict(base.combine)
         buf.close()
     barrier.close()
     return out
@@ -76,6 +78,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--variants", default="", help="combine-parameter overrides to time too, e.g. "
                    "'block_h=8192;num_warps=4,send_programs=528' (';' between variants)")
+    p.add_argument("--ht-parts", default="4", help="EpConfig.ht_combine_parts values to time the HT path with")
     p.add_argument("--copy-parts", default="32,64,128", help="programs per peer of the p2p copies to time, e.g. 16,64")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--batch", type=int, default=10)
@@ -83,7 +86,8 @@ def main() -> None:
     from moe_ep.testing import RankPool
 
     opts = dict(vars(args), paths=args.paths.split(","), variants=[v for v in args.variants.split(";") if v],
-                copy_parts=[int(v) for v in args.copy_parts.split(",")])
+                copy_parts=[int(v) for v in args.copy_parts.split(",")],
+                ht_parts=[int(v) for v in args.ht_parts.split(",")])
     with RankPool(args.world, "cuda" if torch.cuda.is_available() else "cpu") as pool:
         results = pool.run(_phases, opts, timeout=600)
     for rank, r in enumerate(results):
