@@ -91,8 +91,8 @@ def _default_vs_other_params(ctx):
                 base = buf.launch_params(mode, xs[me].shape[0])
                 other = Choice(DispatchParams(send_programs=6, recv_parts=2, stage_programs=3, block_h=128,
                                               block_t=16, block_copy=512, num_warps=2, token_parts=2),
-                               dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128, rows=2,
-                                                   num_warps=2), "test")
+                               dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128,
+                                                   num_warps=2, rows=2, reduce_delay=2), "test")
                 assert other.dispatch != base.dispatch
                 buf.set_launch_params(mode, xs[me].shape[0], other)
             out = buf.dispatch(xs[me].to(dev), ids[me].to(dev), ws[me].to(dev))

@@ -7,7 +7,9 @@ Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity
   The tokens of each rank form P ranges (HT: ``cfg.ht_combine_parts``; LL: 1): range q of a
   rank with T tokens starts at token min(q * cdiv(T, P), T). The dispatch recorded where each
   source's ranges start among the received rows (``handle.part_rows``; rows hold source-major,
-  then increasing tokens). Programs come as P groups, [send q | reduce q] for q = 0 .. P - 1:
+  then increasing tokens). Programs come as P groups, [send q | reduce q] for q = 0 .. P - 1
+  (``reduce_delay`` 2: each reduce group one send group later, [send 0] [send 1 | reduce 0] ...
+  [reduce P - 1], so waiting reducers hold no slot the next range's senders could take):
   Send programs of range q (HT: after every rank's credit of the previous HT call) store the
   received rows of range q of every source, ``rows`` adjacent ones at once and program i taking
   the i-th ``rows`` of them in turn, into row ``[rank, token]`` of ``combine_x`` on the source
@@ -36,12 +38,12 @@ from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_REC
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
-@triton.jit(do_not_specialize=("num_tokens", "send_programs", "reduce_programs", "num_programs"))
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "reduce_programs", "num_programs", "reduce_delay"))
 def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, out_ptr,
                     peer_bases_ptr, x_offset, signal_offset, credit_offset, counters_ptr, status_ptr,
                     rank, world_size, num_tokens, max_tokens, max_polls,
                     HIDDEN: tl.constexpr, CREDITS: tl.constexpr, send_programs,
-                    reduce_programs, num_programs, BLOCK_H: tl.constexpr,
+                    reduce_programs, num_programs, reduce_delay, BLOCK_H: tl.constexpr,
                     BLOCK_R: tl.constexpr, ALIGNED: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr):
     # y [R * M, HIDDEN] bf16; src [R * M, 2] int32; num_recv [1] int32; send_mask [num_tokens] int64
     # part_rows [R, PARTS + 1] int32 (PARTS > 1); out [num_tokens, HIDDEN] bf16
@@ -52,8 +54,16 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
         signal_offset += (epoch % 2) * world_size * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
-    q = pid // (send_programs + reduce_programs)  # the token range: programs [send q | reduce q] in turn
-    local = pid % (send_programs + reduce_programs)
+    group = send_programs + reduce_programs
+    if reduce_delay == 1:  # [send 0 | reduce 0] [send 1 | reduce 1] ...
+        q = pid // group  # the token range
+        local = pid % group  # < send_programs: a sender, else a reducer
+    else:  # [send 0] [send 1 | reduce 0] [send 2 | reduce 1] ... [reduce P - 1]
+        k = tl.maximum(pid - send_programs, 0) // group
+        r = tl.maximum(pid - send_programs, 0) % group
+        first, tail = pid < send_programs, k >= PARTS - 1
+        q = tl.where(first, 0, tl.where(tail, PARTS - 1, tl.where(r < send_programs, k + 1, k)))
+        local = tl.where(first, pid, tl.where(tail, send_programs + r, r))
     signal_offset += q * world_size * 4
     if local < send_programs:
         if CREDITS:
@@ -112,7 +122,8 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
 
 
 register(_combine_kernel,
-         {**{name: "i32" for name in ("send_programs", "reduce_programs", "num_programs")},
+         {**{name: "i32" for name in ("send_programs", "reduce_programs", "num_programs",
+                                      "reduce_delay")},
           "y_ptr": "*bf16", "src_ptr": "*i32", "num_recv_ptr": "*i32", "send_mask_ptr": "*i64", "part_rows_ptr": "*i32",
           "out_ptr": "*bf16",
           "peer_bases_ptr": "*i64", "x_offset": "i64", "signal_offset": "i64", "credit_offset": "i64",
@@ -144,7 +155,8 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
         world_size=heap.world_size, num_tokens=handle.num_tokens,
         max_tokens=cfg.ht_tokens if ht else cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
         CREDITS=ht, send_programs=send_programs, reduce_programs=reduce_programs,
-        num_programs=num_programs, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(heap.world_size),
+        num_programs=num_programs, reduce_delay=params.reduce_delay if parts > 1 else 1, BLOCK_H=params.block_h,
+        BLOCK_R=triton.next_power_of_2(heap.world_size),
         ALIGNED=cfg.hidden % 8 == 0, ROWS=params.rows, PARTS=parts,  # bf16 rows of 16-byte multiples
         num_warps=params.num_warps)
     sync.after_launch()

@@ -58,10 +58,13 @@ class CombineParams:
     num_warps: int
     proxy_programs: int = 1  # inter-node: programs that pre-sum the own node's partials per token
     rows: int = 1  # intra-node: adjacent rows a send program moves at once
+    reduce_delay: int = 1  # HT: 1 puts each token range's reducers right after its senders, 2 one range later
 
     def __post_init__(self):
         _check_positive(self)
         _check_power_of_two(self, "block_h", "num_warps", "rows")
+        if self.reduce_delay not in (1, 2):
+            raise ValueError(f"CombineParams.reduce_delay must be 1 or 2, got {self.reduce_delay}")
 
 
 def _row_block(hidden: int) -> int:
