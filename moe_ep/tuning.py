@@ -8,6 +8,9 @@ Token counts are bucketed to powers of two, so a new batch size reuses a bucket'
                   "path": "ll", "bucket": 128, "dispatch": {...DispatchParams...},
                   "combine": {...CombineParams...}, "measured": {...}}]}
 
+An entry without "combine" (null) takes the default combine parameters of its key (the shipped
+HT entries since the HT combine's kernel changed: they await a re-tune).
+
 ``Buffer`` reads the files shipped under ``moe_ep/tuned/``, then the file named by the
 ``MOE_EP_TUNED`` environment variable, then the one passed as ``Buffer(tuned=...)``; a later
 file's entry wins; "off" in either place leaves every choice at the defaults (to compare them).
@@ -85,15 +88,19 @@ class TunedTable:
         two, the smaller on a tie) of the same GPU, world, hidden, dtype and path: every launch
         configuration gives the same results, and one tuned beside a size beats the defaults
         there; else the defaults."""
-        if key in self.entries:
-            return self.entries[key]
+        args = (key.path, key.hidden, key.world_size, key.bucket, on_gpu, key.dispatch_dtype)
+        chosen = self.entries.get(key)
         near = [k for k in self.entries if dataclasses.replace(k, bucket=key.bucket) == key]
-        if near:
+        if chosen is None and near:
             best = min(near, key=lambda k: (abs(k.bucket.bit_length() - key.bucket.bit_length()), k.bucket))
             chosen = self.entries[best]
-            return dataclasses.replace(chosen, source=f"{chosen.source} (bucket {best.bucket})")
-        args = (key.path, key.hidden, key.world_size, key.bucket, on_gpu, key.dispatch_dtype)
-        return Choice(default_dispatch(*args), default_combine(*args), "default")
+            chosen = dataclasses.replace(chosen, source=f"{chosen.source} (bucket {best.bucket})")
+        if chosen is None:
+            return Choice(default_dispatch(*args), default_combine(*args), "default")
+        if chosen.combine is None:  # an entry that holds the dispatch's parameters only
+            chosen = dataclasses.replace(chosen, combine=default_combine(*args),
+                                         source=f"{chosen.source}, combine default")
+        return chosen
 
 
 def read_entries(path: str | os.PathLike) -> dict[TuneKey, Choice]:
@@ -105,7 +112,8 @@ def read_entries(path: str | os.PathLike) -> dict[TuneKey, Choice]:
     entries = {}
     for e in data.get("entries", []):
         key = TuneKey(**_key_fields(e))
-        entries[key] = Choice(DispatchParams(**e["dispatch"]), CombineParams(**e["combine"]), f"tuned: {path}")
+        combine = CombineParams(**e["combine"]) if e.get("combine") else None  # None: the default's
+        entries[key] = Choice(DispatchParams(**e["dispatch"]), combine, f"tuned: {path}")
     return entries
 
 

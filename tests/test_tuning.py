@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from moe_ep.kernels.params import DispatchParams, default_dispatch
+from moe_ep.kernels.params import DispatchParams, default_combine, default_dispatch
 from moe_ep.tuning import ENV_VAR, TunedTable, TuneKey, token_bucket, write_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +62,12 @@ def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
     picks = {b: table.choose(dataclasses.replace(key, bucket=b), True).dispatch.send_programs
              for b in (1, 64, 128, 256, 512, 8192)}
     assert picks == {1: 33, 64: 33, 128: 33, 256: 44, 512: 44, 8192: 44}
+    # An entry without combine parameters: its dispatch's, and the default combine of the asked key.
+    partial_file = tmp_path / "partial.json"
+    write_entries(partial_file, [dict(_entry(key, 66), combine=None)])
+    partial = TunedTable.load(partial_file).choose(other, True)
+    assert partial.dispatch.send_programs == 66 and partial.source.endswith("combine default")
+    assert partial.combine == default_combine("ll", 7168, 4, 256, True)
 
 
 def test_params_are_validated():

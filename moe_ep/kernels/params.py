@@ -84,6 +84,9 @@ _HT_COMBINE_PROGRAMS = 1056
 _HT_COMBINE_SEND_PROGRAMS = 4224
 _LL_LARGE_COMBINE_PROGRAMS = 2112
 _HT_SMALL_COMBINE_PROGRAMS = 264  # a side, up to 128 tokens (run 10's H200 tuning, below)
+# The HT combine in token ranges (EpConfig.ht_combine_parts), 2 x H100, EP2, run 12: senders
+# scale with the tokens — 512 tokens: 4224 senders 72 us, 528 42 us; 1024: 4224 96 us, 1056 81 —
+# and each range's reducers one send group later (reduce_delay 2) gain 5-10 us (4096: 228 -> 218).
 
 
 # LL rules from the tuning of 4 x H200 (benchmarks/NOTES.md run 10; moe_ep/tuned/nvidia-h200.json):
@@ -137,8 +140,10 @@ def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu
                              block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
     if path == "ht" and bucket <= 128:
         send = reduce = _HT_SMALL_COMBINE_PROGRAMS
+    elif path == "ht":  # about a sender per token (run 12)
+        send, reduce = min(_HT_COMBINE_SEND_PROGRAMS, max(_HT_SMALL_COMBINE_PROGRAMS, bucket)), _HT_COMBINE_PROGRAMS
     else:  # inter_ht keeps 1056 senders (not measured with more)
-        send, reduce = _HT_COMBINE_SEND_PROGRAMS if path == "ht" else _HT_COMBINE_PROGRAMS, _HT_COMBINE_PROGRAMS
+        send, reduce = _HT_COMBINE_PROGRAMS, _HT_COMBINE_PROGRAMS
     return CombineParams(send_programs=send, reduce_programs=max(1, min(bucket, reduce)),
                          block_h=min(4096, _row_block(hidden)), num_warps=8,
-                         proxy_programs=256 if path == "inter_ht" else 1)
+                         proxy_programs=256 if path == "inter_ht" else 1, reduce_delay=2 if path == "ht" else 1)
