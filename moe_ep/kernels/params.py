@@ -76,6 +76,10 @@ def _row_block(hidden: int) -> int:
 # best with 2 per multiprocessor of an H100/H200 (132) — 262 us against 275-279 us with 8 —,
 # combine with 8 per multiprocessor (268 us against 307 us with 2).
 _HT_DISPATCH_PROGRAMS = 264
+# The HT stage kernel quantises a token per program at a time, so with 264 programs it is
+# latency-bound: 2 x H100, EP2, 4096 tokens, fp8 dispatch 285 us, 238 with 1056 stage programs,
+# 231 with 2112; 215 when the caller passes fp8 data (no quantisation; run 12). Up to one a token.
+_HT_STAGE_PROGRAMS = 2112
 _HT_COMBINE_PROGRAMS = 1056
 # A combine's send phase is latency-bound (each program: a row's source, then its values, then
 # the remote store): 4 x H100, 4096 tokens, run 11 — HT send phase 757 us with 1056 programs,
@@ -105,9 +109,10 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
                               block_t=64, block_copy=4096, num_warps=4)
+    stage = min(_HT_STAGE_PROGRAMS, max(_HT_DISPATCH_PROGRAMS, bucket))
     if path == "inter_ht":  # HT-sized programs after the stage kernel, plus forwarders for each other node
         return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
-                              stage_programs=_HT_DISPATCH_PROGRAMS, block_h=_row_block(hidden), block_t=128,
+                              stage_programs=stage, block_h=_row_block(hidden), block_t=128,
                               block_copy=8192, num_warps=8, forward_parts=32)
     if path == "inter":  # LL-sized programs, plus forwarders for each other node
         return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
@@ -122,7 +127,7 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
         return DispatchParams(send_programs=send, recv_parts=_LL_RECV_PARTS, stage_programs=1,
                               block_h=_row_block(hidden), block_t=128, block_copy=8192, num_warps=8)
     return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
-                          stage_programs=_HT_DISPATCH_PROGRAMS, block_h=_row_block(hidden), block_t=128, block_copy=8192,
+                          stage_programs=stage, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                           num_warps=8)
 
 
