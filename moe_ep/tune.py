@@ -44,6 +44,8 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
         # Many small send programs: a combine's send phase is latency-bound (run 11: 4224 beat 1056).
         grid = {"send_programs": (64, 128, 264, 2112) if path == "ll" else (264, 1056, 2112, 4224),
                 "reduce_programs": (64, 128, 2112) if path == "ll" else (264, 1056), "num_warps": (4, 8)}
+        if path == "ht":  # each token range's reducers right after its senders or one group later (run 12)
+            grid["reduce_delay"] = (1, 2)
     names = list(grid)
     out = [default]
     for values in itertools.product(*(grid[n] for n in names)):
