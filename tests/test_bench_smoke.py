@@ -24,3 +24,23 @@ def test_benchmark_smoke(tmp_path):
     assert result["environment"]["commit"] and result["environment"]["torch"]
     for name in ("results.csv", "results.md", "latency.png", "bandwidth.png", "speedup.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_phase_diagnostics_smoke():
+    """benchmarks/dispatch_phases.py and combine_phases.py run end to end on CPU ranks (tiny
+    shape, one variant each) and report a positive time for every phase."""
+    tiny = ["--world", "2", "--tokens", "4", "--hidden", "256", "--num-experts", "8", "--topk", "2", "--paths",
+            "ht", "--copy-parts", "2", "--iters", "1", "--batch", "1"]
+    variant = "send_programs=3"
+    for script, times in (("dispatch_phases.py", ("dispatch_us", "prequantized_us", "stage_us")),
+                          ("combine_phases.py", ("combine_us", "send_phase_us"))):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *tiny, "--variants", variant],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        ranks = [json.loads(line.split(": ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("rank ")]
+        assert len(ranks) == 2, proc.stdout
+        for result in ranks:
+            (path,) = result  # "ht", or "ht/parts4" for the combine
+            for name in ("default", variant):
+                assert all(result[path][name][t] > 0 for t in times), (script, result)
+            assert result[path]["p2p_copy_us_parts2"] > 0
