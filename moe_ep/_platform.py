@@ -89,6 +89,21 @@ def yield_cpu() -> None:
 
 _POLL_PAUSE_S = 0.001
 
+# Nanoseconds a GPU wait sleeps between two polls of a flag (0, the default: none; read once at
+# import, so set it before moe_ep is imported). Waiting programs poll with system-scope atomics
+# while the programs they wait for run; in run 12 more waiters made those slower
+# (benchmarks/NOTES.md): pausing between polls is the experiment this enables.
+POLL_SLEEP_NS = int(os.environ.get("MOE_EP_POLL_SLEEP_NS", "0"))
+
+
+def poll_sleep_asm(arch: str, ns: int) -> tuple[str, str]:
+    """(inline assembly, constraints) that sleep about ``ns`` nanoseconds on the compile target
+    ``arch`` ("gfx942", "gfx950": AMD; else NVIDIA, sm_70 and later) and write 0 to one output.
+    It follows the target a kernel is compiled for, not the host: CI compiles for both."""
+    if str(arch).startswith("gfx"):  # s_sleep N: about 64 * N clocks, ~32 ns at 2 GHz; N < 128
+        return f"s_sleep {max(1, min(127, ns // 32))}\n s_mov_b32 $0, 0", "=s"
+    return f"nanosleep.u32 {ns};\n mov.u32 $0, 0;", "=r"
+
 # How many polls of a signal one second of waiting holds, by where the kernel runs. A wait is
 # bounded by a poll count (kernels have no portable clock), so the timeout is approximate: on a
 # GPU a system-scope acquire load takes about 0.3-1 us; in the interpreter a poll is a pause of
@@ -98,4 +113,7 @@ _POLLS_PER_SECOND = {"nvidia": 2_000_000, "amd": 2_000_000, "cpu": 250}
 
 def max_polls(timeout_s: float) -> int:
     """Poll budget of one wait for a timeout of ``timeout_s`` seconds (fits an int32)."""
-    return int(min(max(timeout_s, 0.0) * _POLLS_PER_SECOND[vendor()], 2**31 - 1))
+    per_second = _POLLS_PER_SECOND[vendor()]
+    if vendor() != "cpu" and POLL_SLEEP_NS:  # each poll also sleeps
+        per_second = int(1e9 / (1e9 / per_second + POLL_SLEEP_NS))
+    return int(min(max(timeout_s, 0.0) * per_second, 2**31 - 1))

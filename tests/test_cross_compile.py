@@ -29,3 +29,24 @@ def test_nvshmem_variants_build_up_to_the_link():
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert proc.stdout.count("reaches the link") >= 3, proc.stdout
+
+
+def test_poll_sleep_follows_the_compile_target():
+    """With $MOE_EP_POLL_SLEEP_NS a wait sleeps between polls: nanosleep in the PTX, s_sleep in
+    the AMD assembly (one process compiles both, as CI does); without it, neither."""
+    code = """
+from moe_ep.kernels.cross_compile import compile_kernel, import_all_kernels
+from moe_ep.kernels.registry import KERNELS
+import_all_kernels()
+spec = next(k for k in KERNELS if k.name == "_barrier_kernel")
+ptx = compile_kernel(spec, "cuda", 90, 32).asm["ptx"]
+gcn = compile_kernel(spec, "hip", "gfx942", 64).asm["amdgcn"]
+print(ptx.count("nanosleep"), gcn.count("s_sleep"))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for ns, expected in (("200", "1 1"), ("0", "0 0")):
+        env = dict(os.environ, TRITON_INTERPRET="0", MOE_EP_POLL_SLEEP_NS=ns,
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.split() == expected.split(), (ns, proc.stdout)

@@ -52,12 +52,21 @@ def element_sized_accesses(asm: str) -> int:
     return len(ptx) + len(gcn)
 
 
-def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
-    """Compile each registered kernel for each target of ``backends``; returns the failures."""
+def compile_kernel(spec, backend: str, arch, warp_size: int):
+    """Triton's compiled kernel of the registered ``spec`` for one target (pointers 16-byte aligned)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    arg_names = spec.kernel.arg_names
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
+             if kind.startswith("*") or name in spec.divisible}
+    src = ASTSource(spec.kernel, spec.signature, spec.constexprs, attrs)
+    return triton.compile(src, target=GPUTarget(backend, arch, warp_size))
+
+
+def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
+    """Compile each registered kernel for each target of ``backends``; returns the failures."""
     from moe_ep.kernels.registry import KERNELS
 
     import_all_kernels()
@@ -66,13 +75,8 @@ def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
         for backend, arch, warp_size in TARGETS:
             if backend not in backends:
                 continue
-            target = GPUTarget(backend, arch, warp_size)
             try:
-                arg_names = spec.kernel.arg_names
-                attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
-                         if kind.startswith("*") or name in spec.divisible}
-                src = ASTSource(spec.kernel, spec.signature, spec.constexprs, attrs)
-                compiled = triton.compile(src, target=target)
+                compiled = compile_kernel(spec, backend, arch, warp_size)
                 size = len(compiled.asm.get("cubin", compiled.asm.get("hsaco", b"")))
                 narrow = element_sized_accesses(compiled.asm["ptx" if backend == "cuda" else "amdgcn"])
                 if narrow:

@@ -18,6 +18,7 @@ Ordering rules the kernels rely on:
 
 import triton
 import triton.language as tl
+from triton.language import core
 
 from moe_ep import _platform
 
@@ -96,6 +97,17 @@ def _poll(ptrs, mask):
     return tl.atomic_add(ptrs, 0, mask=mask, sem="acquire", scope="sys")
 
 
+@core.extern
+def _sleep_between_polls(_semantic=None):
+    """A GPU pause of ``_platform.POLL_SLEEP_NS`` nanoseconds, in the compile target's assembly."""
+    asm, constraints = _platform.poll_sleep_asm(getattr(_semantic.builder.options, "arch", ""),
+                                                _platform.POLL_SLEEP_NS)
+    return core.inline_asm_elementwise(asm, constraints, [], dtype=core.int32, is_pure=False, pack=1,
+                                       _semantic=_semantic)
+
+
+_POLL_SLEEP_NS = tl.constexpr(_platform.POLL_SLEEP_NS)
+
 if _platform.interpreting():
     @triton.jit
     def _pause():
@@ -105,8 +117,9 @@ if _platform.interpreting():
 else:
     @triton.jit
     def _pause():
-        """Between two polls on a GPU: nothing."""
-        pass
+        """Between two polls on a GPU: nothing, or a sleep with $MOE_EP_POLL_SLEEP_NS."""
+        if _POLL_SLEEP_NS > 0:
+            _sleep_between_polls()
 
 
 @triton.jit
