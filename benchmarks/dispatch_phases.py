@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository may not be installed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -56,11 +56,12 @@ def test_auto_switches_between_paths(ranks):
     assert all(p == ["ll", "ht", "ll", "ht", "ll"] for p in paths), paths
 
 
-@pytest.mark.parametrize("parts", [1, 7])
-def test_ht_combine_token_ranges(ranks, parts):
+def test_ht_combine_token_ranges(ranks):
     """The HT combine sums each rank's tokens in ht_combine_parts ranges while later ranges are
-    sent: one range (sums after all sends), and more ranges than some ranks have tokens (empty
-    ranges); skewed routing, five checked calls."""
+    sent (the suite runs the default, 4): here one range (sums after all sends) on 2 ranks, and
+    more ranges than some ranks have tokens (empty ranges) on more; skewed routing, five checked
+    calls."""
+    parts = 1 if ranks.world_size == 2 else 7
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
     received = ranks.run(run_calls, "skewed", "bfloat16", shape, 5, mode="ht", ht_combine_parts=parts)
     assert sum(received) > 0, received
