@@ -6,7 +6,8 @@
 
 For each world size, dispatch dtype, path and token bucket it times every candidate of a small
 grid (``candidates``) the way the benchmark does (CUDA-graph replays, a device barrier before
-each call), dispatch first, then combine with the dispatch winner. All ranks launch the same
+each call), then a few one-field changes of the winner (``refinements``), dispatch first, then
+combine with the dispatch winner. All ranks launch the same
 candidate at a time, and a candidate's time is its slowest rank's median. The defaults are
 timed too, so the file records default vs tuned. The file's entries are keyed as
 ``moe_ep.tuning`` looks them up; the shipped ones live in ``moe_ep/tuned/``.
@@ -58,6 +59,16 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     return out
 
 
+def refinements(family: str, path: str, best, on_gpu: bool) -> list:
+    """A second search, one field at a time around the grid's winner ``best`` (first): fields of
+    a kernel of their own, which need no product with the grid — the HT stage kernel's programs
+    (its quantisation is latency-bound with few of them: run 12)."""
+    if family != "dispatch" or path not in ("ht", "inter_ht"):
+        return [best]
+    values = (264, 1056, 2112) if on_gpu else (1, 2)
+    return [best] + [dataclasses.replace(best, stage_programs=v) for v in values if v != best.stage_programs]
+
+
 def _tune_rank(ctx, opts):
     import torch.distributed as dist
 
@@ -100,19 +111,27 @@ def _tune_rank(ctx, opts):
                 barrier()
                 buf.combine(y, held["out"].handle)
 
-            def search(family, enqueue, make_choice):
-                timed = []
-                for cand in candidates(family, path, getattr(default, family), on_gpu):
+            def timed(cands, enqueue, make_choice):
+                out = []
+                for cand in cands:
                     buf.set_launch_params(path, num_tokens, make_choice(cand))
-                    timed.append((slowest_rank(batch_seconds(dev, enqueue, opts["iters"], 1, on_gpu, opts["batch"])),
-                                  cand))
-                return timed[0][0], min(timed, key=lambda tc: tc[0])
+                    out.append((slowest_rank(batch_seconds(dev, enqueue, opts["iters"], 1, on_gpu, opts["batch"])),
+                                cand))
+                return out
 
-            t_default_d, (t_d, best_d) = search("dispatch", dispatch_call,
-                                                lambda c: Choice(c, default.combine, "tuning"))
+            def search_family(family, enqueue, make_choice):
+                """(the default's time, (the best time, its parameters)): the grid, then refinements."""
+                times = timed(candidates(family, path, getattr(default, family), on_gpu), enqueue, make_choice)
+                best = min(times, key=lambda tc: tc[0])[1]
+                times += timed(refinements(family, path, best, on_gpu)[1:], enqueue, make_choice)
+                return times[0][0], min(times, key=lambda tc: tc[0])
+
+            t_default_d, (t_d, best_d) = search_family("dispatch", dispatch_call,
+                                                       lambda c: Choice(c, default.combine, "tuning"))
             buf.set_launch_params(path, num_tokens, Choice(best_d, default.combine, "tuning"))
             dispatch_call(0)
-            t_default_c, (t_c, best_c) = search("combine", combine_call, lambda c: Choice(best_d, c, "tuning"))
+            t_default_c, (t_c, best_c) = search_family("combine", combine_call,
+                                                       lambda c: Choice(best_d, c, "tuning"))
             entries.append(dict(dataclasses.asdict(buf.tune_key(path, num_tokens)),
                                 dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
                                 measured={"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6,
