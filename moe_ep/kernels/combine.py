@@ -76,11 +76,12 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
             first = tl.zeros([BLOCK_R], tl.int32)
             lens = tl.where(offs_r == 0, tl.load(num_recv_ptr), 0)
         ends = tl.cumsum(lens, axis=0)
+        total = tl.sum(lens, axis=0)
         shift = first - ends + lens  # row = n + shift[s] for the n-th row of the ranges taken in turn
         offs_rows = tl.arange(0, ROWS)
-        for start_n in range(local * ROWS, tl.sum(lens, axis=0), send_programs * ROWS):  # ROWS rows at once
+        for start_n in range(local * ROWS, total, send_programs * ROWS):  # ROWS rows at once
             n = start_n + offs_rows
-            mask_rows = n < tl.sum(lens, axis=0)
+            mask_rows = n < total
             seg = tl.sum((ends[None, :] <= n[:, None]).to(tl.int32), axis=1)
             rows = n + tl.sum(tl.where(offs_r[None, :] == seg[:, None], shift[None, :], 0), axis=1)
             src_rank = tl.load(src_ptr + 2 * rows, mask=mask_rows, other=0)
