@@ -90,8 +90,8 @@ class TunedTable:
         there; else the defaults."""
         args = (key.path, key.hidden, key.world_size, key.bucket, on_gpu, key.dispatch_dtype)
         chosen = self.entries.get(key)
-        near = [k for k in self.entries if dataclasses.replace(k, bucket=key.bucket) == key]
-        if chosen is None and near:
+        near = [] if chosen else [k for k in self.entries if dataclasses.replace(k, bucket=key.bucket) == key]
+        if near:
             best = min(near, key=lambda k: (abs(k.bucket.bit_length() - key.bucket.bit_length()), k.bucket))
             chosen = self.entries[best]
             chosen = dataclasses.replace(chosen, source=f"{chosen.source} (bucket {best.bucket})")
