@@ -38,7 +38,7 @@ def _phases(ctx, opts):
         name = f"ht/parts{parts}" if path == "ht" else path
         cfg = moe_ep.EpConfig(hidden=hidden, num_experts=opts["num_experts"], topk=opts["topk"],
                               max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path,
-                              ht_combine_parts=parts)
+                              ht_parts=parts)
         buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         d = buf.dispatch(xs[rank], ids[rank], ws[rank])
         remote = int((d.src[:int(d.num_tokens.item())].cpu()[:, 0] != rank).sum())
@@ -61,4 +61,4 @@ def _phases(ctx, opts):
 
 if __name__ == "__main__":
     phase_common.main(__doc__, _phases, "block_h=8192;num_warps=4,send_programs=528",
-                      {"--ht-parts": ("4", "EpConfig.ht_combine_parts values to time the HT path with")})
+                      {"--ht-parts": ("4", "EpConfig.ht_parts values to time the HT path with")})

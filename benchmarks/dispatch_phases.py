@@ -36,14 +36,16 @@ def _phases(ctx, opts):
     x, topk_ids, weights = xs[rank], ids[rank], ws[rank]
     x_fp8 = reference.quantize_fp8(x)
     out = {}
-    for path in opts["paths"]:
+    for path, parts in [(p, n) for p in opts["paths"] for n in (opts["ht_parts"] if p == "ht" else [1])]:
+        name = f"ht/parts{parts}" if path == "ht" else path
         cfg = moe_ep.EpConfig(hidden=hidden, num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path)
+                              max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path,
+                              ht_parts=parts)
         buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         d = buf.dispatch(x, topk_ids, weights)
         remote = int((d.src[:int(d.num_tokens.item())].cpu()[:, 0] != rank).sum())
         row_bytes = hidden + 4 * cfg.num_scales  # fp8 values and their scales
-        out[path] = {"remote_rows": remote, **phase_common.copy_times(timed, barrier, remote * row_bytes, opts)}
+        out[name] = {"remote_rows": remote, **phase_common.copy_times(timed, barrier, remote * row_bytes, opts)}
         base = buf.launch_params(path, tokens)
         for variant in [""] + opts["variants"]:
             choice = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch,
@@ -51,11 +53,12 @@ def _phases(ctx, opts):
             buf.set_launch_params(path, tokens, choice)
             row = {"dispatch_us": timed(lambda: buf.dispatch(x, topk_ids, weights, out=d)),
                    "prequantized_us": timed(lambda: buf.dispatch(x_fp8, topk_ids, weights, out=d))}
-            if path == "ht":  # the stage kernel alone: routing layout and quantisation
-                row["stage_us"] = timed(lambda: launch_stage(buf.heap, buf.sync, cfg, choice.dispatch, buf._staging,
-                                                             x, None, topk_ids, d.handle.send_mask, 1))
-            out[path][variant or "default"] = row
-        out[path]["params"] = dataclasses.asdict(base.dispatch)
+            if path == "ht":  # the stage kernel alone: routing layout and quantisation, then the layout alone
+                for key, (values, scales) in (("stage_us", (x, None)), ("stage_layout_us", x_fp8)):
+                    row[key] = timed(lambda: launch_stage(buf.heap, buf.sync, cfg, choice.dispatch, buf._staging,
+                                                          values, scales, topk_ids, d.handle.send_mask, 1))
+            out[name][variant or "default"] = row
+        out[name]["params"] = dataclasses.asdict(base.dispatch)
         buf.check()
         buf.close()
     barrier.close()
@@ -63,4 +66,5 @@ def _phases(ctx, opts):
 
 
 if __name__ == "__main__":
-    phase_common.main(__doc__, _phases, "stage_programs=1056;recv_parts=16,send_programs=528")
+    phase_common.main(__doc__, _phases, "stage_programs=1056;recv_parts=16,send_programs=528",
+                      {"--ht-parts": ("4", "EpConfig.ht_parts values to time the HT path with")})

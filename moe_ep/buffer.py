@@ -23,6 +23,7 @@ from moe_ep import _platform
 from moe_ep.config import INTER_PATHS, EpConfig
 from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
+from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
@@ -48,7 +49,7 @@ class DispatchHandle:
     forwarded_mask: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int64: bit d = sent to rank d
     forwarded_count: Optional[torch.Tensor] = None  # [nodes] int32: rows forwarded from each node
     # HT path (one node): where each source's token ranges start among the received rows (the
-    # HT combine sends them back range by range): [world_size, ht_combine_parts + 1] int32.
+    # HT combine sends them back range by range): [world_size, ht_parts + 1] int32.
     part_rows: Optional[torch.Tensor] = None
 
 
@@ -163,9 +164,11 @@ class Buffer:
         if path in INTER_PATHS:
             launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
                                       self._staging if path == "inter_ht" else None)
+        elif path == "ht":
+            launch_dispatch_ht(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
+                               self._staging)
         else:
-            launch_dispatch(self.heap, self.sync, self.cfg, params, path, x, x_scales, topk_ids, topk_weights, out,
-                            self._staging)
+            launch_dispatch(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
         return out
 
     def empty_dispatch_output(self) -> DispatchOutput:
@@ -179,7 +182,7 @@ class Buffer:
                 forwarded_token=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int32, device=dev),
                 forwarded_mask=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
                 forwarded_count=torch.empty(self.nodes, dtype=torch.int32, device=dev))
-        part_rows = torch.empty(self.world_size, cfg.ht_combine_parts + 1, dtype=torch.int32, device=dev) \
+        part_rows = torch.empty(self.world_size, cfg.ht_parts + 1, dtype=torch.int32, device=dev) \
             if self.nodes == 1 and cfg.ht_tokens else None
         handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
                                 send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),

@@ -18,8 +18,8 @@ DEFAULT_LL_MAX_TOKENS = 256  # LL capacity per rank in "auto" mode
 DEFAULT_CROSSOVER_TOKENS = 256
 # The HT combine sums each rank's tokens in this many ranges, overlapping the sums with the
 # sends of later ranges (benchmarks/NOTES.md run 12). At most one arrival counter per range.
-DEFAULT_HT_COMBINE_PARTS = 4
-MAX_HT_COMBINE_PARTS = 32
+DEFAULT_HT_PARTS = 4
+MAX_HT_PARTS = 32
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class EpConfig:
                          else the same steps over peer pointers), "peer" (stored straight into
                          the proxy's arena: simulated nodes only), "auto" ("put" on the "nvshmem"
                          heap, else "peer")
-    ht_combine_parts     HT combine: each rank's tokens are summed in this many ranges, each as
-                         soon as every rank has sent that range's rows back, while later
-                         ranges are still being sent (1: sum after all sends)
+    ht_parts             HT: each rank's tokens form this many ranges. The dispatch signals each
+                         range once sent, and a receiver lays it out while later ranges are still
+                         being sent; the combine sums each range as soon as every rank has sent
+                         its rows back (1: no overlap)
     """
 
     hidden: int
@@ -59,11 +60,11 @@ class EpConfig:
     ll_max_tokens: int = DEFAULT_LL_MAX_TOKENS
     crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
     inter_transport: str = "auto"
-    ht_combine_parts: int = DEFAULT_HT_COMBINE_PARTS
+    ht_parts: int = DEFAULT_HT_PARTS
 
     def __post_init__(self):
         for name in ("hidden", "num_experts", "topk", "max_tokens_per_rank", "ll_max_tokens", "crossover_tokens",
-                     "ht_combine_parts"):
+                     "ht_parts"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EpConfig.{name} must be a positive int, got {value!r}")
@@ -79,9 +80,8 @@ class EpConfig:
             raise ValueError(f"EpConfig.gpus_per_node must be a positive int or None, got {self.gpus_per_node!r}")
         if self.inter_transport not in INTER_TRANSPORTS:
             raise ValueError(f"EpConfig.inter_transport must be one of {INTER_TRANSPORTS}, got {self.inter_transport!r}")
-        if self.ht_combine_parts > MAX_HT_COMBINE_PARTS:
-            raise ValueError(f"EpConfig.ht_combine_parts must be at most {MAX_HT_COMBINE_PARTS}, "
-                             f"got {self.ht_combine_parts}")
+        if self.ht_parts > MAX_HT_PARTS:
+            raise ValueError(f"EpConfig.ht_parts must be at most {MAX_HT_PARTS}, got {self.ht_parts}")
         if not self.timeout_s > 0:
             raise ValueError(f"EpConfig.timeout_s must be positive, got {self.timeout_s}")
 

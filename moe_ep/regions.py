@@ -12,16 +12,19 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   p_dispatch_topk_ids      [B, R, M_p, K] int32           as p_dispatch_x (local expert ids, -1 elsewhere)
   p_dispatch_topk_weights  [B, R, M_p, K] float32         as p_dispatch_x
   p_dispatch_src_token     [B, R, M_p] int32              as p_dispatch_x (token index on rank s)
-  p_dispatch_count         [B, R] int32                   slot [., s]: rank s (rows it sent in the call)
+  ll_dispatch_count        [2, R] int32                   slot [., s]: rank s (rows it sent in the call)
   p_dispatch_expert_counts [B, R, E/R] int32              row [., s]: rank s (its (token, k) pairs per local expert)
-  p_dispatch_signal        [B, R] int32                   slot [., s]: rank s (epoch, after its rows)
+  p_dispatch_signal        [B, R] int32                   slot [., s]: rank s (LL: epoch, after its rows;
+                                                          HT: after its ranges and expert counts)
+  ht_dispatch_ranges       [R, P + 1] int32               row s: rank s (where each of its P = ht_parts token
+                                                          ranges starts among its rows for this rank, then
+                                                          their count)
+  ht_dispatch_range_signal [P, R] int32                   slot [q, s]: rank s (epoch, after its rows of range q)
   ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
   p_combine_x              [B, R, M_p, H] bfloat16        rows [., d, :]: rank d (partials per token)
   p_combine_signal         [B, R] int32                   slot [., d]: rank d
-                           (HT: [P, R], one per token range of the ht_combine_parts P)
+                           (HT: [P, R], one per token range)
   ht_combine_credit        [R] int32                      slot s: rank s
-  ht_dispatch_tokens       [R] int32                      slot s: rank s (its tokens in the call: the
-                                                          token ranges of its HT combine)
 
 Across nodes (N = world / gpus_per_node > 1; G = gpus_per_node; the inter-node path, LL and HT
 variants alike, on M = max_tokens_per_rank: its LL regions above have that capacity and there
@@ -71,15 +74,17 @@ def _path_regions(path: str, cfg: EpConfig, world_size: int, tokens: int, halves
         (f"{path}_dispatch_topk_ids", rows * cfg.topk * 4),
         (f"{path}_dispatch_topk_weights", rows * cfg.topk * 4),
         (f"{path}_dispatch_src_token", rows * 4),
-        (f"{path}_dispatch_count", flags),
         (f"{path}_dispatch_expert_counts", flags * cfg.num_experts // world_size),
         (f"{path}_dispatch_signal", flags),
         (f"{path}_combine_x", rows * cfg.hidden * 2),
-        (f"{path}_combine_signal", flags * (cfg.ht_combine_parts if credits else 1)),
+        (f"{path}_combine_signal", flags * (cfg.ht_parts if credits else 1)),
     ]
-    if credits:
-        sizes += [(f"{path}_dispatch_credit", 4 * world_size), (f"{path}_combine_credit", 4 * world_size),
-                  (f"{path}_dispatch_tokens", 4 * world_size)]
+    if credits:  # HT: token ranges, credits
+        sizes += [(f"{path}_dispatch_ranges", flags * (cfg.ht_parts + 1)),
+                  (f"{path}_dispatch_range_signal", flags * cfg.ht_parts),
+                  (f"{path}_dispatch_credit", 4 * world_size), (f"{path}_combine_credit", 4 * world_size)]
+    else:
+        sizes.append((f"{path}_dispatch_count", flags))
     return sizes
 
 

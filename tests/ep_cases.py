@@ -145,7 +145,7 @@ def unaligned(t: torch.Tensor) -> torch.Tensor:
 def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequantized: bool = False,
               hidden: int | None = None, topk: int | None = None, seed: int = 0, mode: str = "auto",
               crossover_tokens: int | None = None, hints: list | None = None, nodes: int = 1,
-              inter_transport: str = "auto", backend: str | None = None, ht_combine_parts: int | None = None):
+              inter_transport: str = "auto", backend: str | None = None, ht_parts: int | None = None):
     """``calls`` dispatch + combine pairs on one Buffer with fresh inputs, each checked against the
     reference; returns the rows this rank received over all calls (or, with ``hints``, the path
     each call took; in "auto" mode a call with hint h holds at most h tokens per rank)."""
@@ -161,8 +161,8 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
         extra["inter_transport"] = inter_transport
     if backend is not None:
         extra["backend"] = backend
-    if ht_combine_parts is not None:
-        extra["ht_combine_parts"] = ht_combine_parts
+    if ht_parts is not None:
+        extra["ht_parts"] = ht_parts
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
                           max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype, mode=mode, **extra)
     buf = moe_ep.Buffer(ctx.group, cfg)
@@ -190,7 +190,7 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             assert (out.handle.path in ("inter", "inter_ht")) == (nodes > 1), out.handle.path
             n = check_dispatch(out, expected[me], buf.capacity)
             if out.handle.path == "ht":
-                check_part_rows(out, expected[me], [len(i) for i in ids], cfg.ht_combine_parts)
+                check_part_rows(out, expected[me], [len(i) for i in ids], cfg.ht_parts)
             if use_out:
                 check_untouched(out, n)
             received += n

@@ -76,8 +76,8 @@ def test_bad_input_raises_and_buffer_stays_usable(ranks):
     (dict(topk=9, num_experts=8), "exceeds num_experts"),
     (dict(dispatch_dtype=torch.float16), "dispatch_dtype"),
     (dict(mode="fast"), "mode"),
-    (dict(ht_combine_parts=0), "ht_combine_parts must be a positive int"),
-    (dict(ht_combine_parts=33), "ht_combine_parts must be at most 32"),
+    (dict(ht_parts=0), "ht_parts must be a positive int"),
+    (dict(ht_parts=33), "ht_parts must be at most 32"),
 ])
 def test_config_rejects_impossible_shapes(kwargs, match):
     base = dict(hidden=256, num_experts=8, topk=2, max_tokens_per_rank=4)

@@ -57,13 +57,13 @@ def test_auto_switches_between_paths(ranks):
 
 
 def test_ht_combine_token_ranges(ranks):
-    """The HT combine sums each rank's tokens in ht_combine_parts ranges while later ranges are
+    """The HT combine sums each rank's tokens in ht_parts ranges while later ranges are
     sent (the suite runs the default, 4): here one range (sums after all sends) on 2 ranks, and
     more ranges than some ranks have tokens (empty ranges) on more; skewed routing, five checked
     calls."""
     parts = 1 if ranks.world_size == 2 else 7
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
-    received = ranks.run(run_calls, "skewed", "bfloat16", shape, 5, mode="ht", ht_combine_parts=parts)
+    received = ranks.run(run_calls, "skewed", "bfloat16", shape, 5, mode="ht", ht_parts=parts)
     assert sum(received) > 0, received
 
 

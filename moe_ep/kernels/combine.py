@@ -4,7 +4,7 @@ One kernel serves both paths. LL: regions double-buffered like the LL dispatch (
 e % 2; see kernels/dispatch.py for why that is safe). HT (CREDITS): single-buffered regions with
 credits, and more programs.
 Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity per source):
-  The tokens of each rank form P ranges (HT: ``cfg.ht_combine_parts``; LL: 1): range q of a
+  The tokens of each rank form P ranges (HT: ``cfg.ht_parts``; LL: 1): range q of a
   rank with T tokens starts at token min(q * cdiv(T, P), T). The dispatch recorded where each
   source's ranges start among the received rows (``handle.part_rows``; rows hold source-major,
   then increasing tokens). Programs come as P groups, [send q | reduce q] for q = 0 .. P - 1
@@ -139,9 +139,9 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
     """Send ``y`` ([capacity, hidden] bf16, rows as dispatched) back and sum into ``out``
     ([handle.num_tokens, hidden] bf16) over the ``path`` ("ll" or "ht") of the dispatch.
     Inputs are validated by the caller (``Buffer``). HT: the programs of ``params`` are split
-    evenly over the ``cfg.ht_combine_parts`` token ranges."""
+    evenly over the ``cfg.ht_parts`` token ranges."""
     ht = path == "ht"
-    parts = cfg.ht_combine_parts if ht else 1
+    parts = cfg.ht_parts if ht else 1
     prefix = f"{path}_combine_"
     send_programs = max(1, params.send_programs // parts)
     reduce_programs = max(1, params.reduce_programs // parts)

@@ -1,37 +1,34 @@
 """Dispatch: send each token to the ranks that hold its experts, lay the rows out compactly.
 
-Two paths share one kernel (``_dispatch_kernel``), chosen by constexprs:
-  LL (low latency): one launch. Every send program computes the routing prefix sum itself and
-     quantises its own tokens while sending them. LL regions are double-buffered (call e uses
-     half e % 2), so no handshake is needed between calls.
-  HT (high throughput): first ``_dispatch_stage_kernel`` uses the whole GPU to compute the
-     routing layout once (each token's slot on each destination, the per-destination counts,
-     send_mask) and to quantise every token once into a local staging buffer; then the dispatch
-     kernel, with many more programs, only copies staged rows. HT regions are single-buffered
-     with credits.
+This file holds the LL (low latency) dispatch kernel, the pieces the other dispatch kernels share
+(routing, sending a token, laying received rows out), and the HT stage kernel:
+  LL: one launch. Every send program computes the routing prefix sum itself and quantises its
+     own tokens while sending them. LL regions are double-buffered (call e uses half e % 2), so
+     no handshake is needed between calls.
+  HT stage (``_dispatch_stage_kernel``): the whole GPU computes the routing layout once (each
+     token's slot on each destination, the counts, send_mask, the rows of each token range) and
+     quantises every token once into a local staging buffer, for the HT dispatch
+     (``kernels/dispatch_ht.py``) and the inter-node path's HT variant (``kernels/internode.py``).
 
-Protocol (regions in ``moe_ep.regions``; R = world size, M = the path's capacity per source):
-  Send programs ``[0, send_programs)``. (HT first waits for every destination's credit: it
-  consumed this rank's rows of the previous HT call.) For each of its tokens
-  (t % send_programs == pid) a program loads the row once and stores payload, scales, local
-  expert ids, weights and the token index straight into row ``[rank, slot]`` of every
-  destination's receive regions, slot being the number of earlier tokens bound there. It then
-  arrives on the per-destination counter; the last sender of each destination stores the row
-  count in ``count[rank]`` there, and the destination's slice of this rank's tokens per expert
-  in ``expert_counts[rank, :]`` (every send program counts all tokens while it lays them out;
-  HT: the stage kernel did), then signals ``signal[rank]`` with the epoch.
+LL protocol (regions in ``moe_ep.regions``; R = world size, M = ``cfg.ll_tokens``):
+  Send programs ``[0, send_programs)``. For each of its tokens (t % send_programs == pid) a
+  program loads the row once and stores payload, scales, local expert ids, weights and the token
+  index straight into row ``[rank, slot]`` of every destination's receive regions, slot being
+  the number of earlier tokens bound there. It then arrives on the per-destination counter; the
+  last sender of each destination stores the row count in ``count[rank]`` there, and the
+  destination's slice of this rank's tokens per expert in ``expert_counts[rank, :]`` (every
+  send program counts all tokens while it lays them out), then signals ``signal[rank]`` with
+  the epoch.
   Receive programs, recv_parts per source rank s. Each waits for the signals of sources
   ``0..s`` (its output offset is the sum of their counts) and copies its share of s's rows,
   contiguous in the receive region, into the compact outputs.
   One more program waits for every source and writes ``num_tokens`` and ``tokens_per_expert``
   (the sum over sources of ``expert_counts``).
-  (HT: the receive programs and this one arrive on the per-source counter; the last of the
-  recv_parts + 1 gives the source its credit: ``credit[rank] = epoch``.)
 Why LL needs no handshake: half e % 2 is written again by LL call e + 2, which a sender starts
 only after its call e + 1 received from every rank, i.e. after every rank finished call e
 (stream order) and so read its half. Each path counts its own epochs.
 Outputs are in source-rank order, then token order: deterministic. Sends have lower program
-ids than waits, and senders wait only for the previous call, so a launch cannot deadlock in the
+ids than waits, and senders wait for no one in the call, so a launch cannot deadlock in the
 interpreter or on a GPU whose grid is not all resident.
 """
 
@@ -45,9 +42,8 @@ import triton.language as tl
 
 from moe_ep.kernels.numerics import _quantize_fp8
 from moe_ep.kernels.registry import KERNELS, register
-from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _copy_span, _finish_launch, _launch_epoch,
-                                         _peer_ptr, _row, _signal_peers, _wait_peers)
+from moe_ep.transport.primitives import (PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span, _finish_launch,
+                                         _launch_epoch, _peer_ptr, _row, _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -64,9 +60,16 @@ def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: 
     offs_t = start + tl.arange(0, BLOCK_T)
     ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
                   mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
-    dst = tl.where(ids >= 0, ids // EXPERTS_PER_RANK, -1)
-    is_dst = tl.max((dst[:, :, None] == offs_r[None, None, :]).to(tl.int32), axis=1)
+    # bit d of a token's word: rank d holds one of its experts (no [BLOCK_T, BLOCK_K, BLOCK_R] tile)
+    one_hot = tl.where(ids >= 0, tl.full(ids.shape, 1, tl.int64) << (tl.maximum(ids, 0) // EXPERTS_PER_RANK), 0)
+    bits = tl.reduce(one_hot, 1, _bit_or)  # [BLOCK_T] int64
+    is_dst = ((bits[:, None] >> offs_r[None, :].to(tl.int64)) & 1).to(tl.int32)
     return offs_t, ids, is_dst
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
 
 
 @triton.jit
@@ -98,19 +101,49 @@ def _nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE: tl.constexpr, NUM
     return tl.where(((offs_n < NUM_NODES) & (offs_n != my_node))[None, :], is_node, 0)
 
 
+@triton.jit
+def _token_range(q, num_tokens, RANGES: tl.constexpr):
+    """Tokens ``[lo, hi)`` of range q of the RANGES ranges of a rank's ``num_tokens`` tokens
+    (range q starts at token min(q * cdiv(num_tokens, RANGES), num_tokens)); q may be a vector."""
+    per_range = tl.cdiv(num_tokens, RANGES)
+    return tl.minimum(q * per_range, num_tokens), tl.minimum((q + 1) * per_range, num_tokens)
+
+
+@triton.jit
+def _store_range_rows(range_rows_ptr, offs_t, before, totals, last_block, num_tokens, offs_r, mask_r,
+                      RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Token block ``offs_t`` with ``before`` [BLOCK_T, BLOCK_R], the rows bound for each rank
+    ahead of each token, and ``totals`` [BLOCK_R], those ahead of the next block: store
+    ``range_rows[d, q]`` (row-major [R, RANGES + 1]) for each range q that starts in the block,
+    and (``last_block``) the row counts at every boundary at the end, q = RANGES included."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    start, _ = _token_range(offs_q, num_tokens, RANGES)  # [BLOCK_Q] the first token of each range
+    hit = (offs_t[:, None] == start[None, :]) & (start < num_tokens)[None, :]  # [BLOCK_T, BLOCK_Q]
+    rows = tl.sum(tl.where(hit[:, :, None], before[:, None, :], 0), axis=0)  # [BLOCK_Q, BLOCK_R]
+    here = tl.max(hit.to(tl.int32), axis=0) > 0
+    if last_block:
+        rows = tl.where(here[:, None], rows, totals[None, :])
+        here = here | (start >= num_tokens)
+    tl.store(range_rows_ptr + offs_r[None, :] * (RANGES + 1) + offs_q[:, None], rows,
+             mask=(here & (offs_q <= RANGES))[:, None] & mask_r[None, :])
+
+
 @triton.jit(do_not_specialize=("num_tokens",))
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
-                           expert_counts_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, rank, world_size,
-                           num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
-                           NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, GPUS_PER_NODE: tl.constexpr,
-                           NUM_NODES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_ALL_E: tl.constexpr):
-    """HT staging, with the whole GPU: program b < cdiv(T, BLOCK_T) lays out token block b
-    (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64; the last block also
+                           expert_counts_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr, rank,
+                           world_size, num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                           EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr,
+                           GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, RANGES: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
+                           BLOCK_Q: tl.constexpr, BLOCK_SCAN: tl.constexpr):
+    """HT staging, with the whole GPU: program p lays out the blocks of BLOCK_T tokens b = p (mod
+    programs) (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64; the last block also
     counts [R] int32 and expert_counts [num_experts] int32; across nodes (NUM_NODES > 1) also
     node_slots [T, N] int32, the token's row among those bound for each other node (-1: none),
-    and, last block, node_counts [N]); every program quantises tokens t % num_programs == pid
+    and, last block, node_counts [N]; RANGES > 0: range_rows [R, RANGES + 1] int32, row d holding
+    where each of the RANGES token ranges starts among the rows bound for rank d, then their
+    count — ``_store_range_rows``); every program quantises tokens t % num_programs == pid
     into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE)."""
     pid = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
@@ -120,20 +153,22 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     num_blocks = tl.maximum(tl.cdiv(num_tokens, BLOCK_T), 1)
-    if pid < num_blocks:
+    for block in range(pid, num_blocks, tl.num_programs(0)):  # one block a program, unless too few
         carry = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier blocks bound for each rank
         node_carry = tl.zeros([BLOCK_N], tl.int32)  # ... and for each other node
-        last_block = pid == num_blocks - 1
+        last_block = block == num_blocks - 1
         hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # the last block: (token, k) pairs per expert
-        for start in range(0, pid * BLOCK_T, BLOCK_T):
-            _, ids, is_dst = _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                          EXPERTS_PER_RANK, BLOCK_T)
+        # The tokens ahead of the block, BLOCK_SCAN at a time: the longest chain (the last block's)
+        # is T / BLOCK_SCAN steps, not T / BLOCK_T.
+        for start in range(0, block * BLOCK_T, BLOCK_SCAN):
+            _, ids, is_dst = _route_block(topk_ids_ptr, start, block * BLOCK_T, offs_r, offs_k, mask_k, TOPK,
+                                          EXPERTS_PER_RANK, BLOCK_SCAN)
             carry += tl.sum(is_dst, axis=0)
             if NUM_NODES > 1:
                 node_carry += tl.sum(_nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES), axis=0)
             if last_block:
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
-        offs_t, ids, is_dst = _route_block(topk_ids_ptr, pid * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
+        offs_t, ids, is_dst = _route_block(topk_ids_ptr, block * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
                                            EXPERTS_PER_RANK, BLOCK_T)
         slots = tl.cumsum(is_dst, axis=0) - is_dst + carry[None, :]  # [BLOCK_T, BLOCK_R]
         mask_t = offs_t < num_tokens
@@ -149,6 +184,9 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
                      tl.where(is_node > 0, node_slots, -1), mask=mask_t[:, None] & (offs_n < NUM_NODES)[None, :])
             if last_block:
                 tl.store(node_counts_ptr + offs_n, node_carry + tl.sum(is_node, axis=0), mask=offs_n < NUM_NODES)
+        if RANGES > 0:
+            _store_range_rows(range_rows_ptr, offs_t, slots, carry + tl.sum(is_dst, axis=0), last_block, num_tokens,
+                              offs_r, mask_r, RANGES, BLOCK_Q)
         if last_block:
             tl.store(counts_ptr + offs_r, carry + tl.sum(is_dst, axis=0), mask=mask_r)
             tl.store(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E), hist + _expert_histogram(ids, BLOCK_ALL_E),
@@ -234,29 +272,27 @@ def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, t
 
 
 @triton.jit
-def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
-                    x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-                    out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-                    max_tokens, recv_parts, src_tokens, part_rows_ptr, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
-                    NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
-                    ALIGNED: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Copy part ``part`` of the ``count`` rows received from ``src_rank`` (contiguous in the
-    receive region) to output rows ``[out_row, out_row + count)``: one flat copy per field.
-    PART_ROWS > 0: also mark where each of the source's PART_ROWS token ranges starts
-    (``_mark_part_rows``; ``src_tokens``: the source's tokens in the call)."""
-    first = (src_rank * max_tokens).to(tl.int64)
+def _receive_rows(src_rank, first, count, out_row, part, parts, rank, peer_bases_ptr,
+                  x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                  out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+                  HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                  BLOCK_COPY: tl.constexpr, ALIGNED: tl.constexpr):
+    """Copy part ``part`` of ``parts`` of the ``count`` rows from ``src_rank`` that start at row
+    ``first`` of this rank's receive regions (contiguous there) to output rows
+    ``[out_row, out_row + count)``: one flat copy per field."""
+    first = first.to(tl.int64)
     out_row = out_row.to(tl.int64)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN, out_x_ptr + out_row * HIDDEN,
-               count * HIDDEN, part, recv_parts, BLOCK_COPY, ALIGNED)
+               count * HIDDEN, part, parts, BLOCK_COPY, ALIGNED)
     if NUM_SCALES > 0:
         _copy_span(_peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32) + first * NUM_SCALES,
-                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, recv_parts, BLOCK_COPY, False)
+                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, parts, BLOCK_COPY, False)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32) + first * TOPK, out_topk_ids_ptr + out_row * TOPK,
-               count * TOPK, part, recv_parts, BLOCK_COPY, False)
+               count * TOPK, part, parts, BLOCK_COPY, False)
     _copy_span(_peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32) + first * TOPK,
-               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, recv_parts, BLOCK_COPY, False)
+               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, parts, BLOCK_COPY, False)
     # src: (src_rank, token) pairs, rows split between the parts.
-    per_part = tl.cdiv(count, recv_parts)
+    per_part = tl.cdiv(count, parts)
     base_src = _peer_ptr(peer_bases_ptr, rank, src_offset, tl.int32) + first
     for block in range(part * per_part, tl.minimum((part + 1) * per_part, count), BLOCK_COPY // 2):
         offs = block + tl.arange(0, BLOCK_COPY // 2)
@@ -264,31 +300,6 @@ def _receive_source(src_rank, part, count, out_row, rank, peer_bases_ptr,
         token = tl.load(base_src + offs, mask=mask)
         tl.store(out_src_ptr + (out_row + offs) * 2, tl.zeros_like(token) + src_rank, mask=mask)
         tl.store(out_src_ptr + (out_row + offs) * 2 + 1, token, mask=mask)
-        if PART_ROWS > 0:
-            before = tl.load(base_src + offs - 1, mask=mask & (offs > 0), other=-1)
-            _mark_part_rows(part_rows_ptr, before, token, mask, out_row + offs, src_tokens, PART_ROWS, BLOCK_Q)
-    if PART_ROWS > 0:
-        if part == 0:  # the end of the rows, as a row past every token: the ranges no row reaches
-            end = tl.zeros([1], tl.int32) + count
-            before = tl.load(base_src + end - 1, mask=end > 0, other=-1)
-            _mark_part_rows(part_rows_ptr, before, end * 0 + src_tokens, end >= 0, out_row + end, src_tokens,
-                            PART_ROWS, BLOCK_Q)
-
-
-@triton.jit
-def _mark_part_rows(part_rows_ptr, before, token, mask, rows, src_tokens, PARTS: tl.constexpr,
-                    BLOCK_Q: tl.constexpr):
-    """The source's tokens [0, src_tokens) form PARTS ranges, range q from token
-    ``min(q * cdiv(src_tokens, PARTS), src_tokens)``. For each boundary q in [0, PARTS], store at
-    ``part_rows_ptr[q]`` the row of the first token at or past it: the masked row whose token is
-    and whose previous row's token (``before``, -1 for the first) is not. Rows hold increasing tokens,
-    so one row in all matches each q (``token == src_tokens`` stands for the end)."""
-    offs_q = tl.arange(0, BLOCK_Q)
-    bound = tl.minimum(offs_q * tl.cdiv(src_tokens, PARTS), src_tokens)
-    hit = (mask[:, None] & (offs_q <= PARTS)[None, :] & (before[:, None] < bound[None, :])
-           & (bound[None, :] <= token[:, None]))
-    zeros = tl.zeros([before.shape[0], BLOCK_Q], tl.int32)
-    tl.store(part_rows_ptr + offs_q[None, :] + zeros, rows.to(tl.int32)[:, None] + zeros, mask=hit)
 
 
 @triton.jit
@@ -305,17 +316,25 @@ def _half_offsets(half, sources, max_tokens, x_offset, scales_offset, ids_offset
 
 @triton.jit
 def _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, src_rank, counts, hist,
-                   last, offs_r, world_size, epoch, EXPERTS_PER_RANK: tl.constexpr, tokens_offset=0, num_tokens=0,
-                   SEND_TOKENS: tl.constexpr = False):
+                   last, offs_r, world_size, epoch, EXPERTS_PER_RANK: tl.constexpr):
     """To each rank d where ``last[d]``, on behalf of ``src_rank``: the row count ``counts[d]``, d's
-    slice of the per-expert counts ``hist`` (SEND_TOKENS: and ``num_tokens``, the source's tokens),
-    then the signal (epoch) that makes them visible."""
+    slice of the per-expert counts ``hist``, then the signal (epoch) that makes them visible."""
     tl.store(_peer_ptr(peer_bases_ptr, offs_r, count_offset + src_rank * 4, tl.int32), counts, mask=last)
-    if SEND_TOKENS:
-        tl.store(_peer_ptr(peer_bases_ptr, offs_r, tokens_offset + src_rank * 4, tl.int32),
-                 tl.zeros_like(counts) + num_tokens, mask=last)
     _publish_expert_counts(peer_bases_ptr, expert_counts_offset, src_rank, hist, last, world_size, EXPERTS_PER_RANK)
     _signal_peers(peer_bases_ptr, signal_offset, src_rank, offs_r, last, epoch)
+
+
+@triton.jit
+def _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_tokens_ptr, out_tokens_per_expert_ptr,
+                  offs_r, mask_r, EXPERTS_PER_RANK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """num_tokens (the sum of ``counts``, rows from each source) and tokens_per_expert (the sum
+    over sources of their published ``expert_counts`` rows)."""
+    tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
+    offs_e = tl.arange(0, BLOCK_E)
+    per_source = tl.load(_peer_ptr(peer_bases_ptr, rank, expert_counts_offset, tl.int32)
+                         + offs_r[:, None] * EXPERTS_PER_RANK + offs_e[None, :],
+                         mask=mask_r[:, None] & (offs_e < EXPERTS_PER_RANK)[None, :], other=0)
+    tl.store(out_tokens_per_expert_ptr + offs_e, tl.sum(per_source, axis=0), mask=offs_e < EXPERTS_PER_RANK)
 
 
 @triton.jit
@@ -325,74 +344,52 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
                      out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts,
                      HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
                      NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr, tokens_offset=0,
-                     out_part_rows_ptr=None, PART_ROWS: tl.constexpr = 0, BLOCK_Q: tl.constexpr = 1):
+                     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
     """Receive program ``j``: part ``j % recv_parts`` of source ``j // recv_parts``'s rows, or (the
-    last one, j == R * recv_parts) num_tokens and tokens_per_expert. Returns the sources it is
-    done with (``[BLOCK_R]`` mask). PART_ROWS > 0 (HT): also the rows where each of the
-    source's token ranges starts, into ``out_part_rows[source, :]`` ([R, PART_ROWS + 1] int32)."""
+    last one, j == R * recv_parts) num_tokens and tokens_per_expert."""
     meta = j == world_size * recv_parts  # the program that writes num_tokens / tokens_per_expert
     src_rank = tl.where(meta, world_size - 1, j // recv_parts)
-    part = j % recv_parts
     mask_wait = mask_r & (offs_r <= src_rank)
     _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
                 PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
     counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
                      other=0, volatile=True)  # [BLOCK_R] rows from each source
     if meta:
-        tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
-        offs_e = tl.arange(0, BLOCK_E)
-        per_source = tl.load(_peer_ptr(peer_bases_ptr, rank, expert_counts_offset, tl.int32)
-                             + offs_r[:, None] * EXPERTS_PER_RANK + offs_e[None, :],
-                             mask=mask_r[:, None] & (offs_e < EXPERTS_PER_RANK)[None, :], other=0)
-        hist = tl.sum(per_source, axis=0)  # [BLOCK_E]
-        tl.store(out_tokens_per_expert_ptr + offs_e, hist, mask=offs_e < EXPERTS_PER_RANK)
-        mask_done = mask_r
+        _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_tokens_ptr,
+                      out_tokens_per_expert_ptr, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_E)
     else:
-        offset = tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0)
-        count = tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0)
-        src_tokens = 0
-        part_rows_ptr = out_part_rows_ptr
-        if PART_ROWS > 0:
-            src_tokens = tl.load(_peer_ptr(peer_bases_ptr, rank, tokens_offset, tl.int32) + src_rank, volatile=True)
-            part_rows_ptr += src_rank * (PART_ROWS + 1)
-        _receive_source(src_rank, part, count, offset, rank, peer_bases_ptr, x_offset, scales_offset,
-                        ids_offset, weights_offset, src_offset, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
-                        out_topk_weights_ptr, out_src_ptr, max_tokens, recv_parts, src_tokens, part_rows_ptr, HIDDEN,
-                        TOPK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED, PART_ROWS, BLOCK_Q)
-        mask_done = offs_r == src_rank
-    return mask_done
+        _receive_rows(src_rank, src_rank * max_tokens, tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0),
+                      tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0), j % recv_parts, recv_parts, rank,
+                      peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, out_x_ptr,
+                      out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, HIDDEN, TOPK,
+                      NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED)
 
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
 @triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs"))
 def _dispatch_kernel(
-        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, expert_counts_ptr,
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-        out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr, out_part_rows_ptr,
+        out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-        count_offset, expert_counts_offset, signal_offset, credit_offset, tokens_offset, counters_ptr, status_ptr,
+        count_offset, expert_counts_offset, signal_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
-        NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, STAGED: tl.constexpr,
-        CREDITS: tl.constexpr, send_programs, token_parts, recv_parts,
-        num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
+        NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, send_programs, token_parts,
+        recv_parts, num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
-        ALIGNED: tl.constexpr, PART_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr):
+        ALIGNED: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
-    # topk_ids / topk_weights [num_tokens, TOPK]; STAGED: slots [num_tokens, R] int32 and counts [R]
-    # from the stage kernel; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64;
-    # PART_ROWS > 0 (HT): every source sends its token count too, and out_part_rows [R, PART_ROWS + 1]
-    # gets where each source's token ranges start among the output rows (the HT combine's ranges)
+    # topk_ids / topk_weights [num_tokens, TOPK]; outputs [R * max_tokens, ...]; send_mask [num_tokens] int64
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
-    if not CREDITS:  # this call's half of every double-buffered region
-        x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset, signal_offset = _half_offsets(
-            epoch % 2, world_size, max_tokens, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-            count_offset, signal_offset, HIDDEN * (OUT_DTYPE.primitive_bitwidth // 8), NUM_SCALES * 4, TOPK * 4)
-        expert_counts_offset += (epoch % 2) * world_size * EXPERTS_PER_RANK * 4
+    # this call's half of every double-buffered region
+    x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset, signal_offset = _half_offsets(
+        epoch % 2, world_size, max_tokens, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+        count_offset, signal_offset, HIDDEN * (OUT_DTYPE.primitive_bitwidth // 8), NUM_SCALES * 4, TOPK * 4)
+    expert_counts_offset += (epoch % 2) * world_size * EXPERTS_PER_RANK * 4
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
@@ -403,83 +400,61 @@ def _dispatch_kernel(
         lanes = send_programs // token_parts
         lane = pid // token_parts
         part = pid % token_parts
-        if CREDITS:
-            _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
-                        PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
-        if STAGED:
-            counts = tl.load(counts_ptr + offs_r, mask=mask_r, other=0)  # [BLOCK_R]
-            hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
-                           mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
-            for t in range(lane, num_tokens, lanes):
-                slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
-                ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
-                _send_token(t, t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
-                            send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
-                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED,
-                            False)
-        else:
-            counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
-            hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
-            for chunk in range(0, num_tokens, BLOCK_T):
-                offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                                   EXPERTS_PER_RANK, BLOCK_T)
-                slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]  # [BLOCK_T, BLOCK_R]
-                first = chunk + (lane - chunk % lanes + lanes) % lanes
-                for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), lanes):
-                    sel = (offs_t == t)[:, None]
-                    _send_token(t, t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
-                                tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
-                                x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
-                                scales_offset, ids_offset, weights_offset, src_offset, world_size, max_tokens,
-                                EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK,
-                                NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
-                counts += tl.sum(is_dst, axis=0)
-                hist += _expert_histogram(ids, BLOCK_ALL_E)
+        counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
+        hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
+        for chunk in range(0, num_tokens, BLOCK_T):
+            offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
+                                               EXPERTS_PER_RANK, BLOCK_T)
+            slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]  # [BLOCK_T, BLOCK_R]
+            first = chunk + (lane - chunk % lanes + lanes) % lanes
+            for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), lanes):
+                sel = (offs_t == t)[:, None]
+                _send_token(t, t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
+                            tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
+                            x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
+                            scales_offset, ids_offset, weights_offset, src_offset, world_size, max_tokens,
+                            EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK,
+                            NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
+            counts += tl.sum(is_dst, axis=0)
+            hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
-                       offs_r, world_size, epoch, EXPERTS_PER_RANK, tokens_offset, num_tokens, PART_ROWS > 0)
+                       offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
-        mask_done = _receive_program(
-            pid - send_programs, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset,
-            scales_offset, ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
-            status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-            out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, HIDDEN, TOPK,
-            EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED, tokens_offset,
-            out_part_rows_ptr, PART_ROWS, BLOCK_Q)
-        if CREDITS:
-            last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, recv_parts + 1)
-            _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
+        _receive_program(pid - send_programs, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr,
+                         x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
+                         expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
+                         out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r,
+                         mask_r, recv_parts, HIDDEN, TOPK, EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY,
+                         BLOCK_R, BLOCK_E, ALIGNED)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
-            "expert_counts_offset", "signal_offset", "credit_offset", "tokens_offset")
+            "expert_counts_offset", "signal_offset")
 register(_dispatch_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
-          "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
+          "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
           "out_topk_ids_ptr": "*i32", "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32",
           "out_num_tokens_ptr": "*i32", "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64",
-          "out_part_rows_ptr": "*i32", "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
+          "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "STAGED": False, "CREDITS": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
-          "BLOCK_ALL_E": 256, "ALIGNED": True, "PART_ROWS": 0, "BLOCK_Q": 1})
-# The HT configuration too (staged input, credits, the combine's token ranges): its other half of the kernel.
-register(_dispatch_kernel, KERNELS[-1].signature,
-         {**KERNELS[-1].constexprs, "QUANTIZE": False, "X_FP8": True, "STAGED": True, "CREDITS": True,
-          "PART_ROWS": 4, "BLOCK_Q": 8})
+          "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
+          "BLOCK_ALL_E": 256, "ALIGNED": True})
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "send_mask_ptr": "*i64",
-          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "rank": "i32", "world_size": "i32", "num_tokens": "i32"},
+          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "range_rows_ptr": "*i32", "rank": "i32",
+          "world_size": "i32", "num_tokens": "i32"},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "GPUS_PER_NODE": 4,
-          "NUM_NODES": 1, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8, "BLOCK_ALL_E": 256})
-# Across nodes (the inter-node path's HT variant): node slots too.
+          "NUM_NODES": 1, "RANGES": 4, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8,
+          "BLOCK_ALL_E": 256, "BLOCK_Q": 8, "BLOCK_SCAN": 1024})
+# Across nodes (the inter-node path's HT variant): node slots, no token ranges.
 register(_dispatch_stage_kernel, KERNELS[-1].signature,
-         {**KERNELS[-1].constexprs, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_N": 2})
+         {**KERNELS[-1].constexprs, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_N": 2, "RANGES": 0, "BLOCK_Q": 1})
 
 
 @dataclass(frozen=True)
@@ -493,6 +468,8 @@ class HtStaging:
     expert_counts: torch.Tensor  # [num_experts] int32: this rank's (token, k) pairs per expert
     node_slots: torch.Tensor  # [tokens, nodes] int32 across nodes: row of token t among those for node n, -1 if none
     node_counts: torch.Tensor  # [nodes] int32: rows this rank sends to each other node
+    range_rows: torch.Tensor  # [world_size, ht_parts + 1] int32 (one node): where each token range starts
+    #                          among the rows bound for each rank, then their count
 
     @staticmethod
     def allocate(cfg, world_size: int, device, tokens: int, nodes: int = 1) -> "HtStaging":
@@ -503,7 +480,9 @@ class HtStaging:
                          counts=torch.empty(world_size, dtype=torch.int32, device=device),
                          expert_counts=torch.empty(cfg.num_experts, dtype=torch.int32, device=device),
                          node_slots=torch.empty(tokens if nodes > 1 else 0, nodes, dtype=torch.int32, device=device),
-                         node_counts=torch.empty(nodes, dtype=torch.int32, device=device))
+                         node_counts=torch.empty(nodes, dtype=torch.int32, device=device),
+                         range_rows=torch.empty(world_size if nodes == 1 else 0, cfg.ht_parts + 1, dtype=torch.int32,
+                                                device=device))
 
 
 def rows_aligned(cfg, x, out) -> bool:
@@ -514,78 +493,63 @@ def rows_aligned(cfg, x, out) -> bool:
 
 
 def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, nodes: int):
-    """The HT stage kernel over this rank's tokens into ``staging`` (``HtStaging``) and
-    ``send_mask``; returns the rows to send, ``(x, x_scales)``: the staged fp8 rows when it
-    quantised them, else the inputs."""
+    """The HT stage kernel over this rank's tokens into ``staging`` (``HtStaging``; on one node
+    also the rows of each of the ``cfg.ht_parts`` token ranges) and ``send_mask``; returns the
+    rows to send, ``(x, x_scales)``: the staged fp8 rows when it quantised them, else the inputs."""
     world = heap.world_size
     num_tokens = x.shape[0]
     quantize = cfg.fp8 and x_scales is None
     counts = staging.counts
+    ranges = cfg.ht_parts if nodes == 1 else 0
     sync.before_launch()
     _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
         x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
         staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=staging.slots, counts_ptr=counts,
         expert_counts_ptr=staging.expert_counts, send_mask_ptr=send_mask,
         node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
+        range_rows_ptr=staging.range_rows if ranges else counts,
         rank=heap.rank, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
         EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
-        GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, BLOCK_T=params.block_t, BLOCK_H=params.block_h,
+        GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, RANGES=ranges, BLOCK_T=params.block_t, BLOCK_H=params.block_h,
         BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
         BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
+        BLOCK_Q=triton.next_power_of_2(ranges + 1), BLOCK_SCAN=max(params.block_scan, params.block_t),
         num_warps=params.num_warps)
     if quantize:
         return staging.x[:num_tokens], staging.scales[:num_tokens]
     return x, x_scales
 
 
-def launch_dispatch(heap, sync, cfg, params, path, x, x_scales, topk_ids, topk_weights, out, staging=None) -> None:
-    """Launch the ``path`` ("ll" or "ht") dispatch of this rank's tokens into ``out`` (a
-    ``DispatchOutput``).
+def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
+    """Launch the LL dispatch of this rank's tokens into ``out`` (a ``DispatchOutput``).
 
     ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
-    ``staging`` (HT): the local ``HtStaging`` buffers. Inputs are validated by the caller (``Buffer``).
+    Inputs are validated by the caller (``Buffer``). The HT path: ``kernels.dispatch_ht``.
     """
     world = heap.world_size
-    num_tokens = x.shape[0]
-    experts_per_rank = cfg.experts_per_rank(world)
-    ht = path == "ht"
-    capacity = cfg.ht_tokens if ht else cfg.ll_tokens
-    block_r = triton.next_power_of_2(world)
-    block_k = triton.next_power_of_2(cfg.topk)
-    send_mask = out.handle.send_mask
-    slots = counts = expert_counts = send_mask  # placeholders the LL kernel never reads
-    block_all_e = triton.next_power_of_2(cfg.num_experts)
-    if ht:
-        slots, counts, expert_counts = staging.slots, staging.counts, staging.expert_counts
-        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, 1)
-    prefix = f"{path}_dispatch_"
     num_programs = params.send_programs + world * params.recv_parts + 1
     sync.before_launch()
     _dispatch_kernel[(num_programs,)](
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
-        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=slots, counts_ptr=counts,
-        expert_counts_ptr=expert_counts, out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
+        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        send_mask_ptr=send_mask, out_part_rows_ptr=out.handle.part_rows if ht else send_mask,
-        peer_bases_ptr=heap.peer_bases,
-        x_offset=heap.offset(prefix + "x"), scales_offset=heap.offset(prefix + "scales"),
-        ids_offset=heap.offset(prefix + "topk_ids"), weights_offset=heap.offset(prefix + "topk_weights"),
-        src_offset=heap.offset(prefix + "src_token"), count_offset=heap.offset(prefix + "count"),
-        expert_counts_offset=heap.offset(prefix + "expert_counts"), signal_offset=heap.offset(prefix + "signal"),
-        credit_offset=heap.offset(prefix + "credit") if ht else 0,
-        tokens_offset=heap.offset(prefix + "tokens") if ht else 0,
-        counters_ptr=sync.counters(f"dispatch_{path}"), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=num_tokens, max_tokens=capacity,
-        max_polls=sync.max_polls,
-        HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales,
-        QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None, STAGED=ht, CREDITS=ht,
+        send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
+        **{f"{name}_offset": heap.offset("ll_dispatch_" + region) for name, region in _LL_REGIONS},
+        counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status,
+        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ll_tokens,
+        max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world),
+        NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None,
         send_programs=params.send_programs, token_parts=params.token_parts, recv_parts=params.recv_parts,
-        num_programs=num_programs,
-        BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
-        BLOCK_R=block_r, ALIGNED=rows_aligned(cfg, x, out),
-        BLOCK_K=block_k, BLOCK_E=triton.next_power_of_2(experts_per_rank), BLOCK_ALL_E=block_all_e,
-        PART_ROWS=cfg.ht_combine_parts if ht else 0, BLOCK_Q=triton.next_power_of_2(cfg.ht_combine_parts + 1),
-        num_warps=params.num_warps)
+        num_programs=num_programs, BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
+        BLOCK_R=triton.next_power_of_2(world), ALIGNED=rows_aligned(cfg, x, out),
+        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
+        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), num_warps=params.num_warps)
     sync.after_launch()
+
+
+# (kernel argument, region name) of the dispatch's receive regions, after the path's prefix
+_LL_REGIONS = (("x", "x"), ("scales", "scales"), ("ids", "topk_ids"), ("weights", "topk_weights"),
+               ("src", "src_token"), ("count", "count"), ("expert_counts", "expert_counts"), ("signal", "signal"))

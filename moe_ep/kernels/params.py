@@ -39,10 +39,11 @@ class DispatchParams:
     num_warps: int
     forward_parts: int = 1  # inter-node: programs per other node that forward its staged tokens
     token_parts: int = 1  # send programs that share a token, each its own block_h chunks (intra-node)
+    block_scan: int = 1024  # HT stage: tokens per step of a block's prefix over the blocks ahead of it
 
     def __post_init__(self):
         _check_positive(self)
-        _check_power_of_two(self, "block_h", "block_t", "block_copy", "num_warps")
+        _check_power_of_two(self, "block_h", "block_t", "block_copy", "num_warps", "block_scan")
         if self.block_h % 128:
             raise ValueError(f"DispatchParams.block_h must be a multiple of 128, got {self.block_h}")
         if self.send_programs % self.token_parts:
@@ -88,7 +89,7 @@ _HT_COMBINE_PROGRAMS = 1056
 _HT_COMBINE_SEND_PROGRAMS = 4224
 _LL_LARGE_COMBINE_PROGRAMS = 2112
 _HT_SMALL_COMBINE_PROGRAMS = 264  # a side, up to 128 tokens (run 10's H200 tuning, below)
-# The HT combine in token ranges (EpConfig.ht_combine_parts), 2 x H100, EP2, run 12: senders
+# The HT combine in token ranges (EpConfig.ht_parts), 2 x H100, EP2, run 12: senders
 # scale with the tokens — 512 tokens: 4224 senders 72 us, 528 42 us; 1024: 4224 96 us, 1056 81 —
 # and each range's reducers one send group later (reduce_delay 2) gain 5-10 us (4096: 228 -> 218).
 
@@ -107,8 +108,9 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
     """Defaults for the ``path`` dispatch of up to ``bucket`` tokens of ``hidden`` values in
     ``dispatch_dtype`` ("fp8" or "bf16")."""
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
+        # Small token blocks: the test shapes' few tokens span several, as thousands do on a GPU.
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
-                              block_t=64, block_copy=4096, num_warps=4)
+                              block_t=4, block_copy=4096, num_warps=4, block_scan=4)
     stage = min(_HT_STAGE_PROGRAMS, max(_HT_DISPATCH_PROGRAMS, bucket))
     if path == "inter_ht":  # HT-sized programs after the stage kernel, plus forwarders for each other node
         return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),

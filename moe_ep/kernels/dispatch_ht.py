@@ -1,0 +1,201 @@
+"""HT dispatch: bulk sends in token ranges, each laid out by its receivers while later ranges are sent.
+
+First ``_dispatch_stage_kernel`` (kernels/dispatch.py) uses the whole GPU to lay the tokens out
+once (each token's slot on each destination, the counts, send_mask, and ``range_rows``: where
+each of the ``cfg.ht_parts`` token ranges starts among the rows bound for each rank) and to
+quantise every token once. Then ``_dispatch_ht_kernel``:
+
+Protocol (regions in ``moe_ep.regions``; R = world size, M = ``cfg.ht_tokens``, P = ``cfg.ht_parts``;
+range q of a rank with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T))):
+  Send programs ``[0, send_programs)`` first wait for every destination's credit (it consumed
+  this rank's rows of the previous HT call). Program 0 then stores, on every rank d, d's row of
+  ``range_rows`` into ``ranges[rank, :]`` (P + 1 values, the last the row count) and d's slice of
+  this rank's tokens per expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``:
+  every receiver knows its output offsets before a row arrives. Then each program, for q = 0 ..
+  P - 1, sends its tokens of range q (token t of the range to program (t - first) % lanes, as
+  in the LL kernel: payload, scales, local expert ids, weights, token index, straight into row
+  ``[rank, slot]`` of every destination) and arrives on range q's counter; the last of them
+  signals range q to every rank (``range_signal[q, rank] = epoch``).
+  Receive programs, recv_parts per source rank s, wait for ``signal`` of sources 0..s (the
+  output offset of s is the sum of their counts), then for each range q wait for s's range q
+  and copy their share of its rows (contiguous in the receive region) into the compact outputs.
+  So range q is laid out while later ranges are being sent.
+  One more program waits for every ``signal`` and writes num_tokens, tokens_per_expert and
+  ``handle.part_rows`` (where each source's ranges start among the output rows: the combine's
+  ranges). The receive programs and this one arrive on the per-source counter; the last of the
+  recv_parts + 1 gives the source its credit (``credit[rank] = epoch``).
+Outputs are in source-rank order, then token order, as on the LL path: bit-identical results.
+Waits are only for programs of lower ids (every rank's senders wait only for the previous call):
+no deadlock in the interpreter or on a GPU whose grid is not all resident.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_token, _store_totals, _token_range,
+                                     launch_stage, rows_aligned)
+from moe_ep.kernels.registry import register
+from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
+                                         _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
+
+
+@triton.jit
+def _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert_counts_offset, signal_offset, rank,
+                     world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK: tl.constexpr, RANGES: tl.constexpr,
+                     BLOCK_Q: tl.constexpr):
+    """To every rank d: d's row of ``range_rows`` ([R, RANGES + 1], local) into ``ranges[rank, :]``,
+    d's slice of ``hist`` (this rank's tokens per global expert) into ``expert_counts[rank, :]``,
+    then the signal (epoch) that makes them visible."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    mask = mask_r[:, None] & (offs_q <= RANGES)[None, :]
+    rows = tl.load(range_rows_ptr + offs_r[:, None] * (RANGES + 1) + offs_q[None, :], mask=mask, other=0)
+    ptrs = _peer_ptr(peer_bases_ptr, offs_r, ranges_offset, tl.int32)[:, None] + rank * (RANGES + 1) + offs_q[None, :]
+    tl.store(ptrs, rows, mask=mask)
+    _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, mask_r, world_size, EXPERTS_PER_RANK)
+    _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r, epoch)
+
+
+# Token and program counts are runtime values, unspecialised: every token count and bucket
+# shares one compiled kernel (no compilation storm as batch sizes vary).
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs"))
+def _dispatch_ht_kernel(
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, expert_counts_ptr, range_rows_ptr,
+        out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
+        out_num_tokens_ptr, out_tokens_per_expert_ptr, out_part_rows_ptr, send_mask_ptr,
+        peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, ranges_offset,
+        expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr, status_ptr,
+        rank, world_size, num_tokens, max_tokens, max_polls,
+        HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
+        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, BLOCK_H: tl.constexpr,
+        BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr, RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
+    # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8 (staged);
+    # topk_ids / topk_weights [num_tokens, TOPK]; from the stage kernel: slots [num_tokens, R] int32,
+    # expert_counts [num_experts] int32, range_rows [R, RANGES + 1] int32; outputs [R * max_tokens, ...],
+    # out_part_rows [R, RANGES + 1] int32
+    OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    epoch = _launch_epoch(counters_ptr)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < world_size
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < TOPK
+    if pid < send_programs:
+        # token_parts programs share each token (a lane), each its part of the token's chunks
+        lanes = send_programs // token_parts
+        lane = pid // token_parts
+        part = pid % token_parts
+        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
+                    PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
+        if pid == 0:
+            hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
+                           mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
+            _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert_counts_offset, signal_offset,
+                             rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
+        for q in range(0, RANGES):
+            lo, hi = _token_range(q, num_tokens, RANGES)
+            for t in range(lo + lane, hi, lanes):
+                slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
+                ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
+                _send_token(t, t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
+                            send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
+                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
+                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED,
+                            False)
+            # One arrival counter per range (lane 0), then range q's signal to every rank.
+            last = _arrive(counters_ptr + SEND_ARRIVALS + q + offs_r * 0, offs_r == 0, send_programs)
+            _signal_peers(peer_bases_ptr, range_signal_offset + q * world_size * 4, rank, offs_r,
+                          mask_r & (tl.max(last.to(tl.int32), axis=0) > 0), epoch)
+    else:
+        j = pid - send_programs
+        meta = j == world_size * recv_parts  # the program that writes the totals and part_rows
+        src_rank = tl.where(meta, world_size - 1, j // recv_parts)
+        mask_wait = mask_r & (offs_r <= src_rank)
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
+                    PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+        ranges_ptr = _peer_ptr(peer_bases_ptr, rank, ranges_offset, tl.int32)  # [R, RANGES + 1]
+        counts = tl.load(ranges_ptr + offs_r * (RANGES + 1) + RANGES, mask=mask_wait, other=0,
+                         volatile=True)  # [BLOCK_R] rows from each source
+        offsets = tl.cumsum(counts, axis=0) - counts  # [BLOCK_R] first output row of each source
+        if meta:
+            _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_tokens_ptr,
+                          out_tokens_per_expert_ptr, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_E)
+            offs_q = tl.arange(0, BLOCK_Q)
+            mask = mask_r[:, None] & (offs_q <= RANGES)[None, :]
+            at = offs_r[:, None] * (RANGES + 1) + offs_q[None, :]
+            starts = tl.load(ranges_ptr + at, mask=mask, other=0, volatile=True)
+            tl.store(out_part_rows_ptr + at, starts + offsets[:, None], mask=mask)
+            mask_done = mask_r
+        else:
+            offset = tl.sum(tl.where(offs_r == src_rank, offsets, 0), axis=0)
+            for q in range(0, RANGES):
+                _wait_peers(peer_bases_ptr, range_signal_offset + q * world_size * 4, status_ptr, rank, offs_r, offs_r,
+                            offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+                lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + q, volatile=True)
+                hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + q + 1, volatile=True)
+                _receive_rows(src_rank, src_rank * max_tokens + lo, hi - lo, offset + lo, j % recv_parts, recv_parts,
+                              rank, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                              out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, HIDDEN,
+                              TOPK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED)
+            mask_done = offs_r == src_rank
+        last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, recv_parts + 1)
+        _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
+    _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
+
+
+_OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "ranges_offset",
+            "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
+register(_dispatch_ht_kernel,
+         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
+          "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
+          "slots_ptr": "*i32", "expert_counts_ptr": "*i32", "range_rows_ptr": "*i32",
+          "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
+          "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32", "out_num_tokens_ptr": "*i32",
+          "out_tokens_per_expert_ptr": "*i32", "out_part_rows_ptr": "*i32", "send_mask_ptr": "*i64",
+          "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
+          **{name: "i64" for name in _OFFSETS},
+          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "X_FP8": True, "BLOCK_H": 8192,
+          "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True,
+          "RANGES": 4, "BLOCK_Q": 8})
+
+
+# (kernel argument, region name) of the HT dispatch's regions, after "ht_dispatch_"
+_REGIONS = (("x", "x"), ("scales", "scales"), ("ids", "topk_ids"), ("weights", "topk_weights"), ("src", "src_token"),
+            ("ranges", "ranges"), ("expert_counts", "expert_counts"), ("signal", "signal"),
+            ("range_signal", "range_signal"), ("credit", "credit"))
+
+
+def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, staging) -> None:
+    """The HT dispatch of this rank's tokens into ``out`` (a ``DispatchOutput``): the stage
+    kernel into ``staging`` (``kernels.dispatch.HtStaging``), then the dispatch kernel.
+
+    ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
+    ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
+    Inputs are validated by the caller (``Buffer``).
+    """
+    world = heap.world_size
+    x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, out.handle.send_mask, 1)
+    num_programs = params.send_programs + world * params.recv_parts + 1
+    sync.before_launch()
+    _dispatch_ht_kernel[(num_programs,)](
+        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
+        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=staging.slots,
+        expert_counts_ptr=staging.expert_counts, range_rows_ptr=staging.range_rows,
+        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+        out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
+        out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
+        out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
+        **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
+        counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status,
+        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ht_tokens, max_polls=sync.max_polls,
+        HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
+        X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
+        recv_parts=params.recv_parts, num_programs=num_programs, BLOCK_H=params.block_h,
+        BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
+        BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
+        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), ALIGNED=rows_aligned(cfg, x, out),
+        RANGES=cfg.ht_parts, BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), num_warps=params.num_warps)
+    sync.after_launch()
