@@ -34,7 +34,7 @@ interpreter or on a GPU whose grid is not all resident.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -60,16 +60,45 @@ def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: 
     offs_t = start + tl.arange(0, BLOCK_T)
     ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
                   mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
-    # bit d of a token's word: rank d holds one of its experts (no [BLOCK_T, BLOCK_K, BLOCK_R] tile)
-    one_hot = tl.where(ids >= 0, tl.full(ids.shape, 1, tl.int64) << (tl.maximum(ids, 0) // EXPERTS_PER_RANK), 0)
-    bits = tl.reduce(one_hot, 1, _bit_or)  # [BLOCK_T] int64
-    is_dst = ((bits[:, None] >> offs_r[None, :].to(tl.int64)) & 1).to(tl.int32)
+    dst = tl.where(ids >= 0, ids // EXPERTS_PER_RANK, -1)
+    is_dst = tl.max((dst[:, :, None] == offs_r[None, None, :]).to(tl.int32), axis=1)
     return offs_t, ids, is_dst
+
+
+@triton.jit
+def _route_counts(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: tl.constexpr,
+                  EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """``_route_block``'s is_dst for tokens ``[start, min(start + BLOCK_T, num_tokens))``, for sums
+    over large blocks: a token's destinations as one OR-reduced word (no [BLOCK_T, BLOCK_K,
+    BLOCK_R] tile). (Not for a tl.cumsum: Triton 3.6 fails to lower a scan over this layout
+    when the ids are int32.)"""
+    offs_t = start + tl.arange(0, BLOCK_T)
+    ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
+                  mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
+    one_hot = tl.where(ids >= 0, tl.full(ids.shape, 1, tl.int64) << (tl.maximum(ids, 0) // EXPERTS_PER_RANK), 0)
+    bits = tl.reduce(one_hot, 1, _bit_or)  # [BLOCK_T] int64: bit d set where rank d holds an expert
+    return ((bits[:, None] >> offs_r[None, :].to(tl.int64)) & 1).to(tl.int32)
 
 
 @triton.jit
 def _bit_or(a, b):
     return a | b
+
+
+@triton.jit
+def _staged_histogram(block_hist_ptr, num_tokens, NUM_EXPERTS: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_ALL_E: tl.constexpr):
+    """The stage kernel's per-block counts (``HtStaging.block_hist``) summed: ``[BLOCK_ALL_E]``
+    (token, k) pairs per global expert of this rank's ``num_tokens`` tokens."""
+    offs_e = tl.arange(0, BLOCK_ALL_E)
+    offs_b = tl.arange(0, 16)
+    blocks = tl.cdiv(num_tokens, BLOCK_T)
+    hist = tl.zeros([BLOCK_ALL_E], tl.int32)
+    for first in range(0, blocks, 16):
+        rows = first + offs_b
+        hist += tl.sum(tl.load(block_hist_ptr + rows[:, None] * NUM_EXPERTS + offs_e[None, :],
+                               mask=(rows < blocks)[:, None] & (offs_e < NUM_EXPERTS)[None, :], other=0), axis=0)
+    return hist
 
 
 @triton.jit
@@ -110,27 +139,25 @@ def _token_range(q, num_tokens, RANGES: tl.constexpr):
 
 
 @triton.jit
-def _store_range_rows(range_rows_ptr, offs_t, before, totals, last_block, num_tokens, offs_r, mask_r,
-                      RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Token block ``offs_t`` with ``before`` [BLOCK_T, BLOCK_R], the rows bound for each rank
-    ahead of each token, and ``totals`` [BLOCK_R], those ahead of the next block: store
-    ``range_rows[d, q]`` (row-major [R, RANGES + 1]) for each range q that starts in the block,
-    and (``last_block``) the row counts at every boundary at the end, q = RANGES included."""
-    offs_q = tl.arange(0, BLOCK_Q)
-    start, _ = _token_range(offs_q, num_tokens, RANGES)  # [BLOCK_Q] the first token of each range
-    hit = (offs_t[:, None] == start[None, :]) & (start < num_tokens)[None, :]  # [BLOCK_T, BLOCK_Q]
-    rows = tl.sum(tl.where(hit[:, :, None], before[:, None, :], 0), axis=0)  # [BLOCK_Q, BLOCK_R]
-    here = tl.max(hit.to(tl.int32), axis=0) > 0
-    if last_block:
-        rows = tl.where(here[:, None], rows, totals[None, :])
-        here = here | (start >= num_tokens)
-    tl.store(range_rows_ptr + offs_r[None, :] * (RANGES + 1) + offs_q[:, None], rows,
-             mask=(here & (offs_q <= RANGES))[:, None] & mask_r[None, :])
+def _store_range_rows(range_rows_ptr, first, offs_t, is_dst, carry, last_block, num_tokens, offs_r, mask_r,
+                      RANGES: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Token block ``offs_t`` (from token ``first``; ``is_dst`` [BLOCK_T, BLOCK_R], ``carry``
+    [BLOCK_R] the rows bound for each rank ahead of the block): store ``range_rows[d, q]``
+    (row-major [R, RANGES + 1]), the rows bound for rank d ahead of range q's first token, for
+    each range q that starts in the block, and (``last_block``) for every boundary at the end,
+    q = RANGES included. (From is_dst, not from its prefix sum: a reduction of the scan's result
+    changes its layout, which Triton 3.6 then fails to lower for int32 ids.)"""
+    for q in tl.static_range(RANGES + 1):
+        start, _ = _token_range(q, num_tokens, RANGES)  # the range's first token
+        rows = carry + tl.sum(tl.where((offs_t < start)[:, None], is_dst, 0), axis=0)  # [BLOCK_R]
+        here = ((first <= start) & (start < first + BLOCK_T) & (start < num_tokens)) | \
+            (last_block & (start >= num_tokens))
+        tl.store(range_rows_ptr + offs_r * (RANGES + 1) + q, rows, mask=mask_r & here)
 
 
 @triton.jit(do_not_specialize=("num_tokens",))
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
-                           expert_counts_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr, rank,
+                           block_hist_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr, rank,
                            world_size, num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                            EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr,
                            GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, RANGES: tl.constexpr,
@@ -157,17 +184,14 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
         carry = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier blocks bound for each rank
         node_carry = tl.zeros([BLOCK_N], tl.int32)  # ... and for each other node
         last_block = block == num_blocks - 1
-        hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # the last block: (token, k) pairs per expert
         # The tokens ahead of the block, BLOCK_SCAN at a time: the longest chain (the last block's)
         # is T / BLOCK_SCAN steps, not T / BLOCK_T.
         for start in range(0, block * BLOCK_T, BLOCK_SCAN):
-            _, ids, is_dst = _route_block(topk_ids_ptr, start, block * BLOCK_T, offs_r, offs_k, mask_k, TOPK,
-                                          EXPERTS_PER_RANK, BLOCK_SCAN)
+            is_dst = _route_counts(topk_ids_ptr, start, block * BLOCK_T, offs_r, offs_k, mask_k, TOPK,
+                                   EXPERTS_PER_RANK, BLOCK_SCAN)
             carry += tl.sum(is_dst, axis=0)
             if NUM_NODES > 1:
                 node_carry += tl.sum(_nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES), axis=0)
-            if last_block:
-                hist += _expert_histogram(ids, BLOCK_ALL_E)
         offs_t, ids, is_dst = _route_block(topk_ids_ptr, block * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
                                            EXPERTS_PER_RANK, BLOCK_T)
         slots = tl.cumsum(is_dst, axis=0) - is_dst + carry[None, :]  # [BLOCK_T, BLOCK_R]
@@ -185,12 +209,13 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
             if last_block:
                 tl.store(node_counts_ptr + offs_n, node_carry + tl.sum(is_node, axis=0), mask=offs_n < NUM_NODES)
         if RANGES > 0:
-            _store_range_rows(range_rows_ptr, offs_t, slots, carry + tl.sum(is_dst, axis=0), last_block, num_tokens,
-                              offs_r, mask_r, RANGES, BLOCK_Q)
+            _store_range_rows(range_rows_ptr, block * BLOCK_T, offs_t, is_dst, carry, last_block, num_tokens, offs_r,
+                              mask_r, RANGES, BLOCK_T)
         if last_block:
             tl.store(counts_ptr + offs_r, carry + tl.sum(is_dst, axis=0), mask=mask_r)
-            tl.store(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E), hist + _expert_histogram(ids, BLOCK_ALL_E),
-                     mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size)
+        offs_e = tl.arange(0, BLOCK_ALL_E)
+        tl.store(block_hist_ptr + block * (EXPERTS_PER_RANK * world_size) + offs_e, _expert_histogram(ids, BLOCK_ALL_E),
+                 mask=offs_e < EXPERTS_PER_RANK * world_size)
     if QUANTIZE:
         offs_h = tl.arange(0, BLOCK_H)
         offs_s = tl.arange(0, BLOCK_H // 128)
@@ -444,20 +469,23 @@ register(_dispatch_kernel,
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
           "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
           "BLOCK_ALL_E": 256, "ALIGNED": True})
+# int32 expert ids (callers pass either): their own compilation, which once hit a Triton lowering bug.
+register(_dispatch_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"}, KERNELS[-1].constexprs)
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
-          "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "send_mask_ptr": "*i64",
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "block_hist_ptr": "*i32", "send_mask_ptr": "*i64",
           "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "range_rows_ptr": "*i32", "rank": "i32",
           "world_size": "i32", "num_tokens": "i32"},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "GPUS_PER_NODE": 4,
           "NUM_NODES": 1, "RANGES": 4, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8,
           "BLOCK_ALL_E": 256, "BLOCK_Q": 8, "BLOCK_SCAN": 1024})
+register(_dispatch_stage_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"}, KERNELS[-1].constexprs)
 # Across nodes (the inter-node path's HT variant): node slots, no token ranges.
 register(_dispatch_stage_kernel, KERNELS[-1].signature,
          {**KERNELS[-1].constexprs, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_N": 2, "RANGES": 0, "BLOCK_Q": 1})
 
 
-@dataclass(frozen=True)
+@dataclass
 class HtStaging:
     """Local (not symmetric) buffers of the HT stage kernel, reused by every HT call."""
 
@@ -465,11 +493,12 @@ class HtStaging:
     scales: torch.Tensor  # [ht_tokens, hidden // 128] float32
     slots: torch.Tensor  # [ht_tokens, world_size] int32: row of token t on rank d, -1 if none
     counts: torch.Tensor  # [world_size] int32: rows this rank sends to each rank
-    expert_counts: torch.Tensor  # [num_experts] int32: this rank's (token, k) pairs per expert
     node_slots: torch.Tensor  # [tokens, nodes] int32 across nodes: row of token t among those for node n, -1 if none
     node_counts: torch.Tensor  # [nodes] int32: rows this rank sends to each other node
     range_rows: torch.Tensor  # [world_size, ht_parts + 1] int32 (one node): where each token range starts
     #                          among the rows bound for each rank, then their count
+    num_experts: int
+    _block_hist: dict = field(default_factory=dict)  # block_t -> [cdiv(tokens, block_t), num_experts] int32
 
     @staticmethod
     def allocate(cfg, world_size: int, device, tokens: int, nodes: int = 1) -> "HtStaging":
@@ -478,11 +507,20 @@ class HtStaging:
                          scales=torch.empty(rows, cfg.num_scales, dtype=torch.float32, device=device),
                          slots=torch.empty(tokens, world_size, dtype=torch.int32, device=device),
                          counts=torch.empty(world_size, dtype=torch.int32, device=device),
-                         expert_counts=torch.empty(cfg.num_experts, dtype=torch.int32, device=device),
                          node_slots=torch.empty(tokens if nodes > 1 else 0, nodes, dtype=torch.int32, device=device),
                          node_counts=torch.empty(nodes, dtype=torch.int32, device=device),
                          range_rows=torch.empty(world_size if nodes == 1 else 0, cfg.ht_parts + 1, dtype=torch.int32,
-                                                device=device))
+                                                device=device),
+                         num_experts=cfg.num_experts)
+
+    def block_hist(self, block_t: int) -> torch.Tensor:
+        """``[cdiv(tokens, block_t), num_experts]`` int32: each token block's (token, k) pairs per
+        expert (the stage kernel writes them, the dispatch sums them), one buffer per block size."""
+        if block_t not in self._block_hist:
+            blocks = max(1, -(-self.slots.shape[0] // block_t))
+            self._block_hist[block_t] = torch.empty(blocks, self.num_experts, dtype=torch.int32,
+                                                    device=self.slots.device)
+        return self._block_hist[block_t]
 
 
 def rows_aligned(cfg, x, out) -> bool:
@@ -505,7 +543,7 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
     _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
         x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
         staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=staging.slots, counts_ptr=counts,
-        expert_counts_ptr=staging.expert_counts, send_mask_ptr=send_mask,
+        block_hist_ptr=staging.block_hist(params.block_t), send_mask_ptr=send_mask,
         node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
         range_rows_ptr=staging.range_rows if ranges else counts,
         rank=heap.rank, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,

@@ -34,8 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_token, _store_totals, _token_range,
-                                     launch_stage, rows_aligned)
+from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_token, _staged_histogram,
+                                     _store_totals, _token_range, launch_stage, rows_aligned)
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
@@ -61,19 +61,20 @@ def _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert
 # shares one compiled kernel (no compilation storm as batch sizes vary).
 @triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs"))
 def _dispatch_ht_kernel(
-        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, expert_counts_ptr, range_rows_ptr,
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, block_hist_ptr, range_rows_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, out_part_rows_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, ranges_offset,
         expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, BLOCK_H: tl.constexpr,
+        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, BLOCK_T: tl.constexpr,
+        BLOCK_H: tl.constexpr,
         BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr, RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8 (staged);
     # topk_ids / topk_weights [num_tokens, TOPK]; from the stage kernel: slots [num_tokens, R] int32,
-    # expert_counts [num_experts] int32, range_rows [R, RANGES + 1] int32; outputs [R * max_tokens, ...],
+    # block_hist [cdiv(num_tokens, BLOCK_T), num_experts] int32, range_rows [R, RANGES + 1] int32; outputs [R * max_tokens, ...],
     # out_part_rows [R, RANGES + 1] int32
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -90,8 +91,7 @@ def _dispatch_ht_kernel(
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                     PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
         if pid == 0:
-            hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
-                           mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
+            hist = _staged_histogram(block_hist_ptr, num_tokens, EXPERTS_PER_RANK * world_size, BLOCK_T, BLOCK_ALL_E)
             _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert_counts_offset, signal_offset,
                              rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
         for q in range(0, RANGES):
@@ -150,14 +150,15 @@ _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_of
 register(_dispatch_ht_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
           "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
-          "slots_ptr": "*i32", "expert_counts_ptr": "*i32", "range_rows_ptr": "*i32",
+          "slots_ptr": "*i32", "block_hist_ptr": "*i32", "range_rows_ptr": "*i32",
           "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
           "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32", "out_num_tokens_ptr": "*i32",
           "out_tokens_per_expert_ptr": "*i32", "out_part_rows_ptr": "*i32", "send_mask_ptr": "*i64",
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
-         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "X_FP8": True, "BLOCK_H": 8192,
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "X_FP8": True, "BLOCK_T": 128,
+          "BLOCK_H": 8192,
           "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True,
           "RANGES": 4, "BLOCK_Q": 8})
 
@@ -183,7 +184,7 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
     _dispatch_ht_kernel[(num_programs,)](
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=staging.slots,
-        expert_counts_ptr=staging.expert_counts, range_rows_ptr=staging.range_rows,
+        block_hist_ptr=staging.block_hist(params.block_t), range_rows_ptr=staging.range_rows,
         out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
@@ -193,7 +194,7 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ht_tokens, max_polls=sync.max_polls,
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
         X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
-        recv_parts=params.recv_parts, num_programs=num_programs, BLOCK_H=params.block_h,
+        recv_parts=params.recv_parts, num_programs=num_programs, BLOCK_T=params.block_t, BLOCK_H=params.block_h,
         BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
         BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
         BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), ALIGNED=rows_aligned(cfg, x, out),

@@ -45,8 +45,8 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
-                                     _nodes_hit, _receive_program, _route_block, _send_token, launch_stage,
-                                     rows_aligned)
+                                     _nodes_hit, _receive_program, _route_block, _send_token, _staged_histogram,
+                                     launch_stage, rows_aligned)
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport import shmem
@@ -139,7 +139,7 @@ def _send_token_across(t, is_local, slot, node_t, node_slot_t, ids_t, x_ptr, x_s
 # shares one compiled kernel (no compilation storm as batch sizes vary).
 @triton.jit(do_not_specialize=("num_tokens", "send_programs", "forward_parts", "recv_parts", "num_programs"))
 def _dispatch_internode_kernel(
-        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, expert_counts_ptr,
+        x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, counts_ptr, block_hist_ptr,
         node_slots_ptr, node_counts_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr, fwd_token_ptr, fwd_mask_ptr, fwd_count_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
@@ -184,8 +184,7 @@ def _dispatch_internode_kernel(
         if STAGED:  # the stage kernel laid the tokens out (and quantised them): send programs only copy
             counts = tl.load(counts_ptr + offs_r, mask=local_r, other=0)  # [BLOCK_R] rows for own-node ranks
             node_counts = tl.load(node_counts_ptr + offs_n, mask=remote_n, other=0)  # [BLOCK_N]
-            hist = tl.load(expert_counts_ptr + tl.arange(0, BLOCK_ALL_E),
-                           mask=tl.arange(0, BLOCK_ALL_E) < EXPERTS_PER_RANK * world_size, other=0)
+            hist = _staged_histogram(block_hist_ptr, num_tokens, EXPERTS_PER_RANK * world_size, BLOCK_T, BLOCK_ALL_E)
             for t in range(pid, num_tokens, send_programs):
                 slot = tl.load(slots_ptr + t * world_size + offs_r, mask=local_r, other=-1)
                 node_slot_t = tl.load(node_slots_ptr + t * NUM_NODES + offs_n, mask=remote_n, other=-1)
@@ -424,7 +423,7 @@ _COMMON = {"peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32
 register(_dispatch_internode_kernel,
          {**{name: "i32" for name in ("send_programs", "forward_parts", "recv_parts", "num_programs")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
-          "slots_ptr": "*i32", "counts_ptr": "*i32", "expert_counts_ptr": "*i32", "node_slots_ptr": "*i32",
+          "slots_ptr": "*i32", "counts_ptr": "*i32", "block_hist_ptr": "*i32", "node_slots_ptr": "*i32",
           "node_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
           "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32", "out_num_tokens_ptr": "*i32",
           "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64", "fwd_token_ptr": "*i32",
@@ -489,8 +488,8 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
     staged = staging is not None
     if staged:
         x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, handle.send_mask, nodes)
-    layout = (staging.slots, staging.counts, staging.expert_counts, staging.node_slots, staging.node_counts) \
-        if staged else (handle.send_mask,) * 5  # placeholders the LL variant never reads
+    layout = (staging.slots, staging.counts, staging.block_hist(params.block_t), staging.node_slots,
+              staging.node_counts) if staged else (handle.send_mask,) * 5  # placeholders the LL variant never reads
     num_programs = params.send_programs + nodes * params.forward_parts + world * params.recv_parts + 1
     stage = _stage_offsets(heap, cfg, ("inter_stage_x", "inter_stage_scales", "inter_stage_topk_ids",
                                        "inter_stage_topk_weights", "inter_stage_src_token", "inter_stage_signal"))
@@ -498,7 +497,7 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
     _launchable(_dispatch_internode_kernel, cfg)[(num_programs,)](
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=layout[0], counts_ptr=layout[1],
-        expert_counts_ptr=layout[2], node_slots_ptr=layout[3], node_counts_ptr=layout[4],
+        block_hist_ptr=layout[2], node_slots_ptr=layout[3], node_counts_ptr=layout[4],
         out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
