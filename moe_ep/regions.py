@@ -19,7 +19,8 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   ht_dispatch_ranges       [R, P + 1] int32               row s: rank s (where each of its P = ht_parts token
                                                           ranges starts among its rows for this rank, then
                                                           their count)
-  ht_dispatch_range_signal [P, R] int32                   slot [q, s]: rank s (epoch, after its rows of range q)
+  ht_dispatch_range_signal [P, R] int32                   slot [g, s]: rank s (epoch, after its rows of range
+                                                          group g, g < DispatchParams.send_groups)
   ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
   p_combine_x              [B, R, M_p, H] bfloat16        rows [., d, :]: rank d (partials per token)
   p_combine_signal         [B, R] int32                   slot [., d]: rank d

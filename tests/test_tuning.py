@@ -96,7 +96,8 @@ def _default_vs_other_params(ctx):
             if variant == "other":  # every field moved away from its default
                 base = buf.launch_params(mode, xs[me].shape[0])
                 other = Choice(DispatchParams(send_programs=6, recv_parts=2, stage_programs=3, block_h=128,
-                                              block_t=16, block_copy=512, num_warps=2, token_parts=2),
+                                              block_t=16, block_copy=512, num_warps=2, token_parts=2,
+                                              block_scan=32, send_groups=3),
                                dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128,
                                                    num_warps=2, rows=2, reduce_delay=2), "test")
                 assert other.dispatch != base.dispatch

@@ -1,4 +1,4 @@
-"""HT dispatch: bulk sends in token ranges, each laid out by its receivers while later ranges are sent.
+"""HT dispatch: bulk sends after the layout is published, in groups of token ranges.
 
 First ``_dispatch_stage_kernel`` (kernels/dispatch.py) uses the whole GPU to lay the tokens out
 once (each token's slot on each destination, the counts, send_mask, and ``range_rows``: where
@@ -11,15 +11,16 @@ range q of a rank with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1
   this rank's rows of the previous HT call). Program 0 then stores, on every rank d, d's row of
   ``range_rows`` into ``ranges[rank, :]`` (P + 1 values, the last the row count) and d's slice of
   this rank's tokens per expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``:
-  every receiver knows its output offsets before a row arrives. Then each program, for q = 0 ..
-  P - 1, sends its tokens of range q (token t of the range to program (t - first) % lanes, as
-  in the LL kernel: payload, scales, local expert ids, weights, token index, straight into row
-  ``[rank, slot]`` of every destination) and arrives on range q's counter; the last of them
-  signals range q to every rank (``range_signal[q, rank] = epoch``).
+  every receiver knows its output offsets before a row arrives. The ranges are sent in G groups
+  (``DispatchParams.send_groups``, at most P), group g = ranges [g * P // G, (g + 1) * P // G).
+  Each program, for g = 0 .. G - 1, sends its tokens of group g (token t to program
+  (t - first) % lanes, as in the LL kernel: payload, scales, local expert ids, weights, token
+  index, straight into row ``[rank, slot]`` of every destination) and arrives on group g's
+  counter; the last of them signals group g to every rank (``range_signal[g, rank] = epoch``).
   Receive programs, recv_parts per source rank s, wait for ``signal`` of sources 0..s (the
-  output offset of s is the sum of their counts), then for each range q wait for s's range q
+  output offset of s is the sum of their counts), then for each group g wait for s's group g
   and copy their share of its rows (contiguous in the receive region) into the compact outputs.
-  So range q is laid out while later ranges are being sent.
+  With G > 1 group g is laid out while later groups are being sent (run 13: slower, G = 1).
   One more program waits for every ``signal`` and writes num_tokens, tokens_per_expert and
   ``handle.part_rows`` (where each source's ranges start among the output rows: the combine's
   ranges). The receive programs and this one arrive on the per-source counter; the last of the
@@ -59,7 +60,7 @@ def _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
-@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs"))
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs", "groups"))
 def _dispatch_ht_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, block_hist_ptr, range_rows_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
@@ -68,7 +69,7 @@ def _dispatch_ht_kernel(
         expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, BLOCK_T: tl.constexpr,
+        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups, BLOCK_T: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr, RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -94,8 +95,9 @@ def _dispatch_ht_kernel(
             hist = _staged_histogram(block_hist_ptr, num_tokens, EXPERTS_PER_RANK * world_size, BLOCK_T, BLOCK_ALL_E)
             _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert_counts_offset, signal_offset,
                              rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
-        for q in range(0, RANGES):
-            lo, hi = _token_range(q, num_tokens, RANGES)
+        for g in range(0, groups):  # the ranges [g * RANGES // groups, (g + 1) * RANGES // groups)
+            lo, _ = _token_range(g * RANGES // groups, num_tokens, RANGES)
+            _, hi = _token_range((g + 1) * RANGES // groups - 1, num_tokens, RANGES)
             for t in range(lo + lane, hi, lanes):
                 slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
                 ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
@@ -104,9 +106,9 @@ def _dispatch_ht_kernel(
                             src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
                             part, token_parts, HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED,
                             False)
-            # One arrival counter per range (lane 0), then range q's signal to every rank.
-            last = _arrive(counters_ptr + SEND_ARRIVALS + q + offs_r * 0, offs_r == 0, send_programs)
-            _signal_peers(peer_bases_ptr, range_signal_offset + q * world_size * 4, rank, offs_r,
+            # One arrival counter per group (lane 0), then group g's signal to every rank.
+            last = _arrive(counters_ptr + SEND_ARRIVALS + g + offs_r * 0, offs_r == 0, send_programs)
+            _signal_peers(peer_bases_ptr, range_signal_offset + g * world_size * 4, rank, offs_r,
                           mask_r & (tl.max(last.to(tl.int32), axis=0) > 0), epoch)
     else:
         j = pid - send_programs
@@ -130,11 +132,11 @@ def _dispatch_ht_kernel(
             mask_done = mask_r
         else:
             offset = tl.sum(tl.where(offs_r == src_rank, offsets, 0), axis=0)
-            for q in range(0, RANGES):
-                _wait_peers(peer_bases_ptr, range_signal_offset + q * world_size * 4, status_ptr, rank, offs_r, offs_r,
+            for g in range(0, groups):
+                _wait_peers(peer_bases_ptr, range_signal_offset + g * world_size * 4, status_ptr, rank, offs_r, offs_r,
                             offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
-                lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + q, volatile=True)
-                hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + q + 1, volatile=True)
+                lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + g * RANGES // groups, volatile=True)
+                hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + (g + 1) * RANGES // groups, volatile=True)
                 _receive_rows(src_rank, src_rank * max_tokens + lo, hi - lo, offset + lo, j % recv_parts, recv_parts,
                               rank, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                               out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, HIDDEN,
@@ -148,7 +150,7 @@ def _dispatch_ht_kernel(
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "ranges_offset",
             "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
 register(_dispatch_ht_kernel,
-         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
+         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "groups")},
           "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "slots_ptr": "*i32", "block_hist_ptr": "*i32", "range_rows_ptr": "*i32",
           "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
@@ -194,7 +196,8 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ht_tokens, max_polls=sync.max_polls,
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
         X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
-        recv_parts=params.recv_parts, num_programs=num_programs, BLOCK_T=params.block_t, BLOCK_H=params.block_h,
+        recv_parts=params.recv_parts, num_programs=num_programs, groups=min(params.send_groups, cfg.ht_parts),
+        BLOCK_T=params.block_t, BLOCK_H=params.block_h,
         BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
         BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
         BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), ALIGNED=rows_aligned(cfg, x, out),

@@ -40,6 +40,8 @@ class DispatchParams:
     forward_parts: int = 1  # inter-node: programs per other node that forward its staged tokens
     token_parts: int = 1  # send programs that share a token, each its own block_h chunks (intra-node)
     block_scan: int = 1024  # HT stage: tokens per step of a block's prefix over the blocks ahead of it
+    send_groups: int = 1  # HT: the token ranges (EpConfig.ht_parts) are sent in this many groups, each laid
+    #                       out by the receivers once sent (at most ht_parts; 1: after every send; run 13)
 
     def __post_init__(self):
         _check_positive(self)
@@ -109,8 +111,9 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
     ``dispatch_dtype`` ("fp8" or "bf16")."""
     if not on_gpu:  # the interpreter runs programs one after another: few, wide programs
         # Small token blocks: the test shapes' few tokens span several, as thousands do on a GPU.
+        # Two send groups: the test shapes take the overlapped receive too.
         return DispatchParams(send_programs=2, recv_parts=1, stage_programs=2, block_h=_row_block(hidden),
-                              block_t=4, block_copy=4096, num_warps=4, block_scan=4)
+                              block_t=4, block_copy=4096, num_warps=4, block_scan=4, send_groups=2)
     stage = min(_HT_STAGE_PROGRAMS, max(_HT_DISPATCH_PROGRAMS, bucket))
     if path == "inter_ht":  # HT-sized programs after the stage kernel, plus forwarders for each other node
         return DispatchParams(send_programs=_HT_DISPATCH_PROGRAMS, recv_parts=max(2, 128 // world_size),
