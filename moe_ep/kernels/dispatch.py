@@ -102,6 +102,13 @@ def _staged_histogram(block_hist_ptr, num_tokens, NUM_EXPERTS: tl.constexpr, BLO
 
 
 @triton.jit
+def _send_lane(pid, send_programs, token_parts):
+    """token_parts send programs share each token (a lane), each its part of the token's chunks:
+    (lanes, this program's lane, its part)."""
+    return send_programs // token_parts, pid // token_parts, pid % token_parts
+
+
+@triton.jit
 def _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, last, world_size,
                            EXPERTS_PER_RANK: tl.constexpr):
     """Store, for each destination d where ``last[d]``, its slice of ``hist`` (this rank's
@@ -420,11 +427,7 @@ def _dispatch_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     if pid < send_programs:
-        # token_parts programs share each token (a lane): lane = pid // token_parts sends tokens
-        # t = lane (mod lanes), each program its part of the token's chunks.
-        lanes = send_programs // token_parts
-        lane = pid // token_parts
-        part = pid % token_parts
+        lanes, lane, part = _send_lane(pid, send_programs, token_parts)  # lane sends t = lane (mod lanes)
         counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
         hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
         for chunk in range(0, num_tokens, BLOCK_T):

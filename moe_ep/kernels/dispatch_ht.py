@@ -35,8 +35,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_token, _staged_histogram,
-                                     _store_totals, _token_range, launch_stage, rows_aligned)
+from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_lane, _send_token,
+                                     _staged_histogram, _store_totals, _token_range, launch_stage, rows_aligned)
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
@@ -85,10 +85,7 @@ def _dispatch_ht_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     if pid < send_programs:
-        # token_parts programs share each token (a lane), each its part of the token's chunks
-        lanes = send_programs // token_parts
-        lane = pid // token_parts
-        part = pid % token_parts
+        lanes, lane, part = _send_lane(pid, send_programs, token_parts)
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                     PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
         if pid == 0:

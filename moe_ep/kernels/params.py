@@ -39,7 +39,11 @@ class DispatchParams:
     num_warps: int
     forward_parts: int = 1  # inter-node: programs per other node that forward its staged tokens
     token_parts: int = 1  # send programs that share a token, each its own block_h chunks (intra-node)
-    block_scan: int = 1024  # HT stage: tokens per step of a block's prefix over the blocks ahead of it
+    # HT stage: tokens per step of a block's prefix over the blocks ahead of it. Run 13 (H200, EP2,
+    # 4096 tokens): the layout takes 43 us with 128 (and a histogram of every block in the chain),
+    # 13 with 512, 12 with 1024 — whose larger tiles sometimes slow the same kernel's quantisation
+    # (stage 79 us against 61).
+    block_scan: int = 512
     send_groups: int = 1  # HT: the token ranges (EpConfig.ht_parts) are sent in this many groups, each laid
     #                       out by the receivers once sent (at most ht_parts; 1: after every send; run 13)
 
