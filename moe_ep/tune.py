@@ -61,12 +61,19 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
 
 def refinements(family: str, path: str, best, on_gpu: bool) -> list:
     """A second search, one field at a time around the grid's winner ``best`` (first): fields of
-    a kernel of their own, which need no product with the grid — the HT stage kernel's programs
-    (its quantisation is latency-bound with few of them: run 12)."""
+    a kernel of their own, or of one phase, which need no product with the grid — the HT stage
+    kernel's programs (its quantisation is latency-bound with few of them: run 12) and its
+    prefix step (run 13), and (HT) the send groups whose receive overlaps later sends (run 13)."""
     if family != "dispatch" or path not in ("ht", "inter_ht"):
         return [best]
-    values = (264, 1056, 2112) if on_gpu else (1, 2)
-    return [best] + [dataclasses.replace(best, stage_programs=v) for v in values if v != best.stage_programs]
+    fields = {"stage_programs": (264, 1056, 2112) if on_gpu else (1, 2),
+              "block_scan": (256, 512, 1024) if on_gpu else (4, 8)}
+    if path == "ht":
+        fields["send_groups"] = (1, 2)
+    out = [best]
+    for name, values in fields.items():
+        out += [dataclasses.replace(best, **{name: v}) for v in values if v != getattr(best, name)]
+    return out
 
 
 def _tune_rank(ctx, opts):
