@@ -69,14 +69,14 @@ def _dispatch_ht_kernel(
         expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups, BLOCK_T: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-        BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr, RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
+        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr,
+        RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8 (staged);
     # topk_ids / topk_weights [num_tokens, TOPK]; from the stage kernel: slots [num_tokens, R] int32,
-    # block_hist [cdiv(num_tokens, BLOCK_T), num_experts] int32, range_rows [R, RANGES + 1] int32; outputs [R * max_tokens, ...],
-    # out_part_rows [R, RANGES + 1] int32
+    # block_hist [cdiv(num_tokens, BLOCK_T), num_experts] int32, range_rows [R, RANGES + 1] int32;
+    # outputs [R * max_tokens, ...]; out_part_rows [R, RANGES + 1] int32
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
