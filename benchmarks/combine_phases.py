@@ -22,7 +22,6 @@ import phase_common  # noqa: E402
 
 
 def _phases(ctx, opts):
-    import moe_ep
     from bench_ep import make_inputs
     from moe_ep.kernels.peer_copy import peer_copy_regions
     from moe_ep.timing import DeviceBarrier
@@ -34,14 +33,7 @@ def _phases(ctx, opts):
     xs, ids, ws = make_inputs(0, "uniform", tokens, hidden, opts["num_experts"], opts["topk"], world, dev)
     y = torch.randn(tokens * world, hidden, device=dev).to(torch.bfloat16)
     out = {}
-    for path, parts in [(p, n) for p in opts["paths"] for n in (opts["ht_parts"] if p == "ht" else [1])]:
-        name = f"ht/parts{parts}" if path == "ht" else path
-        cfg = moe_ep.EpConfig(hidden=hidden, num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path,
-                              ht_parts=parts)
-        buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
-        d = buf.dispatch(xs[rank], ids[rank], ws[rank])
-        remote = int((d.src[:int(d.num_tokens.item())].cpu()[:, 0] != rank).sum())
+    for name, path, buf, d, remote in phase_common.path_buffers(ctx, opts, xs[rank], ids[rank], ws[rank]):
         empty = dataclasses.replace(d.handle, num_tokens=0)
         z0 = torch.empty(0, hidden, dtype=torch.bfloat16, device=dev)
         out[name] = {"remote_rows": remote, **phase_common.copy_times(timed, barrier, remote * hidden * 2, opts)}
@@ -54,11 +46,9 @@ def _phases(ctx, opts):
             out[name][variant or "default"] = {"combine_us": timed(lambda: buf.combine(y, d.handle)),
                                                "send_phase_us": timed(lambda: buf.combine(y, empty, out=z0))}
         out[name]["params"] = dataclasses.asdict(base.combine)
-        buf.close()
     barrier.close()
     return out
 
 
 if __name__ == "__main__":
-    phase_common.main(__doc__, _phases, "block_h=8192;num_warps=4,send_programs=528",
-                      {"--ht-parts": ("4", "EpConfig.ht_parts values to time the HT path with")})
+    phase_common.main(__doc__, _phases, "block_h=8192;num_warps=4,send_programs=528", phase_common.HT_PARTS_FLAG)

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository may not be installed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +20,6 @@ import phase_common  # noqa: E402
 
 
 def _phases(ctx, opts):
-    import moe_ep
     from bench_ep import make_inputs
     from moe_ep import reference
     from moe_ep.kernels.dispatch import launch_stage
@@ -36,14 +34,8 @@ def _phases(ctx, opts):
     x, topk_ids, weights = xs[rank], ids[rank], ws[rank]
     x_fp8 = reference.quantize_fp8(x)
     out = {}
-    for path, parts in [(p, n) for p in opts["paths"] for n in (opts["ht_parts"] if p == "ht" else [1])]:
-        name = f"ht/parts{parts}" if path == "ht" else path
-        cfg = moe_ep.EpConfig(hidden=hidden, num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=tokens, dispatch_dtype=torch.float8_e4m3fn, mode=path,
-                              ht_parts=parts)
-        buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
-        d = buf.dispatch(x, topk_ids, weights)
-        remote = int((d.src[:int(d.num_tokens.item())].cpu()[:, 0] != rank).sum())
+    for name, path, buf, d, remote in phase_common.path_buffers(ctx, opts, x, topk_ids, weights):
+        cfg = buf.cfg
         row_bytes = hidden + 4 * cfg.num_scales  # fp8 values and their scales
         out[name] = {"remote_rows": remote, **phase_common.copy_times(timed, barrier, remote * row_bytes, opts)}
         base = buf.launch_params(path, tokens)
@@ -60,11 +52,10 @@ def _phases(ctx, opts):
             out[name][variant or "default"] = row
         out[name]["params"] = dataclasses.asdict(base.dispatch)
         buf.check()
-        buf.close()
     barrier.close()
     return out
 
 
 if __name__ == "__main__":
     phase_common.main(__doc__, _phases, "stage_programs=1056;recv_parts=16,send_programs=528",
-                      {"--ht-parts": ("4", "EpConfig.ht_parts values to time the HT path with")})
+                      phase_common.HT_PARTS_FLAG)

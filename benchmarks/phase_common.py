@@ -42,6 +42,29 @@ def copy_times(timed, barrier, remote_bytes: int, opts) -> dict:
             for parts in opts["copy_parts"]}
 
 
+# The HT path is timed once per EpConfig.ht_parts value of this flag.
+HT_PARTS_FLAG = {"--ht-parts": ("4", "EpConfig.ht_parts values to time the HT path with")}
+
+
+def path_buffers(ctx, opts, x, topk_ids, weights):
+    """For each path of ``opts["paths"]`` (HT once per ``opts["ht_parts"]`` value): ``(name,
+    path, buf, d, remote)`` — an fp8 Buffer of the options' shape, its dispatch ``d`` of these
+    inputs, and the rows ``d`` received from other ranks. Each Buffer is closed after its turn."""
+    import moe_ep
+
+    for path, parts in [(p, n) for p in opts["paths"] for n in (opts["ht_parts"] if p == "ht" else [1])]:
+        cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
+                              max_tokens_per_rank=opts["tokens"], dispatch_dtype=torch.float8_e4m3fn, mode=path,
+                              ht_parts=parts)
+        buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
+        try:
+            d = buf.dispatch(x, topk_ids, weights)
+            remote = int((d.src[:int(d.num_tokens.item())].cpu()[:, 0] != ctx.rank).sum())
+            yield (f"ht/parts{parts}" if path == "ht" else path), path, buf, d, remote
+        finally:
+            buf.close()
+
+
 def main(doc: str, phases, variants_example: str, int_lists: dict | None = None) -> None:
     """Parse the shared command line (plus ``int_lists``: flag -> (default, help) of
     comma-separated ints), run ``phases(ctx, opts)`` on every rank and print each rank's result."""
