@@ -172,8 +172,10 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
                            BLOCK_Q: tl.constexpr, BLOCK_SCAN: tl.constexpr):
     """HT staging, with the whole GPU: program p lays out the blocks of BLOCK_T tokens b = p (mod
-    programs) (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64; the last block also
-    counts [R] int32 and expert_counts [num_experts] int32; across nodes (NUM_NODES > 1) also
+    programs) (slots [T, R] int32, -1 where the rank gets nothing; send_mask [T] int64;
+    block_hist [blocks, num_experts] int32, each block's (token, k) pairs per expert, which the
+    dispatch sums (``_staged_histogram``); the last block also counts [R] int32; across nodes
+    (NUM_NODES > 1) also
     node_slots [T, N] int32, the token's row among those bound for each other node (-1: none),
     and, last block, node_counts [N]; RANGES > 0: range_rows [R, RANGES + 1] int32, row d holding
     where each of the RANGES token ranges starts among the rows bound for rank d, then their
