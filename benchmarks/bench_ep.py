@@ -179,9 +179,13 @@ def _bench_rank(ctx, opts):
                 rows += _report(ctx, point, f"moe_ep-{path}", _minus(t_d, t_b), _minus(t_c, t_b), host_d, host_c,
                                 remote_rows, mine.num_tokens, row_bytes, hidden,
                                 inter_rows if path in INTER_PATHS else 0)
-                if opts.get("prequantized") and dtype_name == "fp8":
-                    rows += _time_prequantized(ctx, buf, path, sets, mine, num_tokens, barrier, t_b, point, opts,
-                                               remote_rows, row_bytes, hidden)
+                # Dispatch variants: pre-quantised input (fp8), zero-copy outputs (HT).
+                for prequantized in (False, True) if dtype_name == "fp8" and opts.get("prequantized") else (False,):
+                    for zero_copy in (False, True) if path == "ht" and opts.get("zero_copy") else (False,):
+                        if prequantized or zero_copy:
+                            rows += _time_dispatch_variant(ctx, buf, path, sets, mine, num_tokens, barrier, t_b,
+                                                           point, opts, remote_rows, row_bytes, hidden, prequantized,
+                                                           zero_copy)
             # The NCCL path (it synchronises with the host, so it runs eagerly).
             nccl_held = {}
 
@@ -292,37 +296,44 @@ def _sweep_size(opts) -> int:
 _SWEEP_CLOCK: dict = {}  # (world, "moe_ep" or "nvshmem") -> (start, points done), in rank 0's process
 
 
-def _time_prequantized(ctx, buf, path, sets, mine, num_tokens, barrier, t_b, point, opts, remote_rows, row_bytes,
-                       hidden):
-    """fp8 dispatch of already-quantised rows ((codes, scales) in, no quantisation in the kernel):
-    the row ``moe_ep-<path>-prequant``, dispatch only. Quantised by the reference on the CPU, which
-    the kernels match bit for bit, so the outputs must equal the bf16-input dispatch's."""
+def _time_dispatch_variant(ctx, buf, path, sets, mine, num_tokens, barrier, t_b, point, opts, remote_rows, row_bytes,
+                           hidden, prequantized, zero_copy):
+    """Dispatch only, of already-quantised rows (``prequantized``: (codes, scales) in, no
+    quantisation in the kernel; row ``moe_ep-<path>-prequant``) and / or with ``zero_copy``
+    outputs (views of the receive regions; row suffix ``-zc``). Quantised by the reference on
+    the CPU, which the kernels match bit for bit, so the outputs must equal the bf16-input
+    dispatch's."""
     import torch.distributed as dist
 
     from moe_ep import reference
     from moe_ep.timing import batch_seconds
 
     dev, rank, world = ctx.device, ctx.rank, ctx.world_size
-    pre = [([tuple(t.to(dev) for t in reference.quantize_fp8(x.cpu())) for x in xs], ids, ws) for xs, ids, ws in sets]
-    xs, ids, ws = pre[0]
-    out = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
+    if prequantized:
+        sets = [([tuple(t.to(dev) for t in reference.quantize_fp8(x.cpu())) for x in xs], ids, ws)
+                for xs, ids, ws in sets]
+    name = f"moe_ep-{path}" + ("-prequant" if prequantized else "") + ("-zc" if zero_copy else "")
+    xs, ids, ws = sets[0]
+    out = buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens, zero_copy=zero_copy)
     n = int(out.num_tokens.item())
     ok = n == mine.num_tokens and torch.equal(out.x[:n].cpu().view(torch.uint8), mine.x.view(torch.uint8)) \
-        and torch.equal(out.x_scales[:n].cpu(), mine.x_scales)
+        and torch.equal(out.src[:n].cpu(), mine.src) and torch.equal(out.topk_ids[:n].cpu(), mine.topk_ids)
+    if mine.x_scales is not None:
+        ok = ok and torch.equal(out.x_scales[:n].cpu(), mine.x_scales)
     all_ok = [None] * world
     dist.all_gather_object(all_ok, bool(ok), group=ctx.group)
     if not all(all_ok):
-        raise AssertionError(f"moe_ep {path} (pre-quantised input) failed its check at {point}: ranks ok = {all_ok}")
+        raise AssertionError(f"{name} failed its check at {point}: ranks ok = {all_ok}")
 
     def call(i):
         barrier()
-        xs, ids, ws = pre[i % NUM_INPUT_SETS]
-        buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens)
+        xs, ids, ws = sets[i % NUM_INPUT_SETS]
+        buf.dispatch(xs[rank], ids[rank], ws[rank], num_tokens_hint=num_tokens, zero_copy=zero_copy)
 
     t_d = batch_seconds(dev, call, opts["iters"], opts["warmup"], True, opts["batch"])
     buf.check()
-    return _report(ctx, point, f"moe_ep-{path}-prequant", _minus(t_d, t_b), None, None, None, remote_rows,
-                   mine.num_tokens, row_bytes, hidden)
+    return _report(ctx, point, name, _minus(t_d, t_b), None, None, None, remote_rows, mine.num_tokens, row_bytes,
+                   hidden)
 
 
 def _progress(rows, point, opts, family):
@@ -527,6 +538,9 @@ def parse_args(argv=None):
                    help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--prequantized", action="store_true",
                    help="fp8: also time dispatch of already-quantised rows (moe_ep-<path>-prequant rows)")
+    p.add_argument("--zero-copy", action="store_true",
+                   help="HT: also time dispatch with zero_copy=True (outputs are views of the receive regions; "
+                        "moe_ep-ht-zc rows)")
     p.add_argument("--inter-transport", default="auto", choices=("auto", "peer", "put"),
                    help="how the inter paths cross between simulated nodes (EpConfig.inter_transport)")
     p.add_argument("--hidden", type=int, default=7168)
@@ -566,7 +580,7 @@ def main(argv=None):
                 dtypes=args.dtypes.split(","), routings=args.routings.split(","), paths=args.paths.split(","),
                 hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
                 batch=args.batch, gpus_per_node=args.gpus_per_node, inter_transport=args.inter_transport,
-                prequantized=args.prequantized or args.smoke,
+                prequantized=args.prequantized or args.smoke, zero_copy=args.zero_copy or args.smoke,
                 copy_parts=[int(v) for v in args.copy_parts.split(",")], copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
     slug = env["card"].replace("NVIDIA ", "").replace(" ", "-").lower()

@@ -1,7 +1,7 @@
 """Where a dispatch's time goes: the whole fp8 dispatch, the same with fp8 input (no
-quantisation), and (HT) the stage kernel alone, beside a plain peer copy of the same remote bytes,
-on the GPUs at hand (a diagnostic, not a benchmark of record; the dispatch counterpart of
-combine_phases.py).
+quantisation), and (HT) both with zero-copy outputs and the stage kernel alone, beside a plain
+peer copy of the same remote bytes, on the GPUs at hand (a diagnostic, not a benchmark of
+record; the dispatch counterpart of combine_phases.py).
 
     python benchmarks/dispatch_phases.py --world 2 --tokens 4096 --paths ht --variants "stage_programs=1056"
 """
@@ -45,7 +45,10 @@ def _phases(ctx, opts):
             buf.set_launch_params(path, tokens, choice)
             row = {"dispatch_us": timed(lambda: buf.dispatch(x, topk_ids, weights, out=d)),
                    "prequantized_us": timed(lambda: buf.dispatch(x_fp8, topk_ids, weights, out=d))}
-            if path == "ht":  # the stage kernel alone: routing layout and quantisation, then the layout alone
+            if path == "ht":  # zero-copy outputs (no receive copy), then the stage kernel alone: routing
+                # layout and quantisation, then the layout alone
+                row["zero_copy_us"] = timed(lambda: buf.dispatch(x, topk_ids, weights, zero_copy=True))
+                row["prequantized_zc_us"] = timed(lambda: buf.dispatch(x_fp8, topk_ids, weights, zero_copy=True))
                 for key, (values, scales) in (("stage_us", (x, None)), ("stage_layout_us", x_fp8)):
                     row[key] = timed(lambda: launch_stage(buf.heap, buf.sync, cfg, choice.dispatch, buf._staging,
                                                           values, scales, topk_ids, d.handle.send_mask, 1))

@@ -133,7 +133,8 @@ class Buffer:
     # -- dispatch -------------------------------------------------------------------------------
 
     def dispatch(self, x: XInput, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 out: DispatchOutput | None = None, num_tokens_hint: int | None = None) -> DispatchOutput:
+                 out: DispatchOutput | None = None, num_tokens_hint: int | None = None,
+                 zero_copy: bool = False) -> DispatchOutput:
         """Send each token to the ranks that hold its experts.
 
         x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank), or, for
@@ -144,18 +145,28 @@ class Buffer:
         out           optional outputs of an earlier dispatch to overwrite (no allocation)
         num_tokens_hint  for mode "auto": a token count every rank passes alike (>= num_tokens),
                       from which all ranks pick the same path (see ``path``)
+        zero_copy     let x, x_scales, topk_ids and topk_weights be views of this Buffer's receive
+                      memory, valid until this rank's next dispatch (any path) or close(); the HT
+                      path then copies no row out of it (mori's outputs; faster at prefill
+                      sizes). src, num_tokens, tokens_per_expert and the handle stay this call's
+                      own. Other paths return ordinary outputs. Not with ``out``.
         Returns a DispatchOutput; its rows [0, num_tokens) are valid.
         """
         x, x_scales = self._check_dispatch(x, topk_ids, topk_weights)
         num_tokens = x.shape[0]
         if num_tokens_hint is not None and num_tokens_hint < num_tokens:
             raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {num_tokens} tokens")
-        return self._dispatch(self.path(num_tokens_hint), x, x_scales, topk_ids, topk_weights, out)
+        if zero_copy and out is not None:
+            raise ValueError("zero_copy returns views of the Buffer's memory: it takes no out")
+        return self._dispatch(self.path(num_tokens_hint), x, x_scales, topk_ids, topk_weights, out, zero_copy)
 
-    def _dispatch(self, path, x, x_scales, topk_ids, topk_weights, out):
+    def _dispatch(self, path, x, x_scales, topk_ids, topk_weights, out, zero_copy=False):
         """Dispatch checked inputs over ``path``, whose capacity holds them (see ``path``)."""
         num_tokens = x.shape[0]
-        if out is None:
+        zero_copy = zero_copy and path == "ht"
+        if zero_copy:
+            out = self._new_dispatch_output(views=True)
+        elif out is None:
             out = self.empty_dispatch_output()
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
@@ -166,13 +177,18 @@ class Buffer:
                                       self._staging if path == "inter_ht" else None)
         elif path == "ht":
             launch_dispatch_ht(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
-                               self._staging)
+                               self._staging, zero_copy)
         else:
             launch_dispatch(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
         return out
 
     def empty_dispatch_output(self) -> DispatchOutput:
         """Freshly allocated (uninitialised) dispatch outputs."""
+        return self._new_dispatch_output(views=False)
+
+    def _new_dispatch_output(self, views: bool) -> DispatchOutput:
+        """Dispatch outputs; with ``views`` x, x_scales, topk_ids and topk_weights are views of the
+        HT receive regions, which hold the rows in the outputs' layout (``moe_ep.regions``)."""
         cfg, cap, dev = self.cfg, self.capacity, self.device
         src = torch.empty(cap, 2, dtype=torch.int32, device=dev)
         num_tokens = torch.empty(1, dtype=torch.int32, device=dev)
@@ -187,12 +203,13 @@ class Buffer:
         handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
                                 send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
                                 num_tokens=0, path="ll", buffer_id=id(self), part_rows=part_rows, **forwarded)
+        fields = (("x", cfg.dispatch_dtype, cfg.hidden), ("scales", torch.float32, cfg.num_scales),
+                  ("topk_ids", torch.int32, cfg.topk), ("topk_weights", torch.float32, cfg.topk))
+        rows = {name: self.heap.view("ht_dispatch_" + name, dtype, (cap, width)) if views else
+                torch.empty(cap, width, dtype=dtype, device=dev) for name, dtype, width in fields}
         return DispatchOutput(
-            x=torch.empty(cap, cfg.hidden, dtype=cfg.dispatch_dtype, device=dev),
-            x_scales=torch.empty(cap, cfg.num_scales, dtype=torch.float32, device=dev) if cfg.fp8 else None,
-            topk_ids=torch.empty(cap, cfg.topk, dtype=torch.int32, device=dev),
-            topk_weights=torch.empty(cap, cfg.topk, dtype=torch.float32, device=dev),
-            src=src, num_tokens=num_tokens,
+            x=rows["x"], x_scales=rows["scales"] if cfg.fp8 else None, topk_ids=rows["topk_ids"],
+            topk_weights=rows["topk_weights"], src=src, num_tokens=num_tokens,
             tokens_per_expert=torch.empty(self.experts_per_rank, dtype=torch.int32, device=dev),
             handle=handle)
 

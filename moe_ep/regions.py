@@ -7,7 +7,10 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
 
   region                   shape / dtype                  written by
   barrier_flags            [R] int32                      slot s: rank s
-  p_dispatch_x             [B, R, M_p, H] dispatch dtype  rows [., s, :]: rank s (its tokens for this rank)
+  p_dispatch_x             [B, R, M_p, H] dispatch dtype  rows [., s, :]: rank s (its tokens for this rank);
+                                                          HT: compact, rows [o_s, o_s + n_s) from rank s
+                                                          (o_s: rows of the lower ranks), i.e. the
+                                                          outputs' layout (zero-copy dispatch returns them)
   p_dispatch_scales        [B, R, M_p, S] float32         as p_dispatch_x (fp8 only)
   p_dispatch_topk_ids      [B, R, M_p, K] int32           as p_dispatch_x (local expert ids, -1 elsewhere)
   p_dispatch_topk_weights  [B, R, M_p, K] float32         as p_dispatch_x
@@ -15,10 +18,12 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
   ll_dispatch_count        [2, R] int32                   slot [., s]: rank s (rows it sent in the call)
   p_dispatch_expert_counts [B, R, E/R] int32              row [., s]: rank s (its (token, k) pairs per local expert)
   p_dispatch_signal        [B, R] int32                   slot [., s]: rank s (LL: epoch, after its rows;
-                                                          HT: after its ranges and expert counts)
+                                                          HT: after its ranges, counts, expert counts)
   ht_dispatch_ranges       [R, P + 1] int32               row s: rank s (where each of its P = ht_parts token
                                                           ranges starts among its rows for this rank, then
                                                           their count)
+  ht_dispatch_counts       [2, R, R] int32                row [., s]: rank s (the rows it sends to every rank;
+                                                          double-buffered: call e uses half e % 2)
   ht_dispatch_range_signal [P, R] int32                   slot [g, s]: rank s (epoch, after its rows of range
                                                           group g, g < DispatchParams.send_groups)
   ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
@@ -82,6 +87,7 @@ def _path_regions(path: str, cfg: EpConfig, world_size: int, tokens: int, halves
     ]
     if credits:  # HT: token ranges, credits
         sizes += [(f"{path}_dispatch_ranges", flags * (cfg.ht_parts + 1)),
+                  (f"{path}_dispatch_counts", 2 * flags * world_size),
                   (f"{path}_dispatch_range_signal", flags * cfg.ht_parts),
                   (f"{path}_dispatch_credit", 4 * world_size), (f"{path}_combine_credit", 4 * world_size)]
     else:

@@ -80,6 +80,12 @@ def make_inputs(call: int, kind: str, shape: Shape, world_size: int, seed: int =
 
 def poisoned_dispatch_output(buf: moe_ep.Buffer) -> moe_ep.DispatchOutput:
     out = buf.empty_dispatch_output()
+    poison_rows(out)
+    return out
+
+
+def poison_rows(out: moe_ep.DispatchOutput) -> None:
+    """Every output row and count of ``out`` set to values no dispatch writes."""
     out.x.view(torch.uint8).fill_(0xFF)  # NaN in bf16 and in fp8 e4m3fn
     if out.x_scales is not None:
         out.x_scales.fill_(float("nan"))
@@ -90,7 +96,6 @@ def poisoned_dispatch_output(buf: moe_ep.Buffer) -> moe_ep.DispatchOutput:
     out.tokens_per_expert.fill_(POISON_INT)
     if out.handle.part_rows is not None:
         out.handle.part_rows.fill_(POISON_INT)
-    return out
 
 
 def check_part_rows(out: moe_ep.DispatchOutput, exp: reference.RankDispatch, tokens: list, parts: int) -> None:
@@ -168,6 +173,7 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
     buf = moe_ep.Buffer(ctx.group, cfg)
     received = 0
     paths = []
+    views = []  # data_ptr of each zero-copy HT call's x
     try:
         for call in range(calls):
             hint = hints[call] if hints else None
@@ -183,10 +189,16 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
                 payload = x_in[0] if prequantized else x_in
                 assert payload.numel() == 0 or payload.data_ptr() % 16, "the copy should be unaligned"
             ids_in = ids[me].to(ctx.device) if call % 2 else ids[me].int().to(ctx.device)
-            use_out = call % 3 != 2  # also exercise freshly allocated outputs
+            # Outputs: poisoned ones passed as out, the Buffer's own (zero_copy: on the HT path views
+            # of its receive regions, poisoned after each check), or freshly allocated.
+            use_out, zero_copy = call % 3 == 0, call % 3 == 1
             out = buf.dispatch(x_in, ids_in, weights[me].to(ctx.device),
-                               out=poisoned_dispatch_output(buf) if use_out else None, num_tokens_hint=hint)
+                               out=poisoned_dispatch_output(buf) if use_out else None, num_tokens_hint=hint,
+                               zero_copy=zero_copy)
             paths.append(out.handle.path)
+            if zero_copy and out.handle.path == "ht":
+                views.append(out.x.data_ptr())
+                assert len(set(views)) == 1, "zero-copy outputs should be the same receive region every call"
             assert (out.handle.path in ("inter", "inter_ht")) == (nodes > 1), out.handle.path
             n = check_dispatch(out, expected[me], buf.capacity)
             if out.handle.path == "ht":
@@ -202,6 +214,8 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             z = buf.combine(y.to(ctx.device), out.handle, out=z_out if use_out else None)
             z_expected = reference.combine(ys, expected, [len(i) for i in ids], extra.get("gpus_per_node"))[me]
             assert_equal(f"combine (call {call})", z_expected, z.cpu())
+            if zero_copy:  # the next call must rewrite every row it returns (receive regions included)
+                poison_rows(out)
         buf.check()
     finally:
         buf.close()

@@ -38,6 +38,8 @@ def _bad_calls_then_good_one(ctx, shape):
         "scales wrong shape": (lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(t, 1, device=dev)), ids, w),
                                ValueError, "x_scales must have shape"),
         "hint below the tokens": (lambda: buf.dispatch(x, ids, w, num_tokens_hint=t - 1), ValueError, "num_tokens_hint"),
+        "zero_copy with out": (lambda: buf.dispatch(x, ids, w, out=buf.empty_dispatch_output(), zero_copy=True),
+                               ValueError, "zero_copy"),
         "combine without handle": (lambda: buf.combine(torch.zeros(buf.capacity, h, dtype=torch.bfloat16, device=dev), None),
                                    TypeError, "handle"),
     }

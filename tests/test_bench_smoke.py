@@ -16,7 +16,8 @@ def test_benchmark_smoke(tmp_path):
     rows = result["rows"]
     impls = {(r["impl"], r["op"]) for r in rows}
     assert {("moe_ep-ll", "dispatch"), ("moe_ep-ll", "combine"), ("nccl", "dispatch"), ("nccl", "combine"),
-            ("p2p-copy", "copy"), ("moe_ep-ll-prequant", "dispatch"), ("moe_ep-inter_ht-prequant", "dispatch")} <= impls
+            ("p2p-copy", "copy"), ("moe_ep-ll-prequant", "dispatch"), ("moe_ep-inter_ht-prequant", "dispatch"),
+            ("moe_ep-ht-zc", "dispatch"), ("moe_ep-ht-prequant-zc", "dispatch")} <= impls
     assert all(r["lat_avg_us"] > 0 and r["lat_min_us"] <= r["lat_avg_us"] <= r["lat_max_us"] for r in rows)
     assert {r["tokens"] for r in rows} == {3} and {r["dtype"] for r in rows} == {"fp8", "bf16"}
     assert {r["impl"] for r in rows} >= {"moe_ep-ll", "moe_ep-ht", "moe_ep-inter_ht"}
@@ -32,7 +33,7 @@ def test_phase_diagnostics_smoke():
     tiny = ["--world", "2", "--tokens", "4", "--hidden", "256", "--num-experts", "8", "--topk", "2", "--paths",
             "ht", "--copy-parts", "2", "--iters", "1", "--batch", "1"]
     variant = "send_programs=3"
-    for script, times in (("dispatch_phases.py", ("dispatch_us", "prequantized_us", "stage_us")),
+    for script, times in (("dispatch_phases.py", ("dispatch_us", "prequantized_us", "zero_copy_us", "stage_us")),
                           ("combine_phases.py", ("combine_us", "send_phase_us"))):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *tiny, "--variants", variant],
                               capture_output=True, text=True, timeout=600)

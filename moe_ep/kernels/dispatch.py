@@ -263,20 +263,21 @@ def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM
 
 
 @triton.jit
-def _send_token(t, load_row, src_rank, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
+def _send_token(t, load_row, row_base, is_dst, slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
                 peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-                world_size, max_tokens, experts_per_rank, offs_r, mask_r, offs_k, mask_k, part, parts,
+                world_size, experts_per_rank, offs_r, mask_r, offs_k, mask_k, part, parts,
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
                 QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr, WRITE_SEND_MASK: tl.constexpr):
     """Store token t of ``src_rank`` (its payload and weights at row ``load_row`` of ``x_ptr``,
     ``x_scales_ptr``, ``topk_weights_ptr``; global expert ids ``ids``) into row
-    ``[src_rank, slot[d]]`` of every destination d where ``is_dst[d]``: the part ``part`` of
+    ``row_base[d] + slot[d]`` of every destination d where ``is_dst[d]`` (``row_base``: a scalar
+    or [BLOCK_R]; ``src_rank * max_tokens`` for the regions of one row block per source): the part ``part`` of
     ``parts`` programs that share the token (BLOCK_H-value chunks part, part + parts, ...; part 0
     also stores the ids, weights and source token)."""
     mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
     meta_d = mask_d & (part == 0)
-    row = (src_rank * max_tokens + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
+    row = (row_base + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
     load_row = tl.cast(load_row, tl.int64)
     # Expert ids local to each destination (-1 elsewhere) and their weights (0 elsewhere).
     local = ids[None, :] - offs_r[:, None] * experts_per_rank  # [BLOCK_R, BLOCK_K]
@@ -310,21 +311,23 @@ def _receive_rows(src_rank, first, count, out_row, part, parts, rank, peer_bases
                   x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                   out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
                   HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                  BLOCK_COPY: tl.constexpr, ALIGNED: tl.constexpr):
+                  BLOCK_COPY: tl.constexpr, ALIGNED: tl.constexpr, PAYLOAD: tl.constexpr):
     """Copy part ``part`` of ``parts`` of the ``count`` rows from ``src_rank`` that start at row
     ``first`` of this rank's receive regions (contiguous there) to output rows
-    ``[out_row, out_row + count)``: one flat copy per field."""
+    ``[out_row, out_row + count)``: one flat copy per field. Without PAYLOAD only ``src`` is
+    written (the outputs are the receive regions themselves: the HT dispatch's zero copy)."""
     first = first.to(tl.int64)
     out_row = out_row.to(tl.int64)
-    _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN, out_x_ptr + out_row * HIDDEN,
-               count * HIDDEN, part, parts, BLOCK_COPY, ALIGNED)
-    if NUM_SCALES > 0:
-        _copy_span(_peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32) + first * NUM_SCALES,
-                   out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, parts, BLOCK_COPY, False)
-    _copy_span(_peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32) + first * TOPK, out_topk_ids_ptr + out_row * TOPK,
-               count * TOPK, part, parts, BLOCK_COPY, False)
-    _copy_span(_peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32) + first * TOPK,
-               out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, parts, BLOCK_COPY, False)
+    if PAYLOAD:
+        _copy_span(_peer_ptr(peer_bases_ptr, rank, x_offset, OUT_DTYPE) + first * HIDDEN,
+                   out_x_ptr + out_row * HIDDEN, count * HIDDEN, part, parts, BLOCK_COPY, ALIGNED)
+        if NUM_SCALES > 0:
+            _copy_span(_peer_ptr(peer_bases_ptr, rank, scales_offset, tl.float32) + first * NUM_SCALES,
+                       out_scales_ptr + out_row * NUM_SCALES, count * NUM_SCALES, part, parts, BLOCK_COPY, False)
+        _copy_span(_peer_ptr(peer_bases_ptr, rank, ids_offset, tl.int32) + first * TOPK,
+                   out_topk_ids_ptr + out_row * TOPK, count * TOPK, part, parts, BLOCK_COPY, False)
+        _copy_span(_peer_ptr(peer_bases_ptr, rank, weights_offset, tl.float32) + first * TOPK,
+                   out_topk_weights_ptr + out_row * TOPK, count * TOPK, part, parts, BLOCK_COPY, False)
     # src: (src_rank, token) pairs, rows split between the parts.
     per_part = tl.cdiv(count, parts)
     base_src = _peer_ptr(peer_bases_ptr, rank, src_offset, tl.int32) + first
@@ -396,7 +399,7 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
                       tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0), j % recv_parts, recv_parts, rank,
                       peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, out_x_ptr,
                       out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, HIDDEN, TOPK,
-                      NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED)
+                      NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED, True)
 
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
@@ -439,11 +442,10 @@ def _dispatch_kernel(
             first = chunk + (lane - chunk % lanes + lanes) % lanes
             for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), lanes):
                 sel = (offs_t == t)[:, None]
-                _send_token(t, t, rank, tl.sum(tl.where(sel, is_dst, 0), axis=0),
+                _send_token(t, t, rank * max_tokens, tl.sum(tl.where(sel, is_dst, 0), axis=0),
                             tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
                             x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
-                            scales_offset, ids_offset, weights_offset, src_offset, world_size, max_tokens,
-                            EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK,
+                            scales_offset, ids_offset, weights_offset, src_offset, world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK,
                             NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
             counts += tl.sum(is_dst, axis=0)
             hist += _expert_histogram(ids, BLOCK_ALL_E)

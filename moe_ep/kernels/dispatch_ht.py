@@ -5,29 +5,39 @@ once (each token's slot on each destination, the counts, send_mask, and ``range_
 each of the ``cfg.ht_parts`` token ranges starts among the rows bound for each rank) and to
 quantise every token once. Then ``_dispatch_ht_kernel``:
 
-Protocol (regions in ``moe_ep.regions``; R = world size, M = ``cfg.ht_tokens``, P = ``cfg.ht_parts``;
-range q of a rank with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T))):
+Protocol (regions in ``moe_ep.regions``; R = world size, P = ``cfg.ht_parts``; range q of a rank
+with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T))):
+  The receive regions hold the rows in the outputs' layout: rows [o_s, o_s + n_s) from source s,
+  o_s being the rows of the lower ranks. So ``Buffer.dispatch(zero_copy=True)`` returns them as
+  they are (ZERO_COPY: the receive programs copy no payload), and otherwise the copy out is one
+  contiguous span per source and group.
   Send programs ``[0, send_programs)`` first wait for every destination's credit (it consumed
   this rank's rows of the previous HT call). Program 0 then stores, on every rank d, d's row of
-  ``range_rows`` into ``ranges[rank, :]`` (P + 1 values, the last the row count) and d's slice of
-  this rank's tokens per expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``:
-  every receiver knows its output offsets before a row arrives. The ranges are sent in G groups
-  (``DispatchParams.send_groups``, at most P), group g = ranges [g * P // G, (g + 1) * P // G).
-  Each program, for g = 0 .. G - 1, sends its tokens of group g (token t to program
-  (t - first) % lanes, as in the LL kernel: payload, scales, local expert ids, weights, token
-  index, straight into row ``[rank, slot]`` of every destination) and arrives on group g's
-  counter; the last of them signals group g to every rank (``range_signal[g, rank] = epoch``).
-  Receive programs, recv_parts per source rank s, wait for ``signal`` of sources 0..s (the
-  output offset of s is the sum of their counts), then for each group g wait for s's group g
-  and copy their share of its rows (contiguous in the receive region) into the compact outputs.
+  ``range_rows`` into ``ranges[rank, :]`` (P + 1 values, the last the row count), this rank's
+  row counts for every rank into ``counts[e % 2, rank, :]`` (call e; double-buffered, as a
+  rank's senders may still read the previous call's while it is rewritten) and d's slice of this rank's tokens per
+  expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``: every receiver knows
+  its output offsets before a row arrives. Every send program waits for all ranks' signals of
+  the call: ``counts`` then gives o_rank on each destination, and a rank that announced this
+  call has finished its previous one (stream order), zero-copy outputs included.
+  The ranges are sent in G groups (``DispatchParams.send_groups``, at most P), group g = ranges
+  [g * P // G, (g + 1) * P // G). Each program, for g = 0 .. G - 1, sends its tokens of group g
+  (token t to program (t - first) % lanes, as in the LL kernel: payload, scales, local expert
+  ids, weights, token index, straight into row o_rank + slot of every destination) and arrives
+  on group g's counter; the last of them signals group g to every rank
+  (``range_signal[g, rank] = epoch``).
+  Receive programs, recv_parts per source rank s, wait for ``signal`` of sources 0..s (o_s is
+  the sum of their counts), then for each group g wait for s's group g and copy their share of
+  its rows into the outputs (only ``src`` with ZERO_COPY).
   With G > 1 group g is laid out while later groups are being sent (run 13: slower, G = 1).
   One more program waits for every ``signal`` and writes num_tokens, tokens_per_expert and
   ``handle.part_rows`` (where each source's ranges start among the output rows: the combine's
   ranges). The receive programs and this one arrive on the per-source counter; the last of the
   recv_parts + 1 gives the source its credit (``credit[rank] = epoch``).
 Outputs are in source-rank order, then token order, as on the LL path: bit-identical results.
-Waits are only for programs of lower ids (every rank's senders wait only for the previous call):
-no deadlock in the interpreter or on a GPU whose grid is not all resident.
+Waits are only for programs of lower ids (a send program waits for the previous call and for
+every rank's program 0, which waits only for the previous call): no deadlock in the interpreter
+or on a GPU whose grid is not all resident.
 """
 
 from __future__ import annotations
@@ -37,23 +47,27 @@ import triton.language as tl
 
 from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_lane, _send_token,
                                      _staged_histogram, _store_totals, _token_range, launch_stage, rows_aligned)
-from moe_ep.kernels.registry import register
+from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
 
 
 @triton.jit
-def _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert_counts_offset, signal_offset, rank,
-                     world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK: tl.constexpr, RANGES: tl.constexpr,
-                     BLOCK_Q: tl.constexpr):
+def _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, counts_offset, expert_counts_offset,
+                     signal_offset, rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK: tl.constexpr,
+                     RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
     """To every rank d: d's row of ``range_rows`` ([R, RANGES + 1], local) into ``ranges[rank, :]``,
-    d's slice of ``hist`` (this rank's tokens per global expert) into ``expert_counts[rank, :]``,
-    then the signal (epoch) that makes them visible."""
+    this rank's row counts for every rank into ``counts[rank, :]``, d's slice of ``hist`` (this
+    rank's tokens per global expert) into ``expert_counts[rank, :]``, then the signal (epoch) that
+    makes them visible."""
     offs_q = tl.arange(0, BLOCK_Q)
     mask = mask_r[:, None] & (offs_q <= RANGES)[None, :]
     rows = tl.load(range_rows_ptr + offs_r[:, None] * (RANGES + 1) + offs_q[None, :], mask=mask, other=0)
     ptrs = _peer_ptr(peer_bases_ptr, offs_r, ranges_offset, tl.int32)[:, None] + rank * (RANGES + 1) + offs_q[None, :]
     tl.store(ptrs, rows, mask=mask)
+    counts = tl.sum(tl.where(offs_q[None, :] == RANGES, rows, 0), axis=1)  # [BLOCK_R] rows for each rank
+    ptrs = _peer_ptr(peer_bases_ptr, offs_r, counts_offset, tl.int32)[:, None] + rank * world_size + offs_r[None, :]
+    tl.store(ptrs, counts[None, :] + offs_r[:, None] * 0, mask=mask_r[:, None] & mask_r[None, :])
     _publish_expert_counts(peer_bases_ptr, expert_counts_offset, rank, hist, mask_r, world_size, EXPERTS_PER_RANK)
     _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r, epoch)
 
@@ -66,17 +80,18 @@ def _dispatch_ht_kernel(
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, out_part_rows_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, ranges_offset,
-        expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr, status_ptr,
-        rank, world_size, num_tokens, max_tokens, max_polls,
+        counts_offset, expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr,
+        status_ptr,
+        rank, world_size, num_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups,
         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr,
-        RANGES: tl.constexpr, BLOCK_Q: tl.constexpr):
+        RANGES: tl.constexpr, BLOCK_Q: tl.constexpr, ZERO_COPY: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8 (staged);
     # topk_ids / topk_weights [num_tokens, TOPK]; from the stage kernel: slots [num_tokens, R] int32,
     # block_hist [cdiv(num_tokens, BLOCK_T), num_experts] int32, range_rows [R, RANGES + 1] int32;
-    # outputs [R * max_tokens, ...]; out_part_rows [R, RANGES + 1] int32
+    # outputs [capacity, ...]; out_part_rows [R, RANGES + 1] int32
     OUT_DTYPE: tl.constexpr = out_x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     epoch = _launch_epoch(counters_ptr)
@@ -84,23 +99,32 @@ def _dispatch_ht_kernel(
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
+    counts_offset += (epoch % 2) * world_size * world_size * 4  # this call's half
     if pid < send_programs:
         lanes, lane, part = _send_lane(pid, send_programs, token_parts)
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
                     PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
         if pid == 0:
             hist = _staged_histogram(block_hist_ptr, num_tokens, EXPERTS_PER_RANK * world_size, BLOCK_T, BLOCK_ALL_E)
-            _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, expert_counts_offset, signal_offset,
-                             rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
+            _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, counts_offset, expert_counts_offset,
+                             signal_offset, rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
+        # Every rank's announcement of this call: the rows of the lower ranks place this rank's
+        # rows in each destination, and a rank that announced is done with its previous outputs.
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
+                    PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
+        counts_ptr = _peer_ptr(peer_bases_ptr, rank, counts_offset, tl.int32)  # [R, R]
+        lower = offs_r[:, None] < rank
+        row_base = tl.sum(tl.load(counts_ptr + offs_r[:, None] * world_size + offs_r[None, :],
+                                  mask=lower & mask_r[None, :], other=0, volatile=True), axis=0)  # [BLOCK_R]
         for g in range(0, groups):  # the ranges [g * RANGES // groups, (g + 1) * RANGES // groups)
             lo, _ = _token_range(g * RANGES // groups, num_tokens, RANGES)
             _, hi = _token_range((g + 1) * RANGES // groups - 1, num_tokens, RANGES)
             for t in range(lo + lane, hi, lanes):
                 slot = tl.load(slots_ptr + t * world_size + offs_r, mask=mask_r, other=-1)
                 ids = tl.load(topk_ids_ptr + t * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)
-                _send_token(t, t, rank, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr, topk_weights_ptr,
-                            send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
-                            src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
+                _send_token(t, t, row_base, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr,
+                            topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset,
+                            weights_offset, src_offset, world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
                             part, token_parts, HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED,
                             False)
             # One arrival counter per group (lane 0), then group g's signal to every rank.
@@ -134,10 +158,10 @@ def _dispatch_ht_kernel(
                             offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
                 lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + g * RANGES // groups, volatile=True)
                 hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + (g + 1) * RANGES // groups, volatile=True)
-                _receive_rows(src_rank, src_rank * max_tokens + lo, hi - lo, offset + lo, j % recv_parts, recv_parts,
-                              rank, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                _receive_rows(src_rank, offset + lo, hi - lo, offset + lo, j % recv_parts, recv_parts, rank,
+                              peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                               out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, HIDDEN,
-                              TOPK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED)
+                              TOPK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, ALIGNED, not ZERO_COPY)
             mask_done = offs_r == src_rank
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r, mask_done, recv_parts + 1)
         _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, last, epoch)
@@ -145,7 +169,7 @@ def _dispatch_ht_kernel(
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "ranges_offset",
-            "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
+            "counts_offset", "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
 register(_dispatch_ht_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "groups")},
           "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
@@ -155,22 +179,26 @@ register(_dispatch_ht_kernel,
           "out_tokens_per_expert_ptr": "*i32", "out_part_rows_ptr": "*i32", "send_mask_ptr": "*i64",
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
-          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
+          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "X_FP8": True, "BLOCK_T": 128,
           "BLOCK_H": 8192,
           "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True,
-          "RANGES": 4, "BLOCK_Q": 8})
+          "RANGES": 4, "BLOCK_Q": 8, "ZERO_COPY": False})
+register(_dispatch_ht_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "ZERO_COPY": True})
 
 
 # (kernel argument, region name) of the HT dispatch's regions, after "ht_dispatch_"
 _REGIONS = (("x", "x"), ("scales", "scales"), ("ids", "topk_ids"), ("weights", "topk_weights"), ("src", "src_token"),
-            ("ranges", "ranges"), ("expert_counts", "expert_counts"), ("signal", "signal"),
+            ("ranges", "ranges"), ("counts", "counts"), ("expert_counts", "expert_counts"), ("signal", "signal"),
             ("range_signal", "range_signal"), ("credit", "credit"))
 
 
-def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, staging) -> None:
+def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, staging,
+                       zero_copy: bool = False) -> None:
     """The HT dispatch of this rank's tokens into ``out`` (a ``DispatchOutput``): the stage
     kernel into ``staging`` (``kernels.dispatch.HtStaging``), then the dispatch kernel.
+    ``zero_copy``: ``out``'s x, x_scales, topk_ids and topk_weights are the receive regions
+    themselves (``Buffer.dispatch(zero_copy=True)``), so no row is copied out of them.
 
     ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
@@ -190,7 +218,7 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
         **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
         counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ht_tokens, max_polls=sync.max_polls,
+        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_polls=sync.max_polls,
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
         X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
         recv_parts=params.recv_parts, num_programs=num_programs, groups=min(params.send_groups, cfg.ht_parts),
@@ -198,5 +226,6 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
         BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
         BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), ALIGNED=rows_aligned(cfg, x, out),
-        RANGES=cfg.ht_parts, BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), num_warps=params.num_warps)
+        RANGES=cfg.ht_parts, BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), ZERO_COPY=zero_copy,
+        num_warps=params.num_warps)
     sync.after_launch()

@@ -111,9 +111,9 @@ def _send_token_across(t, is_local, slot, node_t, node_slot_t, ids_t, x_ptr, x_s
     """Token t of this rank: into row ``[rank, slot[d]]`` of each own-node rank d where
     ``is_local[d]``, and once to the proxy of each other node m where ``node_t[m]``, at row
     ``[my_node, node_slot_t[m]]`` of its inter-node regions (PUT: staged in the own arena, then put)."""
-    _send_token(t, t, rank, is_local, slot, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr,
-                peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, world_size,
-                max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES,
+    _send_token(t, t, rank * max_tokens, is_local, slot, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
+                send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
+                world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES,
                 QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
     for m in range(0, NUM_NODES):
         if tl.sum(tl.where(offs_n == m, node_t, 0), axis=0) > 0:
@@ -273,12 +273,12 @@ def _dispatch_internode_kernel(
                     sel = (offs_t == i)[:, None]
                     dst_i = tl.sum(tl.where(sel, is_dst, 0), axis=0)
                     token = tl.load(base_src + i)
-                    _send_token(token, first_row + i, src_rank, dst_i, tl.sum(tl.where(sel, slots, 0), axis=0),
-                                tl.sum(tl.where(sel, ids, 0), axis=0), base_x, base_scales, base_weights,
-                                send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
-                                src_offset, world_size, max_tokens, EXPERTS_PER_RANK, offs_r, mask_r, offs_k,
-                                mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES, False, NUM_SCALES > 0, OUT_DTYPE, BLOCK_H,
-                                ALIGNED, False)
+                    _send_token(token, first_row + i, src_rank * max_tokens, dst_i,
+                                tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
+                                base_x, base_scales, base_weights, send_mask_ptr, peer_bases_ptr, x_offset,
+                                scales_offset, ids_offset, weights_offset, src_offset, world_size, EXPERTS_PER_RANK,
+                                offs_r, mask_r, offs_k, mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES, False,
+                                NUM_SCALES > 0, OUT_DTYPE, BLOCK_H, ALIGNED, False)
                     tl.store(fwd_token_ptr + first_row + i, token)
                     tl.store(fwd_mask_ptr + first_row + i, _bits(dst_i > 0, offs_r))
                 counts += tl.sum(is_dst, axis=0)
