@@ -63,13 +63,15 @@ def refinements(family: str, path: str, best, on_gpu: bool) -> list:
     """A second search, one field at a time around the grid's winner ``best`` (first): fields of
     a kernel of their own, or of one phase, which need no product with the grid — the HT stage
     kernel's programs (its quantisation is latency-bound with few of them: run 12) and its
-    prefix step (run 13), and (HT) the send groups whose receive overlaps later sends (run 13)."""
+    prefix step (run 13), and (HT) the send groups whose receive overlaps later sends (run 13) and
+    where the quantisation runs (run 14)."""
     if family != "dispatch" or path not in ("ht", "inter_ht"):
         return [best]
     fields = {"stage_programs": (264, 1056, 2112) if on_gpu else (1, 2),
               "block_scan": (256, 512, 1024) if on_gpu else (4, 8)}
     if path == "ht":
         fields["send_groups"] = (1, 2)
+        fields["send_quantize"] = (False, True)
     out = [best]
     for name, values in fields.items():
         out += [dataclasses.replace(best, **{name: v}) for v in values if v != getattr(best, name)]

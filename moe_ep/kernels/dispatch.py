@@ -537,13 +537,15 @@ def rows_aligned(cfg, x, out) -> bool:
     return (cfg.hidden * out.x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
 
 
-def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, nodes: int):
+def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, nodes: int,
+                 quantize: bool = True):
     """The HT stage kernel over this rank's tokens into ``staging`` (``HtStaging``; on one node
     also the rows of each of the ``cfg.ht_parts`` token ranges) and ``send_mask``; returns the
-    rows to send, ``(x, x_scales)``: the staged fp8 rows when it quantised them, else the inputs."""
+    rows to send, ``(x, x_scales)``: the staged fp8 rows when it quantised them (bf16 input to an
+    fp8 dispatch, unless not ``quantize``), else the inputs."""
     world = heap.world_size
     num_tokens = x.shape[0]
-    quantize = cfg.fp8 and x_scales is None
+    quantize = quantize and cfg.fp8 and x_scales is None
     counts = staging.counts
     ranges = cfg.ht_parts if nodes == 1 else 0
     sync.before_launch()

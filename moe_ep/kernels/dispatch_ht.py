@@ -3,7 +3,8 @@
 First ``_dispatch_stage_kernel`` (kernels/dispatch.py) uses the whole GPU to lay the tokens out
 once (each token's slot on each destination, the counts, send_mask, and ``range_rows``: where
 each of the ``cfg.ht_parts`` token ranges starts among the rows bound for each rank) and to
-quantise every token once. Then ``_dispatch_ht_kernel``:
+quantise every token once (with ``DispatchParams.send_quantize`` the send programs quantise
+instead, each token once per destination, as LL does: QUANTIZE). Then ``_dispatch_ht_kernel``:
 
 Protocol (regions in ``moe_ep.regions``; R = world size, P = ``cfg.ht_parts``; range q of a rank
 with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T))):
@@ -84,7 +85,7 @@ def _dispatch_ht_kernel(
         status_ptr,
         rank, world_size, num_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups,
+        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups,
         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr,
         RANGES: tl.constexpr, BLOCK_Q: tl.constexpr, ZERO_COPY: tl.constexpr):
@@ -125,8 +126,8 @@ def _dispatch_ht_kernel(
                 _send_token(t, t, row_base, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr,
                             topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset,
                             weights_offset, src_offset, world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, False, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED,
-                            False)
+                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H,
+                            ALIGNED, False)
             # One arrival counter per group (lane 0), then group g's signal to every rank.
             last = _arrive(counters_ptr + SEND_ARRIVALS + g + offs_r * 0, offs_r == 0, send_programs)
             _signal_peers(peer_bases_ptr, range_signal_offset + g * world_size * 4, rank, offs_r,
@@ -180,11 +181,14 @@ register(_dispatch_ht_kernel,
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_polls")}},
-         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "X_FP8": True, "BLOCK_T": 128,
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": False, "X_FP8": True,
+          "BLOCK_T": 128,
           "BLOCK_H": 8192,
           "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True,
           "RANGES": 4, "BLOCK_Q": 8, "ZERO_COPY": False})
 register(_dispatch_ht_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "ZERO_COPY": True})
+register(_dispatch_ht_kernel, {**KERNELS[-1].signature, "x_ptr": "*bf16"},
+         {**KERNELS[-1].constexprs, "QUANTIZE": True, "X_FP8": False})  # DispatchParams.send_quantize
 
 
 # (kernel argument, region name) of the HT dispatch's regions, after "ht_dispatch_"
@@ -205,7 +209,9 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
     Inputs are validated by the caller (``Buffer``).
     """
     world = heap.world_size
-    x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, out.handle.send_mask, 1)
+    quantize = params.send_quantize and cfg.fp8 and x_scales is None  # in the send programs, not the stage
+    x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, out.handle.send_mask, 1,
+                               not quantize)
     num_programs = params.send_programs + world * params.recv_parts + 1
     sync.before_launch()
     _dispatch_ht_kernel[(num_programs,)](
@@ -220,7 +226,7 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status,
         rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_polls=sync.max_polls,
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
-        X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
+        QUANTIZE=quantize, X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
         recv_parts=params.recv_parts, num_programs=num_programs, groups=min(params.send_groups, cfg.ht_parts),
         BLOCK_T=params.block_t, BLOCK_H=params.block_h,
         BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),

@@ -17,7 +17,10 @@ import triton
 def _check_positive(obj) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if not isinstance(value, int) or value < 1:
+        if f.type in ("bool", bool):  # a switch (False / True, or 0 / 1 from a JSON table)
+            if value not in (0, 1):
+                raise ValueError(f"{type(obj).__name__}.{f.name} must be a bool, got {value!r}")
+        elif not isinstance(value, int) or value < 1:
             raise ValueError(f"{type(obj).__name__}.{f.name} must be a positive int, got {value!r}")
 
 
@@ -46,6 +49,9 @@ class DispatchParams:
     block_scan: int = 512
     send_groups: int = 1  # HT: the token ranges (EpConfig.ht_parts) are sent in this many groups, each laid
     #                       out by the receivers once sent (at most ht_parts; 1: after every send; run 13)
+    # HT, bf16 input to an fp8 dispatch: quantise in the send programs (once per token and
+    # destination, under the sends, as LL does) instead of in the stage kernel before any send.
+    send_quantize: bool = False
 
     def __post_init__(self):
         _check_positive(self)
