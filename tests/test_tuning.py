@@ -97,10 +97,10 @@ def _default_vs_other_params(ctx):
                 base = buf.launch_params(mode, xs[me].shape[0])
                 # 2-token blocks, more than the 3 stage programs, prefixed 8 tokens a step: the
                 # stage kernel's block loop and a scan step that ends past a block's start; HT
-                # quantises in its send programs
+                # quantises in its stage kernel (the default: in its send programs)
                 other = Choice(DispatchParams(send_programs=6, recv_parts=2, stage_programs=3, block_h=128,
                                               block_t=2, block_copy=512, num_warps=2, token_parts=2,
-                                              block_scan=8, send_groups=3, send_quantize=True),
+                                              block_scan=8, send_groups=3, send_quantize=False),
                                dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128,
                                                    num_warps=2, rows=2, reduce_delay=2), "test")
                 assert other.dispatch != base.dispatch
