@@ -57,8 +57,10 @@ B = 2 for LL (double buffer: call e uses half e % 2, no handshake; see kernels/d
 R * (2 * M_ll + M_ht) * (H * (b + 2) + 4 * S + 8 * K + 4): linear in R, in each capacity and in H.
 DeepSeek-V3 shape, fp8, R = 4: LL 128 tokens -> 22.3 MB; auto with 4096 tokens (LL 256 +
 HT 4096) -> 402 MB. Besides the heap, the HT path keeps local (not symmetric) staging buffers
-(``kernels/dispatch.HtStaging``): M_ht * (H + 4 * S (fp8 only) + 4 * R) + 4 * E bytes, 30 MB for
-the 4096-token fp8 case.
+(``kernels/dispatch.HtStaging``): M_ht * 4 * R bytes of layout plus a histogram row per token
+block, and M_ht * (H + 4 * S) bytes of quantised rows (30 MB for the 4096-token fp8 case) only
+if the stage kernel quantises (the inter-node HT variant, or ``send_quantize`` off). With
+``dispatch(zero_copy=True)`` the receive regions are the outputs: no second copy of the rows.
 """
 
 from __future__ import annotations

@@ -496,8 +496,6 @@ register(_dispatch_stage_kernel, KERNELS[-1].signature,
 class HtStaging:
     """Local (not symmetric) buffers of the HT stage kernel, reused by every HT call."""
 
-    x: torch.Tensor  # [ht_tokens, hidden] float8_e4m3fn: quantised tokens (fp8 dispatch only)
-    scales: torch.Tensor  # [ht_tokens, hidden // 128] float32
     slots: torch.Tensor  # [ht_tokens, world_size] int32: row of token t on rank d, -1 if none
     counts: torch.Tensor  # [world_size] int32: rows this rank sends to each rank
     node_slots: torch.Tensor  # [tokens, nodes] int32 across nodes: row of token t among those for node n, -1 if none
@@ -505,20 +503,29 @@ class HtStaging:
     range_rows: torch.Tensor  # [world_size, ht_parts + 1] int32 (one node): where each token range starts
     #                          among the rows bound for each rank, then their count
     num_experts: int
+    hidden: int
     _block_hist: dict = field(default_factory=dict)  # block_t -> [cdiv(tokens, block_t), num_experts] int32
+    _fp8: tuple = ()  # see fp8_rows
 
     @staticmethod
     def allocate(cfg, world_size: int, device, tokens: int, nodes: int = 1) -> "HtStaging":
-        rows = tokens if cfg.fp8 else 0
-        return HtStaging(x=torch.empty(rows, cfg.hidden, dtype=torch.float8_e4m3fn, device=device),
-                         scales=torch.empty(rows, cfg.num_scales, dtype=torch.float32, device=device),
-                         slots=torch.empty(tokens, world_size, dtype=torch.int32, device=device),
+        return HtStaging(slots=torch.empty(tokens, world_size, dtype=torch.int32, device=device),
                          counts=torch.empty(world_size, dtype=torch.int32, device=device),
                          node_slots=torch.empty(tokens if nodes > 1 else 0, nodes, dtype=torch.int32, device=device),
                          node_counts=torch.empty(nodes, dtype=torch.int32, device=device),
                          range_rows=torch.empty(world_size if nodes == 1 else 0, cfg.ht_parts + 1, dtype=torch.int32,
                                                 device=device),
-                         num_experts=cfg.num_experts)
+                         num_experts=cfg.num_experts, hidden=cfg.hidden)
+
+    def fp8_rows(self) -> tuple:
+        """``([tokens, hidden] float8_e4m3fn, [tokens, hidden // 128] float32)``: every token
+        quantised by the stage kernel, when it quantises (the inter-node HT variant, or
+        ``DispatchParams.send_quantize`` off); allocated at the first such call, never otherwise."""
+        if not self._fp8:
+            rows, device = self.slots.shape[0], self.slots.device
+            self._fp8 = (torch.empty(rows, self.hidden, dtype=torch.float8_e4m3fn, device=device),
+                         torch.empty(rows, self.hidden // 128, dtype=torch.float32, device=device))
+        return self._fp8
 
     def block_hist(self, block_t: int) -> torch.Tensor:
         """``[cdiv(tokens, block_t), num_experts]`` int32: each token block's (token, k) pairs per
@@ -548,10 +555,11 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
     quantize = quantize and cfg.fp8 and x_scales is None
     counts = staging.counts
     ranges = cfg.ht_parts if nodes == 1 else 0
+    staged_x, staged_scales = staging.fp8_rows() if quantize else (x, counts)
     sync.before_launch()
     _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
-        x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staging.x if quantize else x,
-        staging_scales_ptr=staging.scales if quantize else counts, slots_ptr=staging.slots, counts_ptr=counts,
+        x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staged_x, staging_scales_ptr=staged_scales,
+        slots_ptr=staging.slots, counts_ptr=counts,
         block_hist_ptr=staging.block_hist(params.block_t), send_mask_ptr=send_mask,
         node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
         range_rows_ptr=staging.range_rows if ranges else counts,
@@ -563,7 +571,7 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
         BLOCK_Q=triton.next_power_of_2(ranges + 1), BLOCK_SCAN=max(params.block_scan, params.block_t),
         num_warps=params.num_warps)
     if quantize:
-        return staging.x[:num_tokens], staging.scales[:num_tokens]
+        return staged_x[:num_tokens], staged_scales[:num_tokens]
     return x, x_scales
 
 
