@@ -39,10 +39,12 @@ def _phases(ctx, opts):
         row_bytes = hidden + 4 * cfg.num_scales  # fp8 values and their scales
         out[name] = {"remote_rows": remote, **phase_common.copy_times(timed, barrier, remote * row_bytes, opts)}
         base = buf.launch_params(path, tokens)
+        base_zc = buf.launch_params(path, tokens, zero_copy=True)  # (HT) zero-copy calls have their own
         for variant in [""] + opts["variants"]:
-            choice = dataclasses.replace(base, dispatch=dataclasses.replace(base.dispatch,
-                                                                            **phase_common.variant_fields(variant)))
-            buf.set_launch_params(path, tokens, choice)
+            fields = phase_common.variant_fields(variant)
+            for zero_copy, start in ((True, base_zc), (False, base)):  # the variant applied to each
+                choice = dataclasses.replace(start, dispatch=dataclasses.replace(start.dispatch, **fields))
+                buf.set_launch_params(path, tokens, choice, zero_copy)
             row = {"dispatch_us": timed(lambda: buf.dispatch(x, topk_ids, weights, out=d)),
                    "prequantized_us": timed(lambda: buf.dispatch(x_fp8, topk_ids, weights, out=d))}
             if path == "ht":  # zero-copy outputs (no receive copy), then the stage kernel alone: routing
@@ -54,6 +56,8 @@ def _phases(ctx, opts):
                                                           values, scales, topk_ids, d.handle.send_mask, 1))
             out[name][variant or "default"] = row
         out[name]["params"] = dataclasses.asdict(base.dispatch)
+        if path == "ht":
+            out[name]["params_zero_copy"] = dataclasses.asdict(base_zc.dispatch)
         buf.check()
     barrier.close()
     return out

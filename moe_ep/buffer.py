@@ -107,7 +107,7 @@ class Buffer:
             self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.ht_tokens) \
                 if cfg.ht_tokens else None
         self._tuned = TunedTable.load(tuned)
-        self._choices: dict[tuple[str, int], Choice] = {}
+        self._choices: dict[tuple[str, int, bool], Choice] = {}  # (path, bucket, zero_copy)
 
     @property
     def heap_bytes(self) -> int:
@@ -171,7 +171,7 @@ class Buffer:
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
         out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
-        params = self.launch_params(path, num_tokens).dispatch
+        params = self.launch_params(path, num_tokens, zero_copy).dispatch
         if path in INTER_PATHS:
             launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
                                       self._staging if path == "inter_ht" else None)
@@ -237,26 +237,27 @@ class Buffer:
 
     # -- launch parameters ------------------------------------------------------------------------
 
-    def launch_params(self, path: str, num_tokens: int) -> Choice:
-        """The launch parameters a ``path`` call with ``num_tokens`` tokens uses, and their source
-        ("default" or the tuned file): chosen once per (path, token bucket)."""
-        bucket = token_bucket(num_tokens)
-        choice = self._choices.get((path, bucket))
+    def launch_params(self, path: str, num_tokens: int, zero_copy: bool = False) -> Choice:
+        """The launch parameters a ``path`` call with ``num_tokens`` tokens uses (``zero_copy``: an
+        HT dispatch that returns its receive regions, whose best parameters differ: run 14), and
+        their source ("default" or the tuned file): chosen once per (path, token bucket, zero_copy)."""
+        slot = (path, token_bucket(num_tokens), zero_copy)
+        choice = self._choices.get(slot)
         if choice is None:
-            key = self.tune_key(path, num_tokens)
-            choice = self._choices[(path, bucket)] = self._tuned.choose(key, self._on_gpu)
+            key = self.tune_key(path, num_tokens, zero_copy)
+            choice = self._choices[slot] = self._tuned.choose(key, self._on_gpu)
             log.info("moe_ep: %s launch parameters for %s", choice.source, key)
         return choice
 
-    def tune_key(self, path: str, num_tokens: int) -> TuneKey:
+    def tune_key(self, path: str, num_tokens: int, zero_copy: bool = False) -> TuneKey:
         """The key of tuned tables for a ``path`` call of ``num_tokens`` tokens on this Buffer."""
         return TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
                        dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=token_bucket(num_tokens),
-                       gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0)
+                       gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0, zero_copy=zero_copy)
 
-    def set_launch_params(self, path: str, num_tokens: int, choice: Choice) -> None:
+    def set_launch_params(self, path: str, num_tokens: int, choice: Choice, zero_copy: bool = False) -> None:
         """Use ``choice`` for ``path`` calls in ``num_tokens``'s bucket (as ``moe_ep.tune`` does)."""
-        self._choices[(path, token_bucket(num_tokens))] = choice
+        self._choices[(path, token_bucket(num_tokens), zero_copy)] = choice
 
     def warmup(self) -> None:
         """Compile every kernel this Buffer can launch (collective: all ranks call it): one
@@ -277,6 +278,8 @@ class Buffer:
                 out = self._dispatch(path, x, None, ids, w, None)
                 self.combine(torch.zeros(self.capacity, cfg.hidden, dtype=torch.bfloat16, device=self.device),
                              out.handle)
+                if path == "ht":  # the zero-copy dispatch: a kernel variant of its own
+                    self._dispatch(path, x, None, ids, w, None, zero_copy=True)
                 bucket *= 2
         self.check()
 

@@ -7,7 +7,8 @@
 For each world size, dispatch dtype, path and token bucket it times every candidate of a small
 grid (``candidates``) the way the benchmark does (CUDA-graph replays, a device barrier before
 each call), then a few one-field changes of the winner (``refinements``), dispatch first, then
-combine with the dispatch winner. All ranks launch the same
+combine with the dispatch winner (path ``ht_zc``: the HT dispatch with zero_copy=True, whose
+best parameters differ; its entries hold the dispatch only). All ranks launch the same
 candidate at a time, and a candidate's time is its slowest rank's median. The defaults are
 timed too, so the file records default vs tuned. The file's entries are keyed as
 ``moe_ep.tuning`` looks them up; the shipped ones live in ``moe_ep/tuned/``.
@@ -24,6 +25,8 @@ import torch
 
 from moe_ep.config import INTER_PATHS
 from moe_ep.tuning import OFF
+
+ZERO_COPY_PATH = "ht_zc"  # --paths name of the HT dispatch with zero_copy=True (entries keyed zero_copy)
 
 
 def candidates(family: str, path: str, default, on_gpu: bool) -> list:
@@ -96,6 +99,8 @@ def _tune_rank(ctx, opts):
         return float(t)
 
     for dtype_name, path in itertools.product(opts["dtypes"], opts["paths"]):
+        zero_copy = path == ZERO_COPY_PATH  # the HT dispatch with zero_copy=True: dispatch entries only
+        path = "ht" if zero_copy else path
         if path in INTER_PATHS and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
         dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
@@ -109,12 +114,12 @@ def _tune_rank(ctx, opts):
             x = torch.randn(num_tokens, cfg.hidden, generator=gen, device=dev).to(torch.bfloat16)
             ids = torch.rand(num_tokens, cfg.num_experts, generator=gen, device=dev).topk(cfg.topk, dim=1).indices
             w = torch.rand(num_tokens, cfg.topk, generator=gen, device=dev)
-            default = buf.launch_params(path, num_tokens)
+            default = buf.launch_params(path, num_tokens, zero_copy)
             held = {}
 
             def dispatch_call(i):
                 barrier()
-                held["out"] = buf.dispatch(x, ids, w)
+                held["out"] = buf.dispatch(x, ids, w, zero_copy=zero_copy)
 
             def combine_call(i):
                 barrier()
@@ -123,7 +128,7 @@ def _tune_rank(ctx, opts):
             def timed(cands, enqueue, make_choice):
                 out = []
                 for cand in cands:
-                    buf.set_launch_params(path, num_tokens, make_choice(cand))
+                    buf.set_launch_params(path, num_tokens, make_choice(cand), zero_copy)
                     out.append((slowest_rank(batch_seconds(dev, enqueue, opts["iters"], 1, on_gpu, opts["batch"])),
                                 cand))
                 return out
@@ -137,14 +142,18 @@ def _tune_rank(ctx, opts):
 
             t_default_d, (t_d, best_d) = search_family("dispatch", dispatch_call,
                                                        lambda c: Choice(c, default.combine, "tuning"))
+            key = dataclasses.asdict(buf.tune_key(path, num_tokens, zero_copy))
+            measured = {"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6}
+            if zero_copy:  # its combine is the HT entry's (a combine does not know how its rows came)
+                entries.append(dict(key, dispatch=dataclasses.asdict(best_d), combine=None, measured=measured))
+                continue
             buf.set_launch_params(path, num_tokens, Choice(best_d, default.combine, "tuning"))
             dispatch_call(0)
             t_default_c, (t_c, best_c) = search_family("combine", combine_call,
                                                        lambda c: Choice(best_d, c, "tuning"))
-            entries.append(dict(dataclasses.asdict(buf.tune_key(path, num_tokens)),
-                                dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
-                                measured={"dispatch_default_us": t_default_d * 1e6, "dispatch_tuned_us": t_d * 1e6,
-                                          "combine_default_us": t_default_c * 1e6, "combine_tuned_us": t_c * 1e6}))
+            entries.append(dict(key, dispatch=dataclasses.asdict(best_d), combine=dataclasses.asdict(best_c),
+                                measured=dict(measured, combine_default_us=t_default_c * 1e6,
+                                              combine_tuned_us=t_c * 1e6)))
         buf.check()
         buf.close()
     barrier.close()
@@ -159,7 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", default=None, help="world sizes (default: 2..all GPUs, powers of two)")
     p.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,4096", help="token buckets to tune")
     p.add_argument("--dtypes", default="fp8,bf16")
-    p.add_argument("--paths", default="ll,ht", help="ll, ht, and inter / inter_ht (need --gpus-per-node)")
+    p.add_argument("--paths", default="ll,ht,ht_zc",
+                   help="ll, ht, ht_zc (the HT dispatch with zero_copy=True), and inter / inter_ht (need "
+                        "--gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--hidden", type=int, default=7168)
@@ -174,7 +185,7 @@ def main(argv=None) -> int:
     if args.smoke:
         device, worlds = "cpu", [2]
         args.tokens, args.hidden, args.num_experts, args.topk, args.iters, args.batch = "3", 256, 8, 2, 1, 1
-        args.paths, args.gpus_per_node = "ll,ht,inter", 1
+        args.paths, args.gpus_per_node = "ll,ht,ht_zc,inter", 1
     elif gpus < 2:
         raise SystemExit("tuning needs at least 2 GPUs (or --smoke for a CPU run)")
     else:
@@ -196,9 +207,11 @@ def main(argv=None) -> int:
     print(f"{len(entries)} entries written to {out}")
     for e in entries:
         m = e["measured"]
-        print(f"  EP{e['world_size']} {e['dispatch_dtype']} {e['path']} {e['bucket']:5d} tokens: dispatch "
-              f"{m['dispatch_default_us']:.1f} -> {m['dispatch_tuned_us']:.1f} us, combine "
-              f"{m['combine_default_us']:.1f} -> {m['combine_tuned_us']:.1f} us")
+        combine = f", combine {m['combine_default_us']:.1f} -> {m['combine_tuned_us']:.1f} us" \
+            if "combine_default_us" in m else ""
+        print(f"  EP{e['world_size']} {e['dispatch_dtype']} {e['path']}{' zero-copy' if e['zero_copy'] else ''} "
+              f"{e['bucket']:5d} tokens: dispatch {m['dispatch_default_us']:.1f} -> {m['dispatch_tuned_us']:.1f} us"
+              f"{combine}")
     return 0
 
 

@@ -47,6 +47,7 @@ class TuneKey:
     path: str  # "ll", "ht" or "inter"
     bucket: int  # token_bucket of the tokens per rank
     gpus_per_node: int = 0  # the inter path's node size; 0 on one node
+    zero_copy: bool = False  # HT: a dispatch(zero_copy=True) call (no receive copy: its own best parameters)
 
 
 def _key_fields(entry: dict) -> dict:

@@ -133,14 +133,18 @@ def test_tuner_writes_a_table_the_buffer_uses(tmp_path):
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     entries = json.loads(out.read_text())["entries"]
-    assert {(e["dispatch_dtype"], e["path"]) for e in entries} == {(d, p) for d in ("fp8", "bf16")
-                                                                     for p in ("ll", "ht", "inter")}
+    assert {(e["dispatch_dtype"], e["path"], e["zero_copy"]) for e in entries} == {
+        (d, p, zc) for d in ("fp8", "bf16") for p, zc in (("ll", False), ("ht", False), ("ht", True), ("inter", False))}
+    assert all((e["combine"] is None) == e["zero_copy"] for e in entries)
     assert all(e["gpus_per_node"] == (1 if e["path"] == "inter" else 0) for e in entries)
     assert all(e["bucket"] == 4 and e["measured"]["dispatch_tuned_us"] <= e["measured"]["dispatch_default_us"]
                for e in entries)
     key = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ll", bucket=4)
     chosen = TunedTable.load(out).choose(key, False)
     assert chosen.source == f"tuned: {out}"
+    zero_copy = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ht", bucket=4, zero_copy=True)
+    chosen = TunedTable.load(out).choose(zero_copy, False)
+    assert chosen.source.startswith(f"tuned: {out}") and chosen.combine is not None  # the default combine
     inter = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="inter", bucket=4, gpus_per_node=1)
     assert TunedTable.load(out).choose(inter, False).source == f"tuned: {out}"
     assert TunedTable.load(out).choose(dataclasses.replace(inter, gpus_per_node=2), False).source == "default"
@@ -159,12 +163,17 @@ def _warmup_then_call(ctx):
     buf.warmup()  # LL buckets 1, 2 and HT buckets 1, 2, 4 (holding 3 tokens)
     chosen = sorted(buf._choices)
     xs, ids, ws = make_inputs(0, "uniform", shape, ctx.world_size, seed=4)
-    out = buf.dispatch(xs[ctx.rank].to(ctx.device), ids[ctx.rank].to(ctx.device), ws[ctx.rank].to(ctx.device))
-    check_dispatch(out, reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[ctx.rank], buf.capacity)
+    expected = reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[ctx.rank]
+    for zero_copy in (False, True):
+        out = buf.dispatch(xs[ctx.rank].to(ctx.device), ids[ctx.rank].to(ctx.device), ws[ctx.rank].to(ctx.device),
+                           zero_copy=zero_copy)
+        assert out.handle.path == "ht"
+        check_dispatch(out, expected, buf.capacity)
     buf.close()
     return chosen
 
 
 def test_warmup_covers_every_bucket_then_calls_work(ranks):
     chosen = ranks.run(_warmup_then_call)
-    assert all(c == [("ht", 1), ("ht", 2), ("ht", 4), ("ll", 1), ("ll", 2)] for c in chosen), chosen
+    assert all(c == [("ht", b, zc) for b in (1, 2, 4) for zc in (False, True)] + [("ll", 1, False), ("ll", 2, False)]
+               for c in chosen), chosen
