@@ -30,7 +30,8 @@ ZERO_COPY_PATH = "ht_zc"  # --paths name of the HT dispatch with zero_copy=True 
 
 
 def candidates(family: str, path: str, default, on_gpu: bool) -> list:
-    """The grid searched for ``family`` ("dispatch" or "combine") on ``path``: the default first."""
+    """The grid searched for ``family`` ("dispatch" or "combine") on ``path`` (or ``ht_zc``): the
+    default first."""
     if not on_gpu:  # the interpreter: a tiny grid, enough to exercise the search
         grid = {"dispatch": {"send_programs": (1, 2)}, "combine": {"reduce_programs": (1, 2)}}[family]
     elif path == "inter":
@@ -44,6 +45,8 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
     elif family == "dispatch":  # token_parts > 1 splits each token's row over programs, in 1024-value chunks
         grid = {"send_programs": (32, 64, 128, 256, 512) if path == "ll" else (132, 264, 528, 1056),
                 "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
+        if path == ZERO_COPY_PATH:  # its receive programs copy no rows: their count hardly matters
+            del grid["recv_parts"]
     else:
         # Many small send programs: a combine's send phase is latency-bound (run 11: 4224 beat 1056).
         grid = {"send_programs": (64, 128, 264, 2112) if path == "ll" else (264, 1056, 2112, 4224),
@@ -68,12 +71,13 @@ def refinements(family: str, path: str, best, on_gpu: bool) -> list:
     kernel's programs (its quantisation is latency-bound with few of them: run 12) and its
     prefix step (run 13), and (HT) the send groups whose receive overlaps later sends (run 13) and
     where the quantisation runs (run 14)."""
-    if family != "dispatch" or path not in ("ht", "inter_ht"):
+    if family != "dispatch" or path not in ("ht", ZERO_COPY_PATH, "inter_ht"):
         return [best]
     fields = {"stage_programs": (264, 1056, 2112) if on_gpu else (1, 2),
               "block_scan": (256, 512, 1024) if on_gpu else (4, 8)}
-    if path == "ht":
+    if path == "ht":  # (a zero-copy call sends in one group: nothing to overlap)
         fields["send_groups"] = (1, 2)
+    if path in ("ht", ZERO_COPY_PATH):
         fields["send_quantize"] = (False, True)
     out = [best]
     for name, values in fields.items():
@@ -98,9 +102,9 @@ def _tune_rank(ctx, opts):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
         return float(t)
 
-    for dtype_name, path in itertools.product(opts["dtypes"], opts["paths"]):
-        zero_copy = path == ZERO_COPY_PATH  # the HT dispatch with zero_copy=True: dispatch entries only
-        path = "ht" if zero_copy else path
+    for dtype_name, search_path in itertools.product(opts["dtypes"], opts["paths"]):
+        zero_copy = search_path == ZERO_COPY_PATH  # the HT dispatch with zero_copy=True: dispatch entries only
+        path = "ht" if zero_copy else search_path
         if path in INTER_PATHS and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
         dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
@@ -135,9 +139,10 @@ def _tune_rank(ctx, opts):
 
             def search_family(family, enqueue, make_choice):
                 """(the default's time, (the best time, its parameters)): the grid, then refinements."""
-                times = timed(candidates(family, path, getattr(default, family), on_gpu), enqueue, make_choice)
+                times = timed(candidates(family, search_path, getattr(default, family), on_gpu), enqueue,
+                              make_choice)
                 best = min(times, key=lambda tc: tc[0])[1]
-                times += timed(refinements(family, path, best, on_gpu)[1:], enqueue, make_choice)
+                times += timed(refinements(family, search_path, best, on_gpu)[1:], enqueue, make_choice)
                 return times[0][0], min(times, key=lambda tc: tc[0])
 
             t_default_d, (t_d, best_d) = search_family("dispatch", dispatch_call,

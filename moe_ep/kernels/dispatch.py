@@ -269,11 +269,11 @@ def _send_token(t, load_row, row_base, is_dst, slot, ids, x_ptr, x_scales_ptr, t
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
                 QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr, WRITE_SEND_MASK: tl.constexpr):
-    """Store token t of ``src_rank`` (its payload and weights at row ``load_row`` of ``x_ptr``,
-    ``x_scales_ptr``, ``topk_weights_ptr``; global expert ids ``ids``) into row
-    ``row_base[d] + slot[d]`` of every destination d where ``is_dst[d]`` (``row_base``: a scalar
-    or [BLOCK_R]; ``src_rank * max_tokens`` for the regions of one row block per source): the part ``part`` of
-    ``parts`` programs that share the token (BLOCK_H-value chunks part, part + parts, ...; part 0
+    """Store token t (its payload and weights at row ``load_row`` of ``x_ptr``, ``x_scales_ptr``,
+    ``topk_weights_ptr``; global expert ids ``ids``) into row ``row_base[d] + slot[d]`` of every
+    destination d where ``is_dst[d]`` (``row_base``: a scalar, ``src_rank * max_tokens`` in
+    regions of one row block per source, or [BLOCK_R]): the part ``part`` of ``parts`` programs
+    that share the token (BLOCK_H-value chunks part, part + parts, ...; part 0
     also stores the ids, weights and source token)."""
     mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
     meta_d = mask_d & (part == 0)

@@ -16,8 +16,8 @@ with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T)
   this rank's rows of the previous HT call). Program 0 then stores, on every rank d, d's row of
   ``range_rows`` into ``ranges[rank, :]`` (P + 1 values, the last the row count), this rank's
   row counts for every rank into ``counts[e % 2, rank, :]`` (call e; double-buffered, as a
-  rank's senders may still read the previous call's while it is rewritten) and d's slice of this rank's tokens per
-  expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``: every receiver knows
+  rank's senders may still read the previous call's while it is rewritten) and d's slice of
+  this rank's tokens per expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``: every receiver knows
   its output offsets before a row arrives. Every send program waits for all ranks' signals of
   the call: ``counts`` then gives o_rank on each destination, and a rank that announced this
   call has finished its previous one (stream order), zero-copy outputs included.
