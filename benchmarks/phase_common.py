@@ -30,16 +30,17 @@ def call_timer(dev, barrier, opts):
 
 def copy_times(timed, barrier, remote_bytes: int, opts) -> dict:
     """The peer copy of ``remote_bytes`` (bench_ep's p2p limit: the fastest of these) with each of
-    ``opts["copy_parts"]`` programs a peer: ``{"p2p_copy_us_parts<n>": us}``."""
+    ``opts["copy_parts"]`` programs a peer, stores and (pull) loads from the peers:
+    ``{"p2p_copy_us_parts<n>": us, "p2p_pull_us_parts<n>": us}``."""
     from bench_ep import copy_chunk
     from moe_ep.kernels.peer_copy import launch_peer_copy
 
     world = barrier.heap.world_size
     src = torch.randint(0, 1 << 30, (world, copy_chunk(remote_bytes, world)), dtype=torch.int32,
                         device=barrier.heap.device)
-    return {f"p2p_copy_us_parts{parts}": timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None,
-                                                                        parts=parts, num_warps=8))
-            for parts in opts["copy_parts"]}
+    return {f"p2p_{kind}_us_parts{parts}": timed(lambda: launch_peer_copy(barrier.heap, barrier.sync, src, None,
+                                                                          parts=parts, num_warps=8, pull=pull))
+            for kind, pull in (("copy", False), ("pull", True)) for parts in opts["copy_parts"]}
 
 
 # The HT path is timed once per EpConfig.ht_parts value of this flag.

@@ -22,9 +22,9 @@ def _make_heap(ctx, chunk_bytes=0, extra=()):
     return SymmetricHeap(ctx.group, sizes, ctx.device)
 
 
-def _peer_copy_round_trips(ctx, calls, chunk, parts):
+def _peer_copy_round_trips(ctx, calls, chunk, parts, pull=False):
     from moe_ep.kernels.barrier import launch_barrier
-    from moe_ep.kernels.peer_copy import launch_peer_copy
+    from moe_ep.kernels.peer_copy import copy_data_view, launch_peer_copy
     from moe_ep.transport import SyncState
 
     heap = _make_heap(ctx, chunk * 4)
@@ -37,10 +37,13 @@ def _peer_copy_round_trips(ctx, calls, chunk, parts):
                                   dtype=torch.int32)
             src = (noise[ctx.rank] + ctx.rank * (1 << 24)).to(ctx.device)
             out = torch.full((ctx.world_size, chunk), -7, dtype=torch.int32, device=ctx.device)
-            launch_peer_copy(heap, sync, src, out, parts=parts[call % len(parts)], block=256)
+            if pull:  # the rows to send lie in this rank's region; peers read last call's before a barrier
+                launch_barrier(heap, sync)
+                copy_data_view(heap, src.shape).copy_(src)
+            launch_peer_copy(heap, sync, src, out, parts=parts[call % len(parts)], block=256, pull=pull)
             expected = torch.stack([noise[s, ctx.rank] + s * (1 << 24) for s in range(ctx.world_size)])
             assert_equal(f"call {call}", expected, out.cpu())
-            if call % 2:
+            if call % 2 and not pull:
                 launch_barrier(heap, sync)
         sync.check()
         epochs = sync.counters("peer_copy").cpu().tolist()
@@ -55,6 +58,14 @@ def test_peer_copy_round_trips(ranks):
     chunk = 1000 if ranks.device == "cpu" else 1 << 20
     epochs = ranks.run(_peer_copy_round_trips, 5, chunk, (2, 3, 1))
     assert all(e[:2] == [5, 0] and not any(e[2:]) for e in epochs), epochs
+
+
+def test_peer_pull_copy_round_trips(ranks):
+    """The pull copy (loads from the peers' regions: the pull combine's transfer) over several
+    calls, every int checked; the number of programs per peer changes between calls."""
+    chunk = 1000 if ranks.device == "cpu" else 1 << 20
+    epochs = ranks.run(_peer_copy_round_trips, 4, chunk, (2, 3, 1), True)
+    assert all(e[:2] == [4, 0] and not any(e[2:]) for e in epochs), epochs
 
 
 def _barrier_orders_ranks(ctx, calls):
