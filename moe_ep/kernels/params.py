@@ -96,16 +96,17 @@ _HT_DISPATCH_PROGRAMS = 264
 # 231 with 2112; 215 when the caller passes fp8 data (no quantisation; run 12). Up to one a token.
 _HT_STAGE_PROGRAMS = 2112
 _HT_COMBINE_PROGRAMS = 1056
-# A combine's send phase is latency-bound (each program: a row's source, then its values, then
-# the remote store): 4 x H100, 4096 tokens, run 11 — HT send phase 757 us with 1056 programs,
-# 650 with 2112, 609 with 4224, 773 with 8448 (whole combine 858 -> 711 us); forced LL at 4096
-# tokens 1002 -> 732 us with 2112 programs on each side.
-_HT_COMBINE_SEND_PROGRAMS = 4224
+# HT combine senders, about one a token up to this. Run 11 (4 x H100) found 4224 best (send phase
+# 757 us with 1056, 609 with 4224), but then every rank sent to rank 0 first, then to rank 1, ...;
+# with the sends rotated by rank (run 15, 4 x H200, EP4, 4096 tokens, reduce_delay 2) 1056 are
+# best: 513.9 us, 2112 516.4, 4224 565.4; the EP2 tuner too chose 512 at 512 tokens, 1056 at 4096.
+_HT_COMBINE_SEND_PROGRAMS = 1056
 _LL_LARGE_COMBINE_PROGRAMS = 2112
 _HT_SMALL_COMBINE_PROGRAMS = 264  # a side, up to 128 tokens (run 10's H200 tuning, below)
 # The HT combine in token ranges (EpConfig.ht_parts), 2 x H100, EP2, run 12: senders
 # scale with the tokens — 512 tokens: 4224 senders 72 us, 528 42 us; 1024: 4224 96 us, 1056 81 —
 # and each range's reducers one send group later (reduce_delay 2) gain 5-10 us (4096: 228 -> 218).
+# (Run 15 kept reduce_delay 2: with 1056 senders it was the tuner's choice at EP2 and EP4.)
 
 
 # LL rules from the tuning of 4 x H200 (benchmarks/NOTES.md run 10; moe_ep/tuned/nvidia-h200.json):
