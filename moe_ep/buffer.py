@@ -149,7 +149,8 @@ class Buffer:
                       memory, valid until this rank's next dispatch (any path) or close(); the HT
                       path then copies no row out of it (mori's outputs; faster at prefill
                       sizes). src, num_tokens, tokens_per_expert and the handle stay this call's
-                      own. Other paths return ordinary outputs. Not with ``out``.
+                      own. Other paths return ordinary outputs. Not with ``out``. Each rank
+                      chooses for itself (its peers may pass another value).
         Returns a DispatchOutput; its rows [0, num_tokens) are valid.
         """
         x, x_scales = self._check_dispatch(x, topk_ids, topk_weights)

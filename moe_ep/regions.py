@@ -24,8 +24,8 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
                                                           their count)
   ht_dispatch_counts       [2, R, R] int32                row [., s]: rank s (the rows it sends to every rank;
                                                           double-buffered: call e uses half e % 2)
-  ht_dispatch_range_signal [P, R] int32                   slot [g, s]: rank s (epoch, after its rows of range
-                                                          group g, g < DispatchParams.send_groups)
+  ht_dispatch_range_signal [P, R] int32                   slot [q, s]: rank s (epoch, after its rows of
+                                                          token ranges 0..q)
   ht_dispatch_credit       [R] int32                      slot d: rank d (last HT epoch it consumed)
   p_combine_x              [B, R, M_p, H] bfloat16        rows [., d, :]: rank d (partials per token)
   p_combine_signal         [B, R] int32                   slot [., d]: rank d

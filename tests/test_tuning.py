@@ -93,24 +93,28 @@ def _default_vs_other_params(ctx):
         xs, ids, ws = make_inputs(2, "masked", shape, ctx.world_size, seed=9)
         me, dev = ctx.rank, ctx.device
         for variant in ("default", "other"):
+            zero_copy = False
             if variant == "other":  # every field moved away from its default
                 base = buf.launch_params(mode, xs[me].shape[0])
                 # 2-token blocks, more than the 3 stage programs, prefixed 8 tokens a step: the
                 # stage kernel's block loop and a scan step that ends past a block's start; HT
-                # quantises in its stage kernel (the default: in its send programs)
-                other = Choice(DispatchParams(send_programs=6, recv_parts=2, stage_programs=3, block_h=128,
-                                              block_t=2, block_copy=512, num_warps=2, token_parts=2,
-                                              block_scan=8, send_groups=3, send_quantize=False),
+                # quantises in its stage kernel (the default: in its send programs). Launch
+                # parameters are each rank's own: odd ranks send in 3 groups, even ranks in 1,
+                # and (HT) even ranks take zero-copy outputs beside odd ranks' copied ones.
+                other = Choice(DispatchParams(send_programs=6 if me % 2 else 4, recv_parts=2, stage_programs=3,
+                                              block_h=128, block_t=2, block_copy=512, num_warps=2, token_parts=2,
+                                              block_scan=8, send_groups=3 if me % 2 else 1, send_quantize=False),
                                dataclasses.replace(base.combine, send_programs=3, reduce_programs=3, block_h=128,
                                                    num_warps=2, rows=2, reduce_delay=2), "test")
                 assert other.dispatch != base.dispatch
-                buf.set_launch_params(mode, xs[me].shape[0], other)
-            out = buf.dispatch(xs[me].to(dev), ids[me].to(dev), ws[me].to(dev))
+                zero_copy = mode == "ht" and me % 2 == 0
+                buf.set_launch_params(mode, xs[me].shape[0], other, zero_copy)
+            out = buf.dispatch(xs[me].to(dev), ids[me].to(dev), ws[me].to(dev), zero_copy=zero_copy)
             n = int(out.num_tokens)
             y = reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[me]
             z = buf.combine(torch.randn(buf.capacity, shape.hidden, generator=torch.Generator().manual_seed(me))
                             .to(torch.bfloat16).to(dev), out.handle)
-            outputs[(mode, variant)] = tuple(t.cpu() for t in (
+            outputs[(mode, variant)] = tuple(t.cpu().clone() for t in (  # zero-copy views die with the Buffer
                 out.x[:n].view(torch.uint8), out.x_scales[:n], out.topk_ids[:n], out.src[:n], out.tokens_per_expert,
                 z)) + (y.num_tokens,)
         buf.check()
@@ -124,6 +128,8 @@ def _default_vs_other_params(ctx):
 
 
 def test_other_parameters_give_identical_results(ranks):
+    """Launch parameters change no result, also where the ranks run different ones (send groups,
+    zero-copy outputs beside copied ones)."""
     assert all(ranks.run(_default_vs_other_params))
 
 

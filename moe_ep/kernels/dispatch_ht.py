@@ -25,11 +25,13 @@ with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T)
   [g * P // G, (g + 1) * P // G). Each program, for g = 0 .. G - 1, sends its tokens of group g
   (token t to program (t - first) % lanes, as in the LL kernel: payload, scales, local expert
   ids, weights, token index, straight into row o_rank + slot of every destination) and arrives
-  on group g's counter; the last of them signals group g to every rank
-  (``range_signal[g, rank] = epoch``).
+  on group g's counter; the last of them signals each range q of group g to every rank
+  (``range_signal[q, rank] = epoch``; groups end in order, so range q's signal means ranges
+  0..q have landed, whatever groups the receiver forms).
   Receive programs, recv_parts per source rank s, wait for ``signal`` of sources 0..s (o_s is
-  the sum of their counts), then for each group g wait for s's group g and copy their share of
-  its rows into the outputs (only ``src`` with ZERO_COPY).
+  the sum of their counts), then for each of their own groups g wait for s's signal of g's last
+  range and copy their share of g's rows into the outputs (only ``src`` with ZERO_COPY). So the
+  ranks need not agree on send_groups or zero_copy (each rank's launch parameters are its own).
   With G > 1 group g is laid out while later groups are being sent (run 13: slower, G = 1).
   One more program waits for every ``signal`` and writes num_tokens, tokens_per_expert and
   ``handle.part_rows`` (where each source's ranges start among the output rows: the combine's
@@ -128,10 +130,13 @@ def _dispatch_ht_kernel(
                             weights_offset, src_offset, world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
                             part, token_parts, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H,
                             ALIGNED, False)
-            # One arrival counter per group (lane 0), then group g's signal to every rank.
+            # One arrival counter per group (lane 0), then the signal of each of the group's ranges
+            # to every rank: a receiver grouping the ranges otherwise (its own send_groups, or a
+            # zero-copy call beside a copy-out one) waits for the last range of each of its groups.
             last = _arrive(counters_ptr + SEND_ARRIVALS + g + offs_r * 0, offs_r == 0, send_programs)
-            _signal_peers(peer_bases_ptr, range_signal_offset + g * world_size * 4, rank, offs_r,
-                          mask_r & (tl.max(last.to(tl.int32), axis=0) > 0), epoch)
+            for q in range(g * RANGES // groups, (g + 1) * RANGES // groups):
+                _signal_peers(peer_bases_ptr, range_signal_offset + q * world_size * 4, rank, offs_r,
+                              mask_r & (tl.max(last.to(tl.int32), axis=0) > 0), epoch)
     else:
         j = pid - send_programs
         meta = j == world_size * recv_parts  # the program that writes the totals and part_rows
@@ -154,9 +159,10 @@ def _dispatch_ht_kernel(
             mask_done = mask_r
         else:
             offset = tl.sum(tl.where(offs_r == src_rank, offsets, 0), axis=0)
-            for g in range(0, groups):
-                _wait_peers(peer_bases_ptr, range_signal_offset + g * world_size * 4, status_ptr, rank, offs_r, offs_r,
-                            offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+            for g in range(0, groups):  # ranges [g * RANGES // groups, (g + 1) * RANGES // groups): after the last
+                q_last = (g + 1) * RANGES // groups - 1
+                _wait_peers(peer_bases_ptr, range_signal_offset + q_last * world_size * 4, status_ptr, rank, offs_r,
+                            offs_r, offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
                 lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + g * RANGES // groups, volatile=True)
                 hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + (g + 1) * RANGES // groups, volatile=True)
                 _receive_rows(src_rank, offset + lo, hi - lo, offset + lo, j % recv_parts, recv_parts, rank,
