@@ -27,7 +27,9 @@ Combine, one launch:
   Send programs: each valid received row (s, t) goes to s's ``ll_combine_x[rank, t]`` when s is
   on the own node, else to the proxy (own node, local index of s) at
   ``inter_combine_x[own local, node of s, t]``; the last sender signals the own node's ranks
-  (``ll_combine_signal[rank]``, ``inter_combine_signal[own local]``).
+  (``ll_combine_signal[rank]``, ``inter_combine_signal[own local]``). Rank r takes the rows from
+  about where source r + 1's begin, wrapping around (and proxies take the nodes from the next one
+  on), so that the ranks send to different ranks at a time.
   Proxy programs wait for every own-node rank, then for each forwarded row (node n, token t) sum
   in float32, in rank order, the partials of the own-node ranks it went to, round to bf16 and
   send it to s = (n, own local) at ``node_combine_x[own node, t]``; the last signals those s.
@@ -332,7 +334,11 @@ def _combine_internode_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     if pid < send_programs:
         num_recv = tl.load(num_recv_ptr)
-        for i in range(pid, num_recv, send_programs):
+        # Rows are source-major: rank r starts about where source r + 1's begin and wraps around,
+        # so the ranks do not all send to rank 0, then rank 1, ... at once (kernels/combine.py).
+        rotate = (num_recv * (rank + 1)) // world_size
+        for n in range(pid, num_recv, send_programs):
+            i = tl.where(n + rotate >= num_recv, n + rotate - num_recv, n + rotate)
             src_rank = tl.load(src_ptr + 2 * i)
             token = tl.load(src_ptr + 2 * i + 1).to(tl.int64)
             src_node = src_rank // GPUS_PER_NODE
@@ -356,7 +362,8 @@ def _combine_internode_kernel(
         _wait_peers(peer_bases_ptr, inter_signal_offset, status_ptr, rank, offs_g, my_node * GPUS_PER_NODE + offs_g,
                     offs_g < GPUS_PER_NODE, epoch, epoch, PHASE_COMBINE_RECV, max_polls, BLOCK_G)
         base = _peer_ptr(peer_bases_ptr, rank, inter_offset, tl.bfloat16)
-        for node in range(0, NUM_NODES):
+        for k in range(0, NUM_NODES):  # from the next node on: the proxies do not all send to node 0 first
+            node = (my_node + 1 + k) % NUM_NODES
             forwarded = tl.load(fwd_count_ptr + node)  # 0 for the own node
             for i in range(q, forwarded, proxy_programs):
                 token = tl.load(fwd_token_ptr + node * max_tokens + i).to(tl.int64)
