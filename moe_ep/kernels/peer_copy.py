@@ -31,6 +31,15 @@ from moe_ep.transport.primitives import (PHASE_COPY_CREDIT, PHASE_COPY_RECV, REC
 
 
 @triton.jit
+def _copy_part(ptr_src, ptr_dst, part, part_len, chunk, BLOCK: tl.constexpr):
+    """Copy values [part * part_len, (part + 1) * part_len) of a chunk-long row, BLOCK at a time."""
+    for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < chunk
+        tl.store(ptr_dst + offs, tl.load(ptr_src + offs, mask=mask), mask=mask)
+
+
+@triton.jit
 def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offset, credit_offset,
                       counters_ptr, status_ptr, rank, world_size, chunk, max_polls,
                       PARTS: tl.constexpr, BLOCK: tl.constexpr, COPY_OUT: tl.constexpr,
@@ -56,36 +65,24 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
             _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r, epoch)
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch,
                     epoch, PHASE_COPY_RECV, max_polls, 1)
-        ptr_src = _row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED)
-        ptr_out = _row(out_ptr, peer, chunk, ALIGNED)
-        for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            mask = offs < chunk
-            tl.store(ptr_out + offs, tl.load(ptr_src + offs, mask=mask), mask=mask)
+        _copy_part(_row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED),
+                   _row(out_ptr, peer, chunk, ALIGNED), part, part_len, chunk, BLOCK)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, credit_offset, rank, offs_one, last, epoch)
     elif sending:
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch - 1,
                     epoch, PHASE_COPY_CREDIT, max_polls, 1)
-        ptr_dst = _row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED)
-        ptr_row = _row(src_ptr, peer, chunk, ALIGNED)
-        for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
-            offs = start + tl.arange(0, BLOCK)  # [BLOCK]
-            mask = offs < chunk
-            values = tl.load(ptr_row + offs, mask=mask)
-            tl.store(ptr_dst + offs, values, mask=mask)
+        _copy_part(_row(src_ptr, peer, chunk, ALIGNED),
+                   _row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED), part,
+                   part_len, chunk, BLOCK)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_one, last, epoch)
     else:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch,
                     epoch, PHASE_COPY_RECV, max_polls, 1)
         if COPY_OUT:
-            ptr_src = _row(_peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32), peer, chunk, ALIGNED)
-            ptr_out = _row(out_ptr, peer, chunk, ALIGNED)
-            for start in range(part * part_len, tl.minimum((part + 1) * part_len, chunk), BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                mask = offs < chunk
-                tl.store(ptr_out + offs, tl.load(ptr_src + offs, mask=mask), mask=mask)
+            _copy_part(_row(_peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32), peer, chunk, ALIGNED),
+                       _row(out_ptr, peer, chunk, ALIGNED), part, part_len, chunk, BLOCK)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, credit_offset, rank, offs_one, last, epoch)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
