@@ -44,4 +44,4 @@ def test_phase_diagnostics_smoke():
             (path,) = result  # "ht", or "ht/parts4" for the combine
             for name in ("default", variant):
                 assert all(result[path][name][t] > 0 for t in times), (script, result)
-            assert result[path]["p2p_copy_us_parts2"] > 0
+            assert result[path]["p2p_copy_us_parts2"] > 0 and result[path]["p2p_pull_us_parts2"] > 0
