@@ -1,6 +1,7 @@
 """Compile every registered kernel for NVIDIA and AMD targets, with no GPU present.
 
     python -m moe_ep.kernels.cross_compile     # exit 0 when all compile
+    python -m moe_ep.kernels.cross_compile hip:gfx950   # one target
 
 Run without ``TRITON_INTERPRET`` (the interpreter has nothing to compile).
 
@@ -65,15 +66,22 @@ def compile_kernel(spec, backend: str, arch, warp_size: int):
     return triton.compile(src, target=GPUTarget(backend, arch, warp_size))
 
 
+def _selected(backend: str, arch, wanted) -> bool:
+    """Whether target (backend, arch) is among ``wanted``: backends ("cuda", "hip") or
+    backend:arch names ("hip:gfx950")."""
+    return backend in wanted or f"{backend}:{arch}" in wanted
+
+
 def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
-    """Compile each registered kernel for each target of ``backends``; returns the failures."""
+    """Compile each registered kernel for each target of ``backends`` (see ``_selected``);
+    returns the failures."""
     from moe_ep.kernels.registry import KERNELS
 
     import_all_kernels()
     failures = []
     for spec in KERNELS:
         for backend, arch, warp_size in TARGETS:
-            if backend not in backends:
+            if not _selected(backend, arch, backends):
                 continue
             try:
                 compiled = compile_kernel(spec, backend, arch, warp_size)
@@ -92,7 +100,8 @@ def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """``python -m moe_ep.kernels.cross_compile [cuda|hip ...]``: all targets, or those backends'."""
+    """``python -m moe_ep.kernels.cross_compile [cuda|hip|hip:gfx942 ...]``: all targets, or those
+    backends' (or backend:arch targets)."""
     from moe_ep.kernels.registry import KERNELS
 
     backends = tuple(sys.argv[1:] if argv is None else argv) or ("cuda", "hip")
