@@ -38,6 +38,17 @@ from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_REC
                                          _signal_peers, _wait_peers)
 
 
+@triton.jit
+def _rotated(n, total, rank, world_size):
+    """The n-th row (0 <= n < total) a send program of ``rank`` takes from a source-major list of
+    ``total`` rows to send back. Every rank starting at the top would send to rank 0 first, then to
+    rank 1, ... (all into one rank's links at a time; run 15: EP4's send phase 612 us against a
+    495 us copy). Rank r starts total * (r + 1) / R rows in, about where the rows of source r + 1
+    begin, and wraps around: the ranks send to different ranks at a time."""
+    rotate = (total * (rank + 1)) // world_size
+    return tl.where(n + rotate >= total, n + rotate - total, n + rotate)
+
+
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
 @triton.jit(do_not_specialize=("num_tokens", "send_programs", "reduce_programs", "num_programs", "reduce_delay"))
@@ -80,16 +91,11 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
         ends = tl.cumsum(lens, axis=0)
         total = tl.sum(lens, axis=0)
         shift = first - ends + lens  # row = n + shift[s] for the n-th row of the ranges taken in turn
-        # The rows are source-major: every rank starting at the top would send to rank 0 first,
-        # then to rank 1, ... (all into one rank's links at a time; run 15: EP4's send phase 612 us
-        # against a 495 us copy). Rank r starts (total * (r + 1) / R) rows in, about where the rows
-        # of source r + 1 begin, and wraps around: the ranks send to different ranks at a time.
-        rotate = (total * (rank + 1)) // world_size
         offs_rows = tl.arange(0, ROWS)
         for start_n in range(local * ROWS, total, send_programs * ROWS):  # ROWS rows at once
             n = start_n + offs_rows
             mask_rows = n < total
-            n = tl.where(n + rotate >= total, n + rotate - total, n + rotate)
+            n = _rotated(n, total, rank, world_size)
             seg = tl.sum((ends[None, :] <= n[:, None]).to(tl.int32), axis=1)
             rows = n + tl.sum(tl.where(offs_r[None, :] == seg[:, None], shift[None, :], 0), axis=1)
             src_rank = tl.load(src_ptr + 2 * rows, mask=mask_rows, other=0)

@@ -445,8 +445,9 @@ def _dispatch_kernel(
                 _send_token(t, t, rank * max_tokens, tl.sum(tl.where(sel, is_dst, 0), axis=0),
                             tl.sum(tl.where(sel, slots, 0), axis=0), tl.sum(tl.where(sel, ids, 0), axis=0),
                             x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
-                            scales_offset, ids_offset, weights_offset, src_offset, world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK,
-                            NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
+                            scales_offset, ids_offset, weights_offset, src_offset, world_size, EXPERTS_PER_RANK,
+                            offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK, NUM_SCALES, QUANTIZE,
+                            X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
             counts += tl.sum(is_dst, axis=0)
             hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)

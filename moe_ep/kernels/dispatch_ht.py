@@ -4,7 +4,7 @@ First ``_dispatch_stage_kernel`` (kernels/dispatch.py) uses the whole GPU to lay
 once (each token's slot on each destination, the counts, send_mask, and ``range_rows``: where
 each of the ``cfg.ht_parts`` token ranges starts among the rows bound for each rank) and to
 quantise every token once (with ``DispatchParams.send_quantize`` the send programs quantise
-instead, each token once per destination, as LL does: QUANTIZE). Then ``_dispatch_ht_kernel``:
+instead, each token once as they send it, as LL does: QUANTIZE). Then ``_dispatch_ht_kernel``:
 
 Protocol (regions in ``moe_ep.regions``; R = world size, P = ``cfg.ht_parts``; range q of a rank
 with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T))):
@@ -17,8 +17,8 @@ with T tokens holds tokens [min(q * cdiv(T, P), T), min((q + 1) * cdiv(T, P), T)
   ``range_rows`` into ``ranges[rank, :]`` (P + 1 values, the last the row count), this rank's
   row counts for every rank into ``counts[e % 2, rank, :]`` (call e; double-buffered, as a
   rank's senders may still read the previous call's while it is rewritten) and d's slice of
-  this rank's tokens per expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``: every receiver knows
-  its output offsets before a row arrives. Every send program waits for all ranks' signals of
+  this rank's tokens per expert into ``expert_counts[rank, :]``, and signals ``signal[rank]``:
+  every receiver knows its output offsets before a row arrives. Every send program waits for all ranks' signals of
   the call: ``counts`` then gives o_rank on each destination, and a rank that announced this
   call has finished its previous one (stream order), zero-copy outputs included.
   The ranges are sent in G groups (``DispatchParams.send_groups``, at most P), group g = ranges
@@ -235,8 +235,8 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status,
         rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_polls=sync.max_polls,
         HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
-        QUANTIZE=quantize, X_FP8=x_scales is not None, send_programs=params.send_programs, token_parts=params.token_parts,
-        recv_parts=params.recv_parts, num_programs=num_programs, groups=groups,
+        QUANTIZE=quantize, X_FP8=x_scales is not None, send_programs=params.send_programs,
+        token_parts=params.token_parts, recv_parts=params.recv_parts, num_programs=num_programs, groups=groups,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h,
         BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
         BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),

@@ -46,6 +46,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_ep.kernels.combine import _rotated
 from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
                                      _nodes_hit, _receive_program, _route_block, _send_token, _staged_histogram,
                                      launch_stage, rows_aligned)
@@ -334,11 +335,8 @@ def _combine_internode_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     if pid < send_programs:
         num_recv = tl.load(num_recv_ptr)
-        # Rows are source-major: rank r starts about where source r + 1's begin and wraps around,
-        # so the ranks do not all send to rank 0, then rank 1, ... at once (kernels/combine.py).
-        rotate = (num_recv * (rank + 1)) // world_size
         for n in range(pid, num_recv, send_programs):
-            i = tl.where(n + rotate >= num_recv, n + rotate - num_recv, n + rotate)
+            i = _rotated(n, num_recv, rank, world_size)  # not all ranks into rank 0 first
             src_rank = tl.load(src_ptr + 2 * i)
             token = tl.load(src_ptr + 2 * i + 1).to(tl.int64)
             src_node = src_rank // GPUS_PER_NODE
