@@ -14,8 +14,8 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)" \
 		|| $(PIP) install "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX)
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON)"
-	@$(PYTHON) -c "import numpy, pytest, pytest_timeout, matplotlib" 2>/dev/null \
-		|| $(PIP) install numpy pytest pytest-timeout matplotlib
+	@$(PYTHON) -c "import numpy, pytest, pytest_timeout, matplotlib, hypothesis" 2>/dev/null \
+		|| $(PIP) install numpy pytest pytest-timeout matplotlib hypothesis
 	@# Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which
 	@# numpy >= 2.4 refuses: CPU machines (interpreter) take numpy < 2.4.
 	@$(PYTHON) -c "import torch, numpy; v = tuple(map(int, numpy.__version__.split('.')[:2])); \

@@ -20,17 +20,30 @@ def _rank_params():
     return params
 
 
-@pytest.fixture(params=_rank_params())
-def ranks(request) -> RankPool:
-    """A pool of rank processes ('cpu' under the interpreter, or one GPU each), kept between
-    tests and replaced after a failure. ``ranks.run(fn, *args)`` runs ``fn(ctx, *args)`` on all."""
-    device, world_size = request.param
-    if device == "cuda" and torch.cuda.device_count() < world_size:
-        pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+def rank_pool(device: str, world_size: int) -> RankPool:
+    """The kept pool of ``world_size`` rank processes on ``device`` ('cpu' under the interpreter,
+    or one GPU each), started on first use and replaced after a failure."""
     pool = _pools.get((device, world_size))
     if pool is None or pool.closed:
         pool = _pools[(device, world_size)] = RankPool(world_size, device)
     return pool
+
+
+@pytest.fixture(scope="session")
+def rank_pools():
+    """``rank_pools(device, world_size)``: the kept pool (``rank_pool``), for tests that choose
+    the world size themselves (the randomized ones draw it)."""
+    return rank_pool
+
+
+@pytest.fixture(params=_rank_params())
+def ranks(request) -> RankPool:
+    """A kept pool of rank processes ('cpu' under the interpreter, or one GPU each), replaced after
+    a failure. ``ranks.run(fn, *args)`` runs ``fn(ctx, *args)`` on all."""
+    device, world_size = request.param
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+    return rank_pool(device, world_size)
 
 
 def pytest_sessionfinish(session, exitstatus):
