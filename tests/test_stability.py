@@ -1,4 +1,5 @@
-"""Worst-case inputs on every path: full receive capacity, on CPU ranks and (-m gpu) on GPUs.
+"""Worst-case inputs and repeatability on every path, on CPU ranks and (-m gpu) on GPUs: full
+receive capacity; the same inputs twice, and on a second Buffer, give the same bytes.
 
 Paths: the LL and HT paths (HT with copied-out and zero-copy outputs) and, across two simulated
 nodes (2 x 1 on two ranks, 2 x 2 on four), the inter-node path's LL and HT variants. Every call
@@ -7,7 +8,8 @@ is checked bit for bit against ``moe_ep.reference`` by tests/contract.py.
 
 import pytest
 
-from contract import Call, Case, Setup, run_case
+import moe_ep
+from contract import Call, Case, Setup, run_call, run_case
 from ep_cases import GPU_SHAPE, Shape
 
 # Full-capacity calls move max_tokens_per_rank x world rows into every rank: a smaller shape than
@@ -63,3 +65,44 @@ def test_full_capacity(ranks, path):
     to_all = [per_call[1].received for per_call in results]
     assert to_one == [0] * (world - 1) + [capacity], f"all to rank {world - 1}: rows received {to_one}"
     assert to_all == [capacity] * world, f"each token to every rank: rows received {to_all}"
+
+
+def _same_bytes_again(ctx, setup: Setup, call_a: Call, call_b: Call) -> list:
+    """A, B, A on one Buffer, then A on a second one (made while the first is open), each checked
+    against the reference; returns every failed check and every output of a repeated A whose
+    bytes differ from the first A's."""
+    first, second = moe_ep.Buffer(ctx.group, setup.config()), None
+    try:
+        runs = [run_call(ctx, first, setup, call, keep_outputs=True) for call in (call_a, call_b, call_a)]
+        second = moe_ep.Buffer(ctx.group, setup.config())
+        runs.append(run_call(ctx, second, setup, call_a, keep_outputs=True))
+        first.check()
+        second.check()
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    problems = [f"run {i}: {error}" for i, run in enumerate(runs) for error in run.errors]
+    for name, original in runs[0].outputs.items():
+        for where, run in (("the same Buffer", runs[2]), ("a second Buffer", runs[3])):
+            again = run.outputs[name]
+            if not (original.shape == again.shape and bool((original == again).all())):
+                problems.append(f"{name}: other bytes on {where}")
+    return problems
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_same_inputs_same_bytes(ranks, path):
+    """The same inputs (token counts from 0 to max_tokens_per_rank, -1 slots) give identical bytes
+    in every output (each dispatch output's valid rows, num_tokens, tokens_per_expert, the
+    handle's send_mask, part_rows and forwarded counts, the combine's result): twice on one
+    Buffer, with another call between, and once on a second Buffer."""
+    setup = _setup(ranks, path)
+    world, full = setup.world_size, setup.max_tokens_per_rank
+    outputs = _outputs(ranks, path)
+    tokens = tuple((0, full, full // 2 + 1)[r % 3] for r in range(world))
+    call_a = Call(seed=201, tokens=tokens, routing="uniform", masked=True, outputs=outputs)
+    call_b = Call(seed=202, tokens=tokens[1:] + tokens[:1], routing="duplicates", outputs=outputs)
+    problems = ranks.run(_same_bytes_again, setup, call_a, call_b)
+    flat = [f"rank {rank}: {p}" for rank, per_rank in enumerate(problems) for p in per_rank]
+    assert not flat, f"{len(flat)} problems:\n" + "\n".join(flat[:10])
