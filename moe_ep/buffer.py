@@ -21,12 +21,13 @@ import torch.distributed as dist
 
 from moe_ep import _platform
 from moe_ep.config import INTER_PATHS, EpConfig
+from moe_ep.kernels.barrier import launch_barrier
 from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
 from moe_ep.regions import heap_regions
-from moe_ep.transport import SymmetricHeap, SyncState
+from moe_ep.transport import PeerTimeoutError, SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
 
@@ -337,10 +338,17 @@ class Buffer:
         self.sync.check(blocking=True)
 
     def close(self) -> None:
-        """Free the symmetric heap (collective: every rank closes its Buffer)."""
-        if self.heap is not None:
-            if self._on_gpu:
-                torch.cuda.synchronize(self.device)
-            self.heap.barrier()
-            self.heap.close()
-            self.heap = None
+        """Free the symmetric heap. Collective: every rank closes its Buffer, and a device barrier
+        first makes sure no peer still reads or writes this rank's heap. It never hangs on a peer
+        that failed or died: the barrier gives up after ``cfg.timeout_s``, and a rank whose call
+        timed out skips it (its peers may be gone); either way it then frees this rank's heap."""
+        if self.heap is None:
+            return
+        try:
+            self.sync.check(blocking=True)  # waits for the device; raises if a call timed out
+            launch_barrier(self.heap, self.sync)
+            self.sync.check(blocking=True)
+        except PeerTimeoutError as err:
+            log.warning("moe_ep: %s; freeing this rank's heap without its peers", err)
+        self.heap.close()
+        self.heap = None

@@ -1,0 +1,149 @@
+"""A peer killed (SIGKILL) in the middle of a dispatch or a combine, on the LL and HT paths.
+
+Every survivor must raise ``moe_ep.PeerTimeoutError`` naming the dead rank within about
+``timeout_s``, its Buffer must refuse the next call with that error, ``close()`` must return at
+once (no collective with a dead rank), and no /dev/shm segment of the heap may be left.
+
+Where the victim dies. On CPU ranks the kernels run in Triton's interpreter, as Python, one
+program after another: the victim traces its own calls (``sys.settrace``) during the fatal op
+and SIGKILLs itself when a program enters ``_signal_peers`` (moe_ep.transport.primitives) for
+the first time. That is deterministic: the victim has done the op's work up to its first
+signal (LL: every row stored into its peers' receive regions; HT dispatch: the stage kernel,
+and its layout announcement stored on every peer; combine: its rows sent back), and no peer
+has been told. On GPUs the kernels do not run as Python: the victim enqueues the op and kills
+itself as soon as the launch returns, while its kernel runs or waits, so how much of the op it
+finished is not fixed; a survivor then raises in that op or, if the victim's part of it landed,
+in the next one, which the test makes.
+"""
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+
+from contract import Call, Setup, call_inputs
+from ep_cases import CPU_SHAPE, GPU_SHAPE, expert_outputs
+from moe_ep.testing import RankDied, RankPool
+
+TIMEOUT_S = 2.0
+
+
+def _heap_segments() -> list:
+    """The /dev/shm files this process has mapped (the host heap's arenas of every rank; they are
+    unlinked once all ranks have mapped them)."""
+    with open("/proc/self/maps") as maps:
+        names = {line.split(None, 5)[5].strip().removesuffix(" (deleted)") for line in maps
+                 if len(line.split(None, 5)) == 6 and "/dev/shm/moe_ep-" in line}
+    return sorted(names)
+
+
+def _die_at_first_signal() -> None:
+    """From now on, SIGKILL this process when a kernel program calls ``_signal_peers`` (CPU ranks:
+    the interpreter runs kernels as Python), or right away (GPU ranks: after the launch)."""
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_signal_peers":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+    sys.settrace(tracer)
+
+
+def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
+    """One good dispatch + combine, then the victim dies in the next ``op``; survivors report
+    (peer, phase, message) of their error, the seconds to it, the error of a further call, the
+    seconds close() took and the heap's /dev/shm files."""
+    import moe_ep
+    from moe_ep import reference
+
+    buf = moe_ep.Buffer(ctx.group, setup.config())
+    segments = _heap_segments() if ctx.device.type == "cpu" else []
+    me, world = ctx.rank, ctx.world_size
+    for seed in (1, 2):  # call 1 runs whole (the fatal call has calls in flight behind it)
+        call = Call(seed=seed, tokens=tuple(setup.max_tokens_per_rank - r % 2 for r in range(world)))
+        xs, ids, weights = call_inputs(setup, call)
+        expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)
+        y = torch.zeros(buf.capacity, setup.hidden, dtype=torch.bfloat16)
+        y[:expected[me].num_tokens] = expert_outputs(expected[me], me)
+        inputs = (xs[me].to(ctx.device), ids[me].to(ctx.device), weights[me].to(ctx.device))
+        y = y.to(ctx.device)
+        if seed == 1:
+            buf.combine(y, buf.dispatch(*inputs).handle)
+            buf.check()
+    if me == victim:
+        if op == "combine":
+            out = buf.dispatch(*inputs)
+        _die_at_first_signal()
+        if op == "dispatch":
+            buf.dispatch(*inputs)
+        else:
+            buf.combine(y, out.handle)
+        if ctx.device.type != "cpu":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError(f"the victim finished its {op}")
+    error = None
+    start = time.monotonic()
+    try:
+        out = buf.dispatch(*inputs)
+        if op == "combine" or ctx.device.type != "cpu":
+            buf.combine(y, out.handle)
+        buf.check()
+        if ctx.device.type != "cpu":  # the victim's part of the op may have landed: the next call
+            buf.dispatch(*inputs)
+            buf.check()
+    except moe_ep.PeerTimeoutError as err:
+        error = (err.peer, err.phase, str(err))
+    elapsed = time.monotonic() - start
+    try:
+        buf.dispatch(*inputs)
+        refused = None
+    except moe_ep.PeerTimeoutError as err:
+        refused = str(err)
+    start = time.monotonic()
+    buf.close()
+    return error, elapsed, refused, time.monotonic() - start, segments
+
+
+def _params():
+    cases = [("cpu", 3, "ll", "dispatch"), ("cpu", 3, "ll", "combine"), ("cpu", 3, "ht", "dispatch"),
+             ("cpu", 3, "ht", "combine")]
+    gpu = [pytest.param("cuda", 4, path, op, marks=pytest.mark.gpu)
+           for path in ("ll", "ht") for op in ("dispatch", "combine")]
+    return [pytest.param(*c, id=f"{c[0]}{c[1]}-{c[2]}-{c[3]}") for c in cases] + gpu
+
+
+@pytest.mark.parametrize("device, world_size, path, op", _params())
+def test_peer_killed_mid_call(device, world_size, path, op):
+    """A middle rank dies (ranks below and above it must both name it): every survivor raises
+    PeerTimeoutError naming it within a bounded time, refuses the next call, closes at once, and
+    no heap segment is left in /dev/shm."""
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
+    victim = world_size // 2
+    shape = CPU_SHAPE if device == "cpu" else GPU_SHAPE
+    setup = Setup(world_size=world_size, hidden=shape.hidden, experts_per_rank=shape.num_experts_per_rank,
+                  topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank, dtype="float8_e4m3fn",
+                  mode=path, timeout_s=TIMEOUT_S)
+    pool = RankPool(world_size, device)
+    results = pool.run(_killed_mid_call, setup, victim, op, timeout=300, may_die=(victim,))
+    assert pool.closed
+    assert results[victim] == RankDied(victim, -signal.SIGKILL), results[victim]
+    for rank, result in enumerate(results):
+        if rank == victim:
+            continue
+        error, elapsed, refused, close_seconds, segments = result
+        assert error is not None, f"rank {rank}: no error after rank {victim} died in its {op}"
+        peer, phase, message = error
+        assert peer == victim and f"waiting for rank {victim}" in message, f"rank {rank}: {message}"
+        if device == "cpu":
+            assert op in phase, f"rank {rank}: timed out in {phase}, expected a {op} phase"
+        assert elapsed < 15 * TIMEOUT_S, f"rank {rank} took {elapsed:.1f} s to give up"
+        assert refused is not None and "cannot be used after this" in refused, f"rank {rank}: {refused}"
+        assert close_seconds < 5, f"rank {rank}: close() took {close_seconds:.1f} s"
+        if device == "cpu":
+            assert len(segments) == world_size, f"rank {rank} mapped {segments}"
+            left = [s for s in segments if os.path.exists(s)]
+            assert not left, f"segments left in /dev/shm: {left}"
+        print(f"rank {rank}: {op} gave up after {elapsed:.1f} s ({phase}), close {close_seconds:.2f} s")
