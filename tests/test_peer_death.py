@@ -1,8 +1,9 @@
 """A peer killed (SIGKILL) in the middle of a dispatch or a combine, on the LL and HT paths.
 
 Every survivor must raise ``moe_ep.PeerTimeoutError`` naming the dead rank within about
-``timeout_s``, its Buffer must refuse the next call with that error, ``close()`` must return at
-once (no collective with a dead rank), and no /dev/shm segment of the heap may be left.
+``timeout_s`` (on CPU ranks: after one wait's poll budget in all, counted), its Buffer must
+refuse the next call with that error, ``close()`` must return at once (no collective with a
+dead rank), and no /dev/shm segment of the heap may be left.
 
 Where the victim dies. On CPU ranks the kernels run in Triton's interpreter, as Python, one
 program after another: the victim traces its own calls (``sys.settrace``) during the fatal op
@@ -23,6 +24,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from contract import Call, Setup, call_inputs
 from ep_cases import CPU_SHAPE, GPU_SHAPE, expert_outputs
@@ -61,7 +63,7 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
     buf = moe_ep.Buffer(ctx.group, setup.config())
     segments = _heap_segments() if ctx.device.type == "cpu" else []
     me, world = ctx.rank, ctx.world_size
-    for seed in (1, 2):  # call 1 runs whole (the fatal call has calls in flight behind it)
+    for seed in (1, 2):  # a whole pair first: the fatal call is not the Buffer's first (epochs, credits)
         call = Call(seed=seed, tokens=tuple(setup.max_tokens_per_rank - r % 2 for r in range(world)))
         xs, ids, weights = call_inputs(setup, call)
         expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)
@@ -72,6 +74,7 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
         if seed == 1:
             buf.combine(y, buf.dispatch(*inputs).handle)
             buf.check()
+    dist.barrier(group=ctx.group)  # start the fatal call together: no legitimate wait nears timeout_s
     if me == victim:
         if op == "combine":
             out = buf.dispatch(*inputs)
@@ -83,6 +86,7 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
         if ctx.device.type != "cpu":
             os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError(f"the victim finished its {op}")
+    polls = _count_polls() if ctx.device.type == "cpu" else None
     error = None
     start = time.monotonic()
     try:
@@ -96,6 +100,7 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
     except moe_ep.PeerTimeoutError as err:
         error = (err.peer, err.phase, str(err))
     elapsed = time.monotonic() - start
+    polls = (polls[0], buf.sync.max_polls) if polls else None
     try:
         buf.dispatch(*inputs)
         refused = None
@@ -103,7 +108,22 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
         refused = str(err)
     start = time.monotonic()
     buf.close()
-    return error, elapsed, refused, time.monotonic() - start, segments
+    return error, elapsed, polls, refused, time.monotonic() - start, segments
+
+
+def _count_polls() -> list:
+    """From now on count the pauses between two polls of a flag (CPU ranks: every wait's poll
+    after its first calls ``_platform.yield_cpu``); returns the one-element counter."""
+    from moe_ep import _platform
+
+    count, pause = [0], _platform.yield_cpu
+
+    def counted():
+        count[0] += 1
+        pause()
+
+    _platform.yield_cpu = counted
+    return count
 
 
 def _params():
@@ -133,17 +153,23 @@ def test_peer_killed_mid_call(device, world_size, path, op):
     for rank, result in enumerate(results):
         if rank == victim:
             continue
-        error, elapsed, refused, close_seconds, segments = result
+        error, elapsed, polls, refused, close_seconds, segments = result
         assert error is not None, f"rank {rank}: no error after rank {victim} died in its {op}"
         peer, phase, message = error
         assert peer == victim and f"waiting for rank {victim}" in message, f"rank {rank}: {message}"
         if device == "cpu":
             assert op in phase, f"rank {rank}: timed out in {phase}, expected a {op} phase"
-        assert elapsed < 15 * TIMEOUT_S, f"rank {rank} took {elapsed:.1f} s to give up"
+            # One wait's poll budget in all (a poll's time varies with the machine's load, the
+            # count does not): a wait that begins after the first timeout gives up at once.
+            spent, budget = polls
+            assert spent < 1.5 * budget, f"rank {rank} polled {spent} times, its budget is {budget} a wait"
+        # On GPUs the budget is sized from an estimated poll rate (moe_ep._platform.max_polls).
+        bound = 15 * TIMEOUT_S if device == "cpu" else 5 * TIMEOUT_S
+        assert elapsed < bound, f"rank {rank} took {elapsed:.1f} s to give up"
         assert refused is not None and "cannot be used after this" in refused, f"rank {rank}: {refused}"
         assert close_seconds < 5, f"rank {rank}: close() took {close_seconds:.1f} s"
         if device == "cpu":
             assert len(segments) == world_size, f"rank {rank} mapped {segments}"
             left = [s for s in segments if os.path.exists(s)]
             assert not left, f"segments left in /dev/shm: {left}"
-        print(f"rank {rank}: {op} gave up after {elapsed:.1f} s ({phase}), close {close_seconds:.2f} s")
+        print(f"rank {rank}: {op} gave up after {elapsed:.1f} s, {polls} polls ({phase}), close {close_seconds:.2f} s")
