@@ -98,6 +98,7 @@ class Call:
     ids_int32: bool = False  # topk_ids as int32 (else int64)
     prequantized: bool = False  # fp8: x passed as (fp8 rows, scales)
     unaligned: bool = False  # the payload one element past a 16-byte boundary
+    magnitude: int = 0  # x scaled by 2**magnitude: -133 puts every value in bf16's subnormal range
     variant: Variant = field(default_factory=Variant)
 
 
@@ -111,8 +112,8 @@ def call_inputs(setup: Setup, call: Call):
     """Every rank's (x, topk_ids, topk_weights) of ``call``, from its seed."""
     gen = torch.Generator().manual_seed(call.seed)
     num_experts = setup.experts_per_rank * setup.world_size
-    xs = [(torch.randn(t, setup.hidden, generator=gen) * (1 + 3 * torch.rand(t, 1, generator=gen))).to(torch.bfloat16)
-          for t in call.tokens]
+    xs = [(torch.randn(t, setup.hidden, generator=gen) * (1 + 3 * torch.rand(t, 1, generator=gen))
+           * 2.0 ** call.magnitude).to(torch.bfloat16) for t in call.tokens]
     ids = [fuzz_routing(call.routing, t, num_experts, setup.topk, setup.world_size, gen, call.target, call.masked)
            for t in call.tokens]
     weights = [torch.rand(t, setup.topk, generator=gen) for t in call.tokens]

@@ -7,10 +7,10 @@ and other sizes for bf16; experts per rank; topk among them 1 and experts per ra
 transport; crossover and ht_parts) and 1-3 calls on it (token counts per rank from 0 to the
 capacity, a routing among uniform, every token on one rank, every token on every rank, duplicate
 ids within a token, each optionally with -1 slots; per rank fresh, out= or zero-copy outputs;
-int32 or int64 ids, pre-quantised fp8 input, an unaligned payload). Rank processes are expensive,
-so a case runs on the kept pool of its world size (one per size, shared with the other tests) on
-a Buffer of its own (tens of milliseconds to make), every rank regenerating the inputs from the
-case's seeds.
+int32 or int64 ids, pre-quantised fp8 input, an unaligned payload, values in bf16's subnormal
+range). Rank processes are expensive, so a case runs on the kept pool of its world size (one per
+size, shared with the other tests) on a Buffer of its own (tens of milliseconds to make), every
+rank regenerating the inputs from the case's seeds.
 
     pytest tests/test_fuzz.py                     # CI: a bounded, derandomized run (CPU ranks)
     pytest -m gpu tests/test_fuzz.py              # the same on GPUs, at GPU shapes
@@ -99,7 +99,8 @@ def calls(draw, setup: Setup) -> Call:
                 masked=draw(st.booleans()), hint=hint,
                 outputs=tuple(draw(st.sampled_from(("fresh", "out", "zero_copy"))) for _ in range(world)),
                 ids_int32=draw(st.booleans()), prequantized=fp8 and draw(st.booleans()),
-                unaligned=draw(st.booleans()), variant=draw(st.sampled_from(VARIANTS)))
+                unaligned=draw(st.booleans()), magnitude=draw(st.sampled_from((0, 0, 0, -133))),
+                variant=draw(st.sampled_from(VARIANTS)))
 
 
 @st.composite
