@@ -85,7 +85,7 @@ def setups(draw, limits: Limits) -> Setup:
                  max_tokens_per_rank=max_tokens, dtype=dtype, mode=mode, gpus_per_node=gpus_per_node,
                  inter_transport=draw(st.sampled_from(("peer", "put"))) if gpus_per_node else "auto",
                  crossover_tokens=draw(st.integers(1, max_tokens)) if mode == "auto" else None,
-                 ht_parts=draw(st.one_of(st.none(), st.integers(1, 7))), timeout_s=30.0)
+                 ht_parts=draw(st.one_of(st.none(), st.integers(1, 7))))
 
 
 @st.composite

@@ -2,6 +2,7 @@
 for bit, on the CPU interpreter and (-m gpu) on GPUs, including ties and subnormals; dispatch and
 combine move and sum bf16 subnormals exactly."""
 
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -83,10 +84,14 @@ def test_bf16_to_float32_is_exact(ranks):
     assert all(ranks.run(_widen_every_bf16))
 
 
+@pytest.mark.parametrize("ranks", [pytest.param(("cpu", 4), id="cpu4")] +
+                         [pytest.param(("cuda", w), id=f"gpu{w}", marks=pytest.mark.gpu) for w in (2, 4)],
+                         indirect=True)
 def test_subnormal_rows_move_and_sum_exactly(ranks):
     """Tokens whose values all lie in bf16's subnormal range (expert outputs and their sums partly
     there too): bf16 and fp8 dispatch, on one node (LL then HT) and across two (the inter-node
-    path's LL then HT variant), every output bit for bit against the reference."""
+    path's LL then HT variant; on four ranks proxies pre-sum two partials), every output bit for
+    bit against the reference."""
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
     world, most = ranks.world_size, shape.max_tokens_per_rank
     problems = []

@@ -2,8 +2,8 @@
 receive capacity; the same inputs twice, and on a second Buffer, give the same bytes.
 
 Paths: the LL and HT paths (HT with copied-out and zero-copy outputs) and, across two simulated
-nodes (2 x 1 on two ranks, 2 x 2 on four), the inter-node path's LL and HT variants. Every call
-is checked bit for bit against ``moe_ep.reference`` by tests/contract.py.
+nodes (2 x 2 on four CPU ranks; 2 x 1, 2 x 2, 2 x 4 on GPUs), the inter-node path's LL and HT
+variants. Every call is checked bit for bit against ``moe_ep.reference`` by tests/contract.py.
 """
 
 import pytest
@@ -24,6 +24,15 @@ PATHS = {
     "inter-ll": ("ll", True, False, "bfloat16"),
     "inter-ht": ("ht", True, False, "float8_e4m3fn"),
 }
+
+
+def _path_params():
+    """Every path on GPUs (2, 4, 8 ranks where visible); on CPU ranks (CI) the one-node paths on
+    two ranks and the inter-node ones on four (2 x 2: proxies forward and pre-sum)."""
+    params = [pytest.param(("cpu", 4 if PATHS[p][1] else 2), p, id=f"cpu{4 if PATHS[p][1] else 2}-{p}")
+              for p in PATHS]
+    return params + [pytest.param(("cuda", w), p, id=f"gpu{w}-{p}", marks=pytest.mark.gpu)
+                     for w in (2, 4, 8) for p in PATHS]
 
 
 def _setup(ranks, path: str) -> Setup:
@@ -47,7 +56,7 @@ def _problems(results) -> list:
             for c, result in enumerate(per_call) for error in result.errors]
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("ranks, path", _path_params(), indirect=["ranks"])
 def test_full_capacity(ranks, path):
     """Every rank sends max_tokens_per_rank tokens, first all to the last rank (it receives the
     full capacity, max_tokens_per_rank x world rows, the others none), then each token to every
@@ -91,7 +100,7 @@ def _same_bytes_again(ctx, setup: Setup, call_a: Call, call_b: Call) -> list:
     return problems
 
 
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("ranks, path", _path_params(), indirect=["ranks"])
 def test_same_inputs_same_bytes(ranks, path):
     """The same inputs (token counts from 0 to max_tokens_per_rank, -1 slots) give identical bytes
     in every output (each dispatch output's valid rows, num_tokens, tokens_per_expert, the
