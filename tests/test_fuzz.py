@@ -55,7 +55,7 @@ GPU_LIMITS = Limits(worlds=(2, 3, 4), fp8_hidden_blocks=56, bf16_hidden=7168, ex
 
 # CI: a fixed sequence of examples (derandomize), no deadline (a call takes seconds on CPU ranks),
 # no example database (nothing written into the tree). The soak profile draws afresh each run.
-CI_EXAMPLES = int(os.environ.get("MOE_EP_FUZZ_CI_EXAMPLES", "20"))
+CI_EXAMPLES = int(os.environ.get("MOE_EP_FUZZ_CI_EXAMPLES", "30"))
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
           HealthCheck.filter_too_much]
 settings.register_profile("moe_ep-ci", max_examples=CI_EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -138,7 +138,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 @settings(settings.get_profile("moe_ep-ci"))
 @given(data=st.data())
 def test_contract_fuzz(rank_pools, device, data):
-    """A bounded, derandomized sample of cases (MOE_EP_FUZZ_CI_EXAMPLES, default 20)."""
+    """A bounded, derandomized sample of cases (MOE_EP_FUZZ_CI_EXAMPLES, default 30)."""
     check_case(rank_pools, device, data.draw(cases(_limits(device)), label="case"))
 
 
