@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -22,52 +21,23 @@ import torch.distributed as dist
 from moe_ep import _platform
 from moe_ep.config import INTER_PATHS, EpConfig
 from moe_ep.kernels.combine import launch_combine
+from moe_ep.kernels.combine_expert import launch_combine_expert
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
+from moe_ep.kernels.dispatch_expert import PHASE_ALL, PHASE_RECV, PHASE_SEND, launch_dispatch_expert
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
+from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
+from moe_ep.validation import check_dispatch, check_tensor
 
 log = logging.getLogger("moe_ep")
 
 
-@dataclass(frozen=True)
-class DispatchHandle:
-    """What combine needs from a dispatch (keep it until that combine is done)."""
-
-    src: torch.Tensor  # [capacity, 2] int32: (source rank, token index there) of each received row
-    num_recv_tokens: torch.Tensor  # [1] int32 (device): received rows, [0, num_recv_tokens) valid
-    send_mask: torch.Tensor  # [max_tokens_per_rank] int64: bit d set when this rank's token t went to rank d
-    num_tokens: int  # tokens this rank dispatched: rows of combine's output
-    path: str  # "ll", "ht", "inter" or "inter_ht": the path that dispatched
-    buffer_id: int  # id() of the Buffer that dispatched
-    # Inter-node path only (None otherwise): what this rank forwarded for each other node's rank
-    # with its local index, as that rank's proxy.
-    forwarded_token: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int32: token index there
-    forwarded_mask: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int64: bit d = sent to rank d
-    forwarded_count: Optional[torch.Tensor] = None  # [nodes] int32: rows forwarded from each node
-    # HT path (one node): where each source's token ranges start among the received rows (the
-    # HT combine sends them back range by range): [world_size, ht_parts + 1] int32.
-    part_rows: Optional[torch.Tensor] = None
-
-
-@dataclass(frozen=True)
-class DispatchOutput:
-    """Received rows, laid out compactly in (source rank, token index) order."""
-
-    x: torch.Tensor  # [capacity, hidden] bf16, or float8_e4m3fn for fp8 dispatch
-    x_scales: Optional[torch.Tensor]  # [capacity, hidden // 128] float32 (None for bf16)
-    topk_ids: torch.Tensor  # [capacity, topk] int32: local expert index on this rank, -1 elsewhere
-    topk_weights: torch.Tensor  # [capacity, topk] float32: 0 where topk_ids is -1
-    src: torch.Tensor  # [capacity, 2] int32: (source rank, token index on that rank)
-    num_tokens: torch.Tensor  # [1] int32 (device): rows [0, num_tokens) are valid
-    tokens_per_expert: torch.Tensor  # [experts_per_rank] int32 (device)
-    handle: DispatchHandle  # what combine needs
-
-
 XInput = Union[torch.Tensor, tuple]
+EXPERT_PATH = "expert"  # the launch parameters' path name of the expert layout
 
 
 class Buffer:
@@ -91,6 +61,9 @@ class Buffer:
         if self.world_size > 63 or slots > MAX_RANKS.value:
             raise ValueError(f"{self.world_size} ranks in {self.nodes} nodes exceed what one Buffer addresses "
                              f"(at most 63 ranks, and ranks + nodes <= {MAX_RANKS.value} across nodes)")
+        if "expert" in cfg.layouts and self.nodes > 1:
+            raise ValueError("the expert layout works on one node (EpConfig.gpus_per_node must be None or the "
+                             "world size)")
         if device is None:
             device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
                 torch.device("cuda", torch.cuda.current_device())
@@ -98,8 +71,10 @@ class Buffer:
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
-        self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
+        self.sync = SyncState(self.rank, self.device, cfg.timeout_s, cfg.num_experts,
+                              cfg.slots(self.world_size) if cfg.expert_tokens else 0)
         self._on_gpu = self.device.type != "cpu"
+        self._expert = _ExpertState(self) if cfg.expert_tokens else None
         if self.nodes > 1:  # the inter-node path's HT variant stages every token, with node slots
             self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.max_tokens_per_rank,
                                                self.nodes) if cfg.mode != "ll" else None
@@ -134,10 +109,11 @@ class Buffer:
 
     def dispatch(self, x: XInput, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  out: DispatchOutput | None = None, num_tokens_hint: int | None = None,
-                 zero_copy: bool = False) -> DispatchOutput:
+                 zero_copy: bool = False, layout: str = "flat", return_recv_hook: bool = False):
         """Send each token to the ranks that hold its experts.
 
-        x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank), or, for
+        x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank; the expert
+                      layout: <= cfg.expert_tokens), or, for
                       fp8 dispatch, a tuple ([num_tokens, hidden] float8_e4m3fn,
                       [num_tokens, hidden // 128] float32 scales) already quantised
         topk_ids      [num_tokens, topk] int32/int64 global expert ids; -1 means no expert
@@ -151,9 +127,28 @@ class Buffer:
                       sizes). src, num_tokens, tokens_per_expert and the handle stay this call's
                       own. Other paths return ordinary outputs. Not with ``out``. Each rank
                       chooses for itself (its peers may pass another value).
+        layout        "flat" (a DispatchOutput) or "expert" (an ExpertDispatchOutput: one row per
+                      (token, expert) pair in [experts_per_rank, slots, hidden], written in place by
+                      the senders; views of the Buffer's memory, valid until this rank's dispatch
+                      that reuses them, the call after next). Every rank passes the same layout.
+        return_recv_hook  (expert layout) return ``(output, hook)`` once the sends are issued; the
+                      output is valid after ``hook()`` (a ``RecvHook``), which must run before this
+                      rank's dispatch after next. Other work may run in between.
         Returns a DispatchOutput; its rows [0, num_tokens) are valid.
         """
-        x, x_scales = self._check_dispatch(x, topk_ids, topk_weights)
+        if layout not in self.cfg.layouts:
+            raise ValueError(f"layout {layout!r} is not among this Buffer's EpConfig.layouts {self.cfg.layouts}")
+        if layout == "expert":
+            if out is not None or zero_copy:
+                raise ValueError("the expert layout's outputs are always views of the Buffer's receive regions: "
+                                 "it takes no out and no zero_copy")
+            x, x_scales = check_dispatch(self.cfg, self.device, x, topk_ids, topk_weights, self.check_inputs, layout)
+            if num_tokens_hint is not None and num_tokens_hint < x.shape[0]:
+                raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {x.shape[0]} tokens")
+            return self._expert.dispatch(x, x_scales, topk_ids, topk_weights, return_recv_hook)
+        if return_recv_hook:
+            raise ValueError("return_recv_hook needs layout='expert'")
+        x, x_scales = check_dispatch(self.cfg, self.device, x, topk_ids, topk_weights, self.check_inputs)
         num_tokens = x.shape[0]
         if num_tokens_hint is not None and num_tokens_hint < num_tokens:
             raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {num_tokens} tokens")
@@ -216,16 +211,31 @@ class Buffer:
 
     # -- combine --------------------------------------------------------------------------------
 
-    def combine(self, y: torch.Tensor, handle: DispatchHandle, out: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, handle, out: torch.Tensor | None = None, weighted: bool = False,
+                return_recv_hook: bool = False):
         """Send expert outputs back to their tokens' ranks and sum them there.
 
-        y       [capacity, hidden] bf16: per valid row of the dispatch, sum_k w_k * expert_k(row)
-                over this rank's experts (rows past num_tokens are never read)
-        handle  the ``handle`` of the DispatchOutput these rows came from
+        y       flat layout: [capacity, hidden] bf16, per valid row of the dispatch sum_k w_k *
+                expert_k(row) over this rank's experts (rows past num_tokens are never read);
+                expert layout: [experts_per_rank, slots, hidden] bf16, one row per pair (rows past
+                each expert's tokens_per_expert are never read)
+        handle  the ``handle`` of the dispatch output these rows came from
         out     optional [num_tokens, hidden] bf16 to write into
-        Returns [num_tokens, hidden] bf16, num_tokens being what this rank dispatched; each row is
-        the float32 sum, in rank order, of the rows sent back (zeros for a token with no expert).
+        weighted  (expert layout) multiply each pair's row by its weight before summing
+        return_recv_hook  (expert layout) return ``(result, hook)`` once the sends are issued; the
+                result is valid after ``hook()``, which must run before this rank's combine
+                after next
+        Returns [num_tokens, hidden] bf16, num_tokens being what this rank dispatched. Flat: each row
+        is the float32 sum, in rank order, of the rows sent back; expert: the float32 sum over the
+        token's k in order of (w_k *) its pairs' rows; zeros for a token with no expert.
         """
+        if isinstance(handle, ExpertHandle) and handle.buffer_id == id(self):
+            if out is not None:
+                check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden), self.device)
+            return self._expert.combine(y, handle, out, weighted, return_recv_hook)
+        if weighted or return_recv_hook:
+            raise ValueError("weighted and return_recv_hook combine the expert layout's outputs (a handle of "
+                             "dispatch(..., layout='expert'))")
         self._check_combine(y, handle, out)
         if out is None:
             out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
@@ -286,49 +296,12 @@ class Buffer:
 
     # -- checks ---------------------------------------------------------------------------------
 
-    def _check_tensor(self, name, t, dtypes, shape):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
-        if t.device != self.device:
-            raise ValueError(f"{name} is on {t.device}, this Buffer works on {self.device}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-
-    def _check_dispatch(self, x, topk_ids, topk_weights):
-        cfg = self.cfg
-        x_scales = None
-        if isinstance(x, tuple):
-            if not cfg.fp8 or len(x) != 2:
-                raise TypeError("x may be a (float8_e4m3fn values, float32 scales) tuple only for fp8 dispatch")
-            x, x_scales = x
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"x must be a [num_tokens, {cfg.hidden}] tensor")
-        num_tokens = x.shape[0]
-        if num_tokens > cfg.max_tokens_per_rank:
-            raise ValueError(f"x has {num_tokens} tokens, more than max_tokens_per_rank={cfg.max_tokens_per_rank}")
-        x_dtypes = (torch.float8_e4m3fn,) if x_scales is not None else (torch.bfloat16,)
-        self._check_tensor("x", x, x_dtypes, (num_tokens, cfg.hidden))
-        if x_scales is not None:
-            self._check_tensor("x_scales", x_scales, (torch.float32,), (num_tokens, cfg.num_scales))
-        self._check_tensor("topk_ids", topk_ids, (torch.int32, torch.int64), (num_tokens, cfg.topk))
-        self._check_tensor("topk_weights", topk_weights, (torch.float32,), (num_tokens, cfg.topk))
-        capturing = self._on_gpu and torch.cuda.is_current_stream_capturing()
-        if self.check_inputs and num_tokens and not capturing:
-            low, high = int(topk_ids.min()), int(topk_ids.max())
-            if low < -1 or high >= cfg.num_experts:
-                raise ValueError(f"topk_ids must lie in [-1, {cfg.num_experts}); got values in [{low}, {high}]")
-        return x, x_scales
-
     def _check_combine(self, y, handle, out):
         if not isinstance(handle, DispatchHandle) or handle.buffer_id != id(self):
             raise TypeError("handle must be the handle of a DispatchOutput of this Buffer")
-        self._check_tensor("y", y, (torch.bfloat16,), (self.capacity, self.cfg.hidden))
+        check_tensor("y", y, (torch.bfloat16,), (self.capacity, self.cfg.hidden), self.device)
         if out is not None:
-            self._check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden))
+            check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden), self.device)
 
     # -- life -----------------------------------------------------------------------------------
 
@@ -344,3 +317,87 @@ class Buffer:
             self.heap.barrier()
             self.heap.close()
             self.heap = None
+
+
+class _ExpertState:
+    """The expert layout of a Buffer: its output views, the host's alternation of the halves of its
+    double-buffered regions, and the hooks still to be called (see kernels/dispatch_expert.py)."""
+
+    def __init__(self, buf: Buffer):
+        self.buf = buf
+        cfg, world, dev = buf.cfg, buf.world_size, buf.device
+        experts, slots = buf.experts_per_rank, cfg.slots(world)
+        heap = buf.heap
+        self.tokens_per_expert = torch.zeros(2, experts, dtype=torch.int32, device=dev)
+        self.pair_ids = torch.empty(2, cfg.expert_tokens, cfg.topk, dtype=torch.int32, device=dev)
+        self.pair_weights = torch.empty(2, cfg.expert_tokens, cfg.topk, dtype=torch.float32, device=dev)
+        self.views = []  # per half: (x, x_scales, topk_weights, src) of the receive regions
+        for half in range(2):
+            x = heap.view("ex_dispatch_x", cfg.dispatch_dtype, (2, experts, slots, cfg.hidden))[half]
+            scales = heap.view("ex_dispatch_scales", torch.float32, (2, experts, slots, cfg.num_scales))[half] \
+                if cfg.fp8 else None
+            weights = heap.view("ex_dispatch_topk_weights", torch.float32, (2, experts, slots))[half]
+            src = heap.view("ex_dispatch_src", torch.int32, (2, experts, slots, 2))[half]
+            self.views.append((x, scales, weights, src))
+        self.dispatches = 0  # expert-layout dispatches issued (call c uses half c % 2)
+        self.combines = 0
+        self.pending = {"dispatch": set(), "combine": set()}  # calls whose hook is still to run
+
+    def _issue(self, op: str) -> int:
+        """The call number of a new ``op`` call; refuses it while the hook of the call before the
+        last is still to run (its half would be reused under it)."""
+        call = self.dispatches if op == "dispatch" else self.combines
+        late = [c for c in self.pending[op] if c <= call - 2]
+        if late:
+            raise RuntimeError(f"the receive hook of expert-layout {op} call {min(late)} has not run: call it before "
+                               f"issuing two more {op} calls (at most two may be in flight)")
+        return call
+
+    def _hook(self, op: str, call: int, launch) -> RecvHook:
+        self.pending[op].add(call)
+
+        def run():
+            self.pending[op].discard(call)
+            launch()
+        return RecvHook(run, lambda: None)
+
+    def dispatch(self, x, x_scales, topk_ids, topk_weights, hook: bool):
+        buf, cfg = self.buf, self.buf.cfg
+        call = self._issue("dispatch")
+        half = call % 2
+        num_tokens = x.shape[0]
+        handle = ExpertHandle(half=half, call=call, num_tokens=num_tokens, tokens_per_expert=self.tokens_per_expert[half],
+                              pair_ids=self.pair_ids[half, :num_tokens], pair_weights=self.pair_weights[half, :num_tokens],
+                              buffer_id=id(buf))
+        rows, scales, weights, src = self.views[half]
+        out = ExpertDispatchOutput(x=rows, x_scales=scales, topk_weights=weights, src=src,
+                                   tokens_per_expert=handle.tokens_per_expert, handle=handle)
+        params = buf.launch_params(EXPERT_PATH, num_tokens).dispatch
+
+        def launch(phase):
+            launch_dispatch_expert(buf.heap, buf.sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, half,
+                                   phase.value)
+        launch(PHASE_SEND if hook else PHASE_ALL)
+        self.dispatches += 1
+        return (out, self._hook("dispatch", call, lambda: launch(PHASE_RECV))) if hook else out
+
+    def combine(self, y, handle: ExpertHandle, out, weighted: bool, hook: bool):
+        buf, cfg = self.buf, self.buf.cfg
+        if self.dispatches > handle.call + 2:
+            raise ValueError(f"stale handle: expert-layout dispatch call {handle.call} was overwritten by call "
+                             f"{handle.call + 2} (combine a dispatch before issuing two more)")
+        if handle.call in self.pending["dispatch"]:
+            raise RuntimeError("combine before the dispatch's receive hook ran: call the hook first")
+        check_tensor("y", y, (torch.bfloat16,), (buf.experts_per_rank, cfg.slots(buf.world_size), cfg.hidden),
+                     buf.device)
+        call = self._issue("combine")
+        half = call % 2
+        if out is None:
+            out = torch.empty(handle.num_tokens, cfg.hidden, dtype=torch.bfloat16, device=buf.device)
+        params = buf.launch_params(EXPERT_PATH, handle.num_tokens).combine
+
+        def launch(phase):
+            launch_combine_expert(buf.heap, buf.sync, cfg, params, y, handle, out, half, weighted, phase.value)
+        launch(PHASE_SEND if hook else PHASE_ALL)
+        self.combines += 1
+        return (out, self._hook("combine", call, lambda: launch(PHASE_RECV))) if hook else out

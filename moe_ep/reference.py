@@ -10,6 +10,13 @@ with the exact layout, order and rounding the kernels promise:
   world size) each node's partials are summed first, in rank order in float32, a remote node's
   sum is rounded to bfloat16 (it crosses the network so), and the node sums are added in node
   order; with one node this is the plain rank-order sum, bit for bit.
+
+The expert-major layout (``dispatch(..., layout="expert")``, ``dispatch_expert`` /
+``combine_expert`` here): rank d holds one row per (token, k) pair whose expert ``topk_ids[t, k]``
+lives on d, grouped by local expert; within an expert the rows are in order of source rank, then
+token index, then k. Its combine sums, per token, over k = 0 .. topk - 1 in that order and in
+float32, ``w[t, k] * y`` (weighted: each product rounded to float32, then added) or ``y``
+(unweighted) of the row of pair (t, k), skipping k whose id is -1, then rounds to bfloat16.
 """
 
 from __future__ import annotations
@@ -122,5 +129,79 @@ def combine(ys, received: list[RankDispatch], num_tokens: list[int],
             if node != s // per_node:
                 node_acc = node_acc.to(torch.bfloat16).float()
             acc = acc + node_acc
+        out.append(acc.to(torch.bfloat16))
+    return out
+
+
+@dataclass
+class RankExpertDispatch:
+    """What one rank receives in the expert-major layout, its experts' rows back to back
+    (expert 0's ``tokens_per_expert[0]`` rows first; the kernels place expert e's rows at
+    ``[e, 0:tokens_per_expert[e]]`` of ``[experts_per_rank, slots, ...]`` outputs)."""
+
+    x: torch.Tensor  # [num_pairs, hidden] bf16 or fp8
+    x_scales: torch.Tensor | None  # [num_pairs, hidden // 128] float32 (fp8 only)
+    src: torch.Tensor  # [num_pairs, 2] int32: (source rank, token index there)
+    topk_weights: torch.Tensor  # [num_pairs] float32: the weight of the pair
+    topk_slot: torch.Tensor  # [num_pairs] int32: k of the pair in the source's topk_ids row
+    tokens_per_expert: torch.Tensor  # [experts_per_rank] int32
+
+    def rows(self, expert: int) -> slice:
+        """The rows of local expert ``expert`` in the tensors above."""
+        starts = [0] + torch.cumsum(self.tokens_per_expert, 0).tolist()
+        return slice(starts[expert], starts[expert + 1])
+
+
+def dispatch_expert(xs, topk_ids, topk_weights, num_experts: int,
+                    dispatch_dtype: torch.dtype) -> list[RankExpertDispatch]:
+    """Every rank's inputs (as for ``dispatch``) -> every rank's ``RankExpertDispatch``: one row
+    per (token, k) pair, on the rank of expert ``topk_ids[t, k]`` (-1: none), in order of local
+    expert, then source rank, token index and k."""
+    world_size = len(xs)
+    per_rank = num_experts // world_size
+    fp8 = dispatch_dtype == torch.float8_e4m3fn
+    payloads = [x if isinstance(x, tuple) else quantize_fp8(x) if fp8 else (x, None) for x in xs]
+    out = []
+    for d in range(world_size):
+        rows_x, rows_s, rows_src, rows_w, rows_k, counts = [], [], [], [], [], []
+        for e in range(d * per_rank, (d + 1) * per_rank):
+            n = 0
+            for s in range(world_size):
+                ids = topk_ids[s].long()
+                token, k = (ids == e).nonzero(as_tuple=True)  # row-major: by token, then k
+                rows_x.append(payloads[s][0][token])
+                if fp8:
+                    rows_s.append(payloads[s][1][token])
+                rows_src.append(torch.stack([torch.full_like(token, s), token], dim=1).int())
+                rows_w.append(topk_weights[s][token, k].float())
+                rows_k.append(k.int())
+                n += len(token)
+            counts.append(n)
+        out.append(RankExpertDispatch(torch.cat(rows_x), torch.cat(rows_s) if fp8 else None, torch.cat(rows_src),
+                                      torch.cat(rows_w), torch.cat(rows_k), torch.tensor(counts, dtype=torch.int32)))
+    return out
+
+
+def combine_expert(ys, received: list[RankExpertDispatch], topk_ids, topk_weights,
+                   weighted: bool = True) -> list[torch.Tensor]:
+    """Every rank's expert outputs (``[num_pairs_d, hidden]`` bf16, rows as in ``received[d]``),
+    and every rank's dispatched ``topk_ids`` / ``topk_weights`` -> every rank's ``[T_s, hidden]``
+    bf16: per token, over k in order, the float32 sum of ``w[t, k] * y`` (``weighted``: the
+    product rounded to float32 first) or of ``y``, of the row of pair (t, k); k with id -1 are
+    skipped; a token with no expert gets zeros."""
+    world_size = len(ys)
+    hidden = ys[0].shape[1]
+    out = []
+    for s in range(world_size):
+        num_tokens, topk = topk_ids[s].shape
+        pairs = torch.zeros(num_tokens, topk, hidden, dtype=torch.float32)
+        for d in range(world_size):
+            mine = (received[d].src[:, 0] == s).nonzero().flatten()
+            token, k = received[d].src[mine, 1].long(), received[d].topk_slot[mine].long()
+            pairs[token, k] = ys[d][mine].float()
+        acc = torch.zeros(num_tokens, hidden, dtype=torch.float32)
+        for k in range(topk):
+            part = pairs[:, k] * topk_weights[s][:, k:k + 1].float() if weighted else pairs[:, k]
+            acc = torch.where((topk_ids[s][:, k] >= 0)[:, None], acc + part, acc)
         out.append(acc.to(torch.bfloat16))
     return out

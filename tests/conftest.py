@@ -14,8 +14,8 @@ GPU_WORLD_SIZES = (2, 4, 8)
 _pools: dict[tuple[str, int], RankPool] = {}
 
 
-def _rank_params():
-    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in CPU_WORLD_SIZES]
+def _rank_params(cpu_worlds=CPU_WORLD_SIZES):
+    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in cpu_worlds]
     params += [pytest.param(("cuda", w), id=f"gpu{w}", marks=pytest.mark.gpu) for w in GPU_WORLD_SIZES]
     return params
 
@@ -24,6 +24,16 @@ def _rank_params():
 def ranks(request) -> RankPool:
     """A pool of rank processes ('cpu' under the interpreter, or one GPU each), kept between
     tests and replaced after a failure. ``ranks.run(fn, *args)`` runs ``fn(ctx, *args)`` on all."""
+    return _pool(request)
+
+
+@pytest.fixture(params=_rank_params(tuple(sorted(set(CPU_WORLD_SIZES) | {3}))))
+def ranks_odd(request) -> RankPool:
+    """``ranks`` on 3 CPU ranks too (an odd world: expert and rank counts that are no powers of two)."""
+    return _pool(request)
+
+
+def _pool(request) -> RankPool:
     device, world_size = request.param
     if device == "cuda" and torch.cuda.device_count() < world_size:
         pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")

@@ -63,7 +63,7 @@ def compile_kernel(spec, backend: str, arch, warp_size: int):
     attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
              if kind.startswith("*") or name in spec.divisible}
     src = ASTSource(spec.kernel, spec.signature, spec.constexprs, attrs)
-    return triton.compile(src, target=GPUTarget(backend, arch, warp_size))
+    return triton.compile(src, target=GPUTarget(backend, arch, warp_size), options=spec.options or None)
 
 
 def _selected(backend: str, arch, wanted) -> bool:

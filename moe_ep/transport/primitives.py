@@ -22,10 +22,14 @@ from triton.language import core
 
 from moe_ep import _platform
 
-# Status words (int32, local to each rank): [code, peer, phase, epoch].
-STATUS_WORDS = 4
+# Status words (int32, local to each rank): [code, peer, phase, epoch] of a timeout, then
+# [code, value, detail, epoch] of a bad call (input the kernels refused, see ``_record_input_error``).
+STATUS_WORDS = 8
 STATUS_OK = tl.constexpr(0)
 STATUS_TIMEOUT = tl.constexpr(1)
+INPUT_STATUS = tl.constexpr(4)  # the first word of a bad call's record
+INPUT_BAD_EXPERT_ID = tl.constexpr(1)  # value: the id, detail: the token
+INPUT_SLOTS_OVERFLOW = tl.constexpr(2)  # value: the global expert, detail: its pairs this call
 # Phases a wait can time out in; the host turns them into words.
 PHASE_BARRIER = tl.constexpr(1)
 PHASE_DISPATCH_CREDIT = tl.constexpr(2)
@@ -34,6 +38,7 @@ PHASE_COMBINE_CREDIT = tl.constexpr(4)
 PHASE_COMBINE_RECV = tl.constexpr(5)
 PHASE_COPY_CREDIT = tl.constexpr(6)
 PHASE_COPY_RECV = tl.constexpr(7)
+PHASE_DISPATCH_COUNTS = tl.constexpr(8)
 PHASE_NAMES = {
     PHASE_BARRIER.value: "barrier",
     PHASE_DISPATCH_CREDIT.value: "dispatch (waiting for the peer to release its receive region)",
@@ -42,6 +47,7 @@ PHASE_NAMES = {
     PHASE_COMBINE_RECV.value: "combine (waiting for the peer's expert outputs)",
     PHASE_COPY_CREDIT.value: "peer copy (waiting for the peer to release its receive region)",
     PHASE_COPY_RECV.value: "peer copy (waiting for the peer's bytes)",
+    PHASE_DISPATCH_COUNTS.value: "dispatch (waiting for the peer's expert counts)",
 }
 
 
@@ -151,6 +157,17 @@ def _record_timeout(status_ptr, peer, phase, epoch):
 
 
 @triton.jit
+def _record_input_error(status_ptr, code, value, detail, epoch):
+    """Record in the local status words that this call got input the kernel refused (``code``:
+    INPUT_*; the first one of a call wins). The kernel carries on without it, so the ranks stay
+    in step; the host raises at its next check and the Buffer stays usable."""
+    if tl.atomic_cas(status_ptr + INPUT_STATUS, STATUS_OK, code) == STATUS_OK:
+        tl.store(status_ptr + INPUT_STATUS + 1, value)
+        tl.store(status_ptr + INPUT_STATUS + 2, detail)
+        tl.store(status_ptr + INPUT_STATUS + 3, epoch)
+
+
+@triton.jit
 def _check_wait(status_ptr, missing, phase, epoch):
     """Record a timeout when ``_wait_geq`` reports a missing peer (``missing`` >= 0)."""
     if missing >= 0:
@@ -176,11 +193,13 @@ def _finish_launch(done_ptr, epoch_ptr, epoch, NUM_PROGRAMS: tl.constexpr):
 
 
 # Per-op counters of a rank (local, int32): [epoch, programs finished, arrivals per peer on the
-# send side (MAX_RANKS), arrivals per peer on the receive side (MAX_RANKS)].
+# send side (MAX_RANKS), arrivals per peer on the receive side (MAX_RANKS), the epoch of the
+# last call that used each half of a host-alternated double buffer (2)].
 MAX_RANKS = tl.constexpr(64)
 SEND_ARRIVALS = tl.constexpr(2)
 RECV_ARRIVALS = tl.constexpr(2 + 64)
-COUNTER_WORDS = 2 + 2 * 64
+HALF_EPOCHS = tl.constexpr(2 + 2 * 64)
+COUNTER_WORDS = 2 + 2 * 64 + 2
 
 
 @triton.jit

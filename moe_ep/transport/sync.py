@@ -8,6 +8,10 @@ peer it waited for in ``status``; the host turns that into a ``PeerTimeoutError`
   memory asynchronously and the next call raises if that copy (finished by then) shows a
   timeout; ``check(blocking=True)`` waits and looks now.
 After a timeout the epochs of the ranks disagree, so the state refuses further calls.
+A bad call the kernels detect themselves (an expert id out of range, more (token, expert) pairs
+than an expert-layout expert has slots) is recorded the same way and raised as ``BadCallError``
+at the next check; the kernels ran it in step on every rank (ignoring what they refused), so
+the state stays usable.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from moe_ep import _platform
-from moe_ep.transport.primitives import COUNTER_WORDS, PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS
+from moe_ep.transport.primitives import (COUNTER_WORDS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW, INPUT_STATUS,
+                                         PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS)
 
 
 class PeerTimeoutError(RuntimeError):
@@ -27,14 +32,25 @@ class PeerTimeoutError(RuntimeError):
                          f"(call {epoch}); the Buffer cannot be used after this, create a new one")
 
 
+class BadCallError(ValueError):
+    """A call's input the kernels refused on the device (found without a host synchronisation);
+    raised at the next check. What was refused was left out of that call's results."""
+
+    def __init__(self, rank: int, message: str, epoch: int):
+        self.rank, self.epoch = rank, epoch
+        super().__init__(f"rank {rank}: {message} (call {epoch}; that call's results leave it out, the Buffer "
+                         f"stays usable)")
+
+
 class SyncState:
     """Epoch counters per op and the status words of one rank, on ``device``."""
 
     OPS = ("barrier", "dispatch_ll", "dispatch_ht", "dispatch_inter", "combine_ll", "combine_ht", "combine_inter",
-           "peer_copy")
+           "peer_copy", "dispatch_expert", "combine_expert")
 
-    def __init__(self, rank: int, device: torch.device, timeout_s: float):
+    def __init__(self, rank: int, device: torch.device, timeout_s: float, num_experts: int = 0, slots: int = 0):
         self.rank = rank
+        self.num_experts, self.slots = num_experts, slots  # to describe bad calls
         self.device = device
         self.max_polls = _platform.max_polls(timeout_s)
         self.status = torch.zeros(STATUS_WORDS, dtype=torch.int32, device=device)
@@ -79,7 +95,22 @@ class SyncState:
         self._raise_from(self.status)
 
     def _raise_from(self, status: torch.Tensor) -> None:
-        code, peer, phase, epoch = (int(v) for v in status.tolist())
+        words = [int(v) for v in status.tolist()]
+        code, peer, phase, epoch = words[:4]
         if code == STATUS_TIMEOUT.value:
             self.failed = PeerTimeoutError(self.rank, peer, PHASE_NAMES.get(phase, f"phase {phase}"), epoch)
             raise self.failed
+        bad, value, detail, bad_epoch = words[INPUT_STATUS.value:INPUT_STATUS.value + 4]
+        if bad:
+            self.status[INPUT_STATUS.value:].zero_()  # recorded once: the next call starts clean
+            if status is not self.status:
+                status[INPUT_STATUS.value:].zero_()
+            if bad == INPUT_BAD_EXPERT_ID.value:
+                message = (f"topk_ids must lie in [-1, {self.num_experts}); got {value} (token {detail}), "
+                           f"and more may follow")
+            elif bad == INPUT_SLOTS_OVERFLOW.value:
+                message = (f"expert {value} got {detail} (token, expert) pairs, more than the "
+                           f"{self.slots} slots per expert of the expert layout (EpConfig.expert_slots)")
+            else:
+                message = f"bad call (code {bad}, {value}, {detail})"
+            raise BadCallError(self.rank, message, bad_epoch)
