@@ -4,9 +4,10 @@
 construct it) and owns the per-rank device state. ``dispatch`` sends each token to the ranks
 that hold its experts; ``combine`` brings the expert outputs back and sums them. Shapes are
 static (capacity = max_tokens_per_rank * world_size rows) and counts stay on the device, so
-nothing on the path waits for the host except the optional expert-id range check
-(``check_inputs``). Every input is validated before any kernel is launched; a bad call raises
-``ValueError``/``TypeError`` and leaves the Buffer usable.
+nothing on the path waits for the host. Shapes, dtypes and devices are validated before any
+kernel is launched (``moe_ep.validation``); a bad call raises ``ValueError``/``TypeError`` and
+leaves the Buffer usable. Expert-id values are checked by the kernels (``BadCallError`` at the
+next check), or on the host too with ``check_inputs``.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ class Buffer:
     """Dispatch and combine over ``group`` (gloo + CPU tensors, or nccl + GPUs) for ``cfg``."""
 
     def __init__(self, group: dist.ProcessGroup, cfg: EpConfig, device: torch.device | None = None,
-                 check_inputs: bool = True, tuned: str | None = None):
-        """``check_inputs``: also check expert-id values (one device-to-host copy per dispatch;
-        skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked.
+                 check_inputs: bool = False, tuned: str | None = None):
+        """``check_inputs``: also check the expert-id values on the host before each dispatch (one
+        device-to-host copy: a synchronisation; skipped while a CUDA graph is being captured). The
+        kernels check them on the device in any case: an id outside [-1, num_experts) routes
+        nowhere and raises ``BadCallError`` at the next check (the next call, or ``check()``).
+        Shapes, dtypes and devices are always checked on the host.
         ``tuned``: a tuned-parameters JSON file to use besides the shipped ones and $MOE_EP_TUNED,
         or "off" for the defaults only (see ``moe_ep.tuning``)."""
         self.group = group

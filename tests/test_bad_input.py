@@ -29,8 +29,11 @@ def _bad_calls_then_good_one(ctx, shape):
                                                  torch.zeros(shape.max_tokens_per_rank + 1, k, dtype=torch.int64, device=dev),
                                                  torch.zeros(shape.max_tokens_per_rank + 1, k, device=dev)),
                             ValueError, "max_tokens_per_rank"),
-        "expert id too large": (lambda: buf.dispatch(x, ids.clone().fill_(num_experts), w), ValueError, r"\[-1, "),
-        "expert id below -1": (lambda: buf.dispatch(x, ids.clone().fill_(-2), w), ValueError, r"\[-1, "),
+        # Checked by the kernels (no host synchronisation): raised at the next check, a BadCallError
+        "expert id too large": (lambda: (buf.dispatch(x, ids.clone().fill_(num_experts), w), buf.check()),
+                                moe_ep.BadCallError, rf"\[-1, {num_experts}\); got {num_experts} \(token 0\)"),
+        "expert id below -1": (lambda: (buf.dispatch(x, ids.clone().fill_(-2), w), buf.check()), moe_ep.BadCallError,
+                               r"\[-1, .*got -2"),
         "ids float": (lambda: buf.dispatch(x, ids.float(), w), TypeError, "topk_ids must be"),
         "ids wrong topk": (lambda: buf.dispatch(x, ids[:, :1].contiguous(), w), ValueError, "topk_ids must have shape"),
         "weights bf16": (lambda: buf.dispatch(x, ids, w.bfloat16()), TypeError, "topk_weights must be"),
@@ -95,3 +98,66 @@ def test_heap_bytes_grow_linearly():
     four = moe_ep.heap_bytes(dataclasses.replace(cfg, max_tokens_per_rank=512), 4)
     assert 3.9 < four / one < 4.01
     assert 22_000_000 < one < 22_600_000  # the figure moe_ep/regions.py documents
+
+
+def _device_checks_ids(ctx, shape, path: str, dtype_name: str):
+    """Without check_inputs, rank 1 dispatches one id equal to num_experts and one of -2: the call
+    runs on every rank with those ids routed nowhere (results as the reference's with -1 there,
+    tokens_per_expert included), rank 1 gets BadCallError naming the first bad id at its check,
+    the others none; the next call is right everywhere."""
+    from ep_cases import check_dispatch as check_flat, expert_outputs
+    from expert_cases import ExpertCall, expert_config
+    from moe_ep import reference
+    from rank_checks import assert_equal
+
+    world, me, dev = ctx.world_size, ctx.rank, ctx.device
+    expert = path == "expert"
+    if expert:
+        cfg = expert_config(ctx, shape, dtype_name)
+    else:
+        cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * world, topk=shape.topk,
+                              max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=getattr(torch, dtype_name),
+                              **moe_ep.EpConfig.path_options(path, world // 2))
+    buf = moe_ep.Buffer(ctx.group, cfg)
+    try:
+        for call in range(2):
+            xs, ids, weights = make_inputs(call, "uniform", shape, world, seed=23)
+            if call == 0:  # rank 1 sends its maximum (make_inputs: rank (call + 1) % R)
+                ids[1][0, 1] = cfg.num_experts
+                ids[1][2, 0] = -2
+            clean = [torch.where((i >= 0) & (i < cfg.num_experts), i, -1) for i in ids]
+            x, i, w = xs[me].to(dev), ids[me].to(dev), weights[me].to(dev)
+            out = buf.dispatch(x, i, w, layout="expert") if expert else buf.dispatch(x, i, w)
+            raised = None
+            try:
+                buf.check()
+            except moe_ep.BadCallError as err:
+                raised = str(err)
+            if call == 0 and me == 1:
+                assert raised and f"got {cfg.num_experts} (token 0)" in raised, raised
+            else:
+                assert raised is None, raised
+            if expert:
+                exp = reference.dispatch_expert(xs, clean, weights, cfg.num_experts, cfg.dispatch_dtype)
+                c = ExpertCall.__new__(ExpertCall)  # its checks only, on these inputs
+                c.name, c.expected = f"call {call}", exp[me]
+                c.check_dispatch(out)
+                continue
+            exp = reference.dispatch(xs, clean, weights, cfg.num_experts, cfg.dispatch_dtype)
+            check_flat(out, exp[me], buf.capacity)
+            ys = [expert_outputs(exp[r], r) for r in range(world)]
+            y = torch.zeros(buf.capacity, shape.hidden, dtype=torch.bfloat16)
+            y[:exp[me].num_tokens] = ys[me]
+            z = buf.combine(y.to(dev), out.handle)
+            gpus = cfg.gpus_per_node if path.startswith("inter") else None
+            assert_equal("combine", reference.combine(ys, exp, [len(i) for i in ids], gpus)[me], z.cpu())
+        buf.check()
+    finally:
+        buf.close()
+    return True
+
+
+@pytest.mark.parametrize("path", ["ll", "ht", "inter", "inter_ht", "expert"])
+def test_kernels_check_expert_ids(ranks, path):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    assert all(ranks.run(_device_checks_ids, shape, path, "float8_e4m3fn"))

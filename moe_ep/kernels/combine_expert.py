@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.combine import _rotated
-from moe_ep.kernels.dispatch_expert import PHASE_ALL, PHASE_RECV, PHASE_SEND, _finish_half_launch
+from moe_ep.kernels.dispatch_expert import PHASE_RECV, PHASE_SEND, _finish_half_launch
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,

@@ -42,8 +42,9 @@ import triton.language as tl
 
 from moe_ep.kernels.numerics import _quantize_fp8
 from moe_ep.kernels.registry import KERNELS, register
-from moe_ep.transport.primitives import (PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span, _finish_launch,
-                                         _launch_epoch, _peer_ptr, _row, _signal_peers, _wait_peers)
+from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span,
+                                         _finish_launch, _launch_epoch, _peer_ptr, _record_input_error, _row,
+                                         _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -53,13 +54,38 @@ def _bits(mask_r, offs_r):
 
 
 @triton.jit
+def _valid_ids(ids, num_experts):
+    """Expert ids with every id outside [0, num_experts) set to -1 (none): the kernels route no
+    pair of an id out of range (the program that checks the ids records it: ``_check_ids``)."""
+    return tl.where((ids >= 0) & (ids < num_experts), ids, -1)
+
+
+@triton.jit
+def _check_ids(topk_ids_ptr, start, num_tokens, num_experts, status_ptr, epoch, offs_k, mask_k, TOPK: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """Record the first id of tokens ``[start, start + BLOCK_T)`` outside [-1, num_experts) as a bad
+    call (``moe_ep.BadCallError`` at the host's next check), with its token."""
+    offs_t = start + tl.arange(0, BLOCK_T)
+    mask = (offs_t < num_tokens)[:, None] & mask_k[None, :]
+    ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :], mask=mask, other=-1)
+    bad = mask & ((ids < -1) | (ids >= num_experts))  # [BLOCK_T, BLOCK_K]
+    if tl.max(bad.to(tl.int32)) > 0:
+        at = offs_t[:, None] * TOPK + offs_k[None, :]  # [BLOCK_T, BLOCK_K] position of each id
+        first = tl.min(tl.where(bad, at, 2**31 - 1))
+        value = tl.sum(tl.where(at == first, ids, 0)).to(tl.int32)  # (int64 ids: the low 32 bits)
+        _record_input_error(status_ptr, INPUT_BAD_EXPERT_ID, value, first // TOPK, epoch)
+
+
+@triton.jit
 def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: tl.constexpr,
-                 EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr):
+                 EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr, num_experts):
     """Tokens ``[start, start + BLOCK_T)``: returns (offs_t, ids [BLOCK_T, BLOCK_K] int32 with -1
-    past the end, is_dst [BLOCK_T, BLOCK_R] int32: 1 where a rank holds one of the token's experts)."""
+    past the end and for ids outside [0, num_experts), is_dst [BLOCK_T, BLOCK_R] int32: 1 where a
+    rank holds one of the token's experts)."""
     offs_t = start + tl.arange(0, BLOCK_T)
     ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
                   mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
+    ids = _valid_ids(ids, num_experts)
     dst = tl.where(ids >= 0, ids // EXPERTS_PER_RANK, -1)
     is_dst = tl.max((dst[:, :, None] == offs_r[None, None, :]).to(tl.int32), axis=1)
     return offs_t, ids, is_dst
@@ -67,7 +93,7 @@ def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: 
 
 @triton.jit
 def _route_counts(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: tl.constexpr,
-                  EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr):
+                  EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr, num_experts):
     """``_route_block``'s is_dst for tokens ``[start, min(start + BLOCK_T, num_tokens))``, for sums
     over large blocks: a token's destinations as one OR-reduced word (no [BLOCK_T, BLOCK_K,
     BLOCK_R] tile). (Not for a tl.cumsum: Triton 3.6 fails to lower a scan over this layout
@@ -75,6 +101,7 @@ def _route_counts(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK:
     offs_t = start + tl.arange(0, BLOCK_T)
     ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
                   mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
+    ids = _valid_ids(ids, num_experts)
     one_hot = tl.where(ids >= 0, tl.full(ids.shape, 1, tl.int64) << (tl.maximum(ids, 0) // EXPERTS_PER_RANK), 0)
     bits = tl.reduce(one_hot, 1, _bit_or)  # [BLOCK_T] int64: bit d set where rank d holds an expert
     return ((bits[:, None] >> offs_r[None, :].to(tl.int64)) & 1).to(tl.int32)
@@ -164,8 +191,8 @@ def _store_range_rows(range_rows_ptr, first, offs_t, is_dst, carry, last_block, 
 
 @triton.jit(do_not_specialize=("num_tokens",))
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
-                           block_hist_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr, rank,
-                           world_size, num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                           block_hist_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr,
+                           counters_ptr, status_ptr, rank, world_size, num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                            EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr,
                            GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, RANGES: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -180,8 +207,12 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
     and, last block, node_counts [N]; RANGES > 0: range_rows [R, RANGES + 1] int32, row d holding
     where each of the RANGES token ranges starts among the rows bound for rank d, then their
     count — ``_store_range_rows``); every program quantises tokens t % num_programs == pid
-    into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE)."""
+    into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE).
+    Ids outside [-1, num_experts) route nowhere and are recorded as a bad call of the dispatch that
+    follows (``counters``: that dispatch's, read only here)."""
     pid = tl.program_id(0)
+    epoch = _launch_epoch(counters_ptr)  # the coming dispatch's
+    num_experts = EXPERTS_PER_RANK * world_size
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     offs_n = tl.arange(0, BLOCK_N)
@@ -197,12 +228,14 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
         # is T / BLOCK_SCAN steps, not T / BLOCK_T.
         for start in range(0, block * BLOCK_T, BLOCK_SCAN):
             is_dst = _route_counts(topk_ids_ptr, start, block * BLOCK_T, offs_r, offs_k, mask_k, TOPK,
-                                   EXPERTS_PER_RANK, BLOCK_SCAN)
+                                   EXPERTS_PER_RANK, BLOCK_SCAN, num_experts)
             carry += tl.sum(is_dst, axis=0)
             if NUM_NODES > 1:
                 node_carry += tl.sum(_nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES), axis=0)
+        _check_ids(topk_ids_ptr, block * BLOCK_T, num_tokens, num_experts, status_ptr, epoch, offs_k, mask_k, TOPK,
+                   BLOCK_T)
         offs_t, ids, is_dst = _route_block(topk_ids_ptr, block * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                           EXPERTS_PER_RANK, BLOCK_T)
+                                           EXPERTS_PER_RANK, BLOCK_T, num_experts)
         slots = tl.cumsum(is_dst, axis=0) - is_dst + carry[None, :]  # [BLOCK_T, BLOCK_R]
         mask_t = offs_t < num_tokens
         tl.store(slots_ptr + offs_t[:, None] * world_size + offs_r[None, :], tl.where(is_dst > 0, slots, -1),
@@ -436,8 +469,11 @@ def _dispatch_kernel(
         counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
         hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
         for chunk in range(0, num_tokens, BLOCK_T):
+            if pid == 0:
+                _check_ids(topk_ids_ptr, chunk, num_tokens, EXPERTS_PER_RANK * world_size, status_ptr, epoch, offs_k,
+                           mask_k, TOPK, BLOCK_T)
             offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                               EXPERTS_PER_RANK, BLOCK_T)
+                                               EXPERTS_PER_RANK, BLOCK_T, EXPERTS_PER_RANK * world_size)
             slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]  # [BLOCK_T, BLOCK_R]
             first = chunk + (lane - chunk % lanes + lanes) % lanes
             for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), lanes):
@@ -482,8 +518,8 @@ register(_dispatch_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"}, KE
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "block_hist_ptr": "*i32", "send_mask_ptr": "*i64",
-          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "range_rows_ptr": "*i32", "rank": "i32",
-          "world_size": "i32", "num_tokens": "i32"},
+          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "range_rows_ptr": "*i32", "counters_ptr": "*i32",
+          "status_ptr": "*i32", "rank": "i32", "world_size": "i32", "num_tokens": "i32"},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "GPUS_PER_NODE": 4,
           "NUM_NODES": 1, "RANGES": 4, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8,
           "BLOCK_ALL_E": 256, "BLOCK_Q": 8, "BLOCK_SCAN": 1024})
@@ -546,7 +582,7 @@ def rows_aligned(cfg, x, out) -> bool:
 
 
 def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, nodes: int,
-                 quantize: bool = True):
+                 quantize: bool = True, op: str = "dispatch_ht"):
     """The HT stage kernel over this rank's tokens into ``staging`` (``HtStaging``; on one node
     also the rows of each of the ``cfg.ht_parts`` token ranges) and ``send_mask``; returns the
     rows to send, ``(x, x_scales)``: the staged fp8 rows when it quantised them (bf16 input to an
@@ -563,7 +599,7 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
         slots_ptr=staging.slots, counts_ptr=counts,
         block_hist_ptr=staging.block_hist(params.block_t), send_mask_ptr=send_mask,
         node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
-        range_rows_ptr=staging.range_rows if ranges else counts,
+        range_rows_ptr=staging.range_rows if ranges else counts, counters_ptr=sync.counters(op), status_ptr=sync.status,
         rank=heap.rank, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
         EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
         GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, RANGES=ranges, BLOCK_T=params.block_t, BLOCK_H=params.block_h,

@@ -40,9 +40,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.dispatch import _expert_histogram, _load_token_chunk, _send_lane
+from moe_ep.kernels.dispatch import _check_ids, _expert_histogram, _load_token_chunk, _send_lane, _valid_ids
 from moe_ep.kernels.registry import KERNELS, register
-from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW,
+from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
                                          PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive,
                                          _launch_epoch, _peer_ptr, _record_input_error, _row, _signal_peers,
                                          _wait_peers)
@@ -51,12 +51,6 @@ from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_BAD_EXPERT_ID, INPUT
 PHASE_ALL = tl.constexpr(0)  # send programs, then the receive program
 PHASE_SEND = tl.constexpr(1)  # send programs only (return_recv_hook)
 PHASE_RECV = tl.constexpr(2)  # the receive program only (the hook)
-
-
-@triton.jit
-def _valid_ids(ids, num_experts):
-    """Expert ids with every id outside [0, num_experts) set to -1 (none)."""
-    return tl.where((ids >= 0) & (ids < num_experts), ids, -1)
 
 
 @triton.jit
@@ -69,15 +63,10 @@ def _publish_counts(topk_ids_ptr, peer_bases_ptr, counts_offset, count_signal_of
     mask_k = offs_k < TOPK
     hist = tl.zeros([BLOCK_ALL_E], tl.int32)
     for start in range(0, num_tokens, BLOCK_T):
+        _check_ids(topk_ids_ptr, start, num_tokens, num_experts, status_ptr, epoch, offs_k, mask_k, TOPK, BLOCK_T)
         offs_t = start + tl.arange(0, BLOCK_T)
         mask = (offs_t < num_tokens)[:, None] & mask_k[None, :]
         ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :], mask=mask, other=-1).to(tl.int32)
-        bad = mask & ((ids < -1) | (ids >= num_experts))  # [BLOCK_T, BLOCK_K]
-        if tl.max(bad.to(tl.int32)) > 0:
-            at = offs_t[:, None] * BLOCK_K + offs_k[None, :]  # [BLOCK_T, BLOCK_K] position of each id
-            first = tl.min(tl.where(bad, at, 2**30))
-            value = tl.sum(tl.where(at == first, ids, 0))
-            _record_input_error(status_ptr, INPUT_BAD_EXPERT_ID, value, first // BLOCK_K, epoch)
         hist += _expert_histogram(_valid_ids(ids, num_experts), BLOCK_ALL_E)
     offs_e = tl.arange(0, BLOCK_ALL_E)
     for d in range(0, world_size):

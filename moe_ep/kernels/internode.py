@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.combine import _rotated
-from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
-                                     _nodes_hit, _receive_program, _route_block, _send_token, _staged_histogram,
+from moe_ep.kernels.dispatch import (_announce_rows, _bits, _check_ids, _expert_histogram, _half_offsets,
+                                     _load_token_chunk, _nodes_hit, _receive_program, _route_block, _send_token, _staged_histogram,
                                      launch_stage, rows_aligned)
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.registry import KERNELS, register
@@ -205,8 +205,11 @@ def _dispatch_internode_kernel(
             node_counts = tl.zeros([BLOCK_N], tl.int32)  # earlier tokens bound for each other node
             hist = tl.zeros([BLOCK_ALL_E], tl.int32)
             for chunk in range(0, num_tokens, BLOCK_T):
+                if pid == 0:
+                    _check_ids(topk_ids_ptr, chunk, num_tokens, EXPERTS_PER_RANK * world_size, status_ptr, epoch,
+                               offs_k, mask_k, TOPK, BLOCK_T)
                 offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                                   EXPERTS_PER_RANK, BLOCK_T)
+                                                   EXPERTS_PER_RANK, BLOCK_T, EXPERTS_PER_RANK * world_size)
                 is_local = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R]
                 is_node = _nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES)  # [BLOCK_T, BLOCK_N]
                 slots = tl.cumsum(is_local, axis=0) - is_local + counts[None, :]
@@ -268,7 +271,7 @@ def _dispatch_internode_kernel(
             hist = tl.zeros([BLOCK_ALL_E], tl.int32)
             for chunk in range(0, staged, BLOCK_T):
                 offs_t, ids, is_dst = _route_block(base_ids, chunk, staged, offs_r, offs_k, mask_k, TOPK,
-                                                   EXPERTS_PER_RANK, BLOCK_T)
+                                                   EXPERTS_PER_RANK, BLOCK_T, EXPERTS_PER_RANK * world_size)
                 is_dst = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R] own-node ranks only
                 slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]
                 first = chunk + (part - chunk % forward_parts + forward_parts) % forward_parts
@@ -492,7 +495,8 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
     handle = out.handle
     staged = staging is not None
     if staged:
-        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, handle.send_mask, nodes)
+        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, handle.send_mask, nodes,
+                                   op="dispatch_inter")
     layout = (staging.slots, staging.counts, staging.block_hist(params.block_t), staging.node_slots,
               staging.node_counts) if staged else (handle.send_mask,) * 5  # placeholders the LL variant never reads
     num_programs = params.send_programs + nodes * params.forward_parts + world * params.recv_parts + 1

@@ -10,8 +10,9 @@ peer it waited for in ``status``; the host turns that into a ``PeerTimeoutError`
 After a timeout the epochs of the ranks disagree, so the state refuses further calls.
 A bad call the kernels detect themselves (an expert id out of range, more (token, expert) pairs
 than an expert-layout expert has slots) is recorded the same way and raised as ``BadCallError``
-at the next check; the kernels ran it in step on every rank (ignoring what they refused), so
-the state stays usable.
+by ``check()`` or at the end of the next call (after its launch: every rank then made the same
+launches, and the kernels ran the bad call in step too, ignoring what they refused), so the
+state stays usable.
 """
 
 from __future__ import annotations
@@ -63,38 +64,50 @@ class SyncState:
             self._mirror_ready = torch.cuda.Event()
             self._mirror_pending = False
         self.failed: PeerTimeoutError | None = None
+        self._bad: BadCallError | None = None  # a bad call recorded, not yet raised
 
     def counters(self, op: str) -> torch.Tensor:
         """``[COUNTER_WORDS]`` int32 view of ``op``'s counters (epoch first)."""
         return self._counters[self.OPS.index(op)]
 
     def before_launch(self) -> None:
-        """Raise if an earlier call timed out (without waiting for the device)."""
+        """Raise if an earlier call timed out (without waiting for the device); note a bad call
+        the device recorded meanwhile (raised after this call's launch, see ``after_launch``)."""
         if self.failed is not None:
             raise self.failed
         if (not self._synchronous and self._mirror_pending and not torch.cuda.is_current_stream_capturing()
                 and self._mirror_ready.query()):
             self._mirror_pending = False
-            self._raise_from(self._mirror)
+            self._read(self._mirror)
 
     def after_launch(self) -> None:
-        """Look at the status of the launch just made (CPU) or start copying it back (GPU)."""
+        """Raise a bad call an earlier call made (this call has launched on every rank, so the
+        ranks stay in step); then look at the status of this launch (CPU: a timeout raises now, a
+        bad call at the next call's end or ``check``) or start copying it back (GPU)."""
+        earlier, self._bad = self._bad, None
         if self._synchronous:
-            self._raise_from(self.status)
+            self._read(self.status)
         elif not torch.cuda.is_current_stream_capturing():
             self._mirror.copy_(self.status, non_blocking=True)
             self._mirror_ready.record()
             self._mirror_pending = True
+        if earlier is not None:
+            raise earlier
 
     def check(self, blocking: bool = True) -> None:
-        """Raise ``PeerTimeoutError`` if any call so far timed out; waits for the device."""
+        """Raise ``PeerTimeoutError`` if any call so far timed out, else ``BadCallError`` for a bad
+        call not yet raised; waits for the device."""
         if self.failed is not None:
             raise self.failed
         if blocking and not self._synchronous:
             torch.cuda.synchronize(self.device)
-        self._raise_from(self.status)
+        self._read(self.status)
+        bad, self._bad = self._bad, None
+        if bad is not None:
+            raise bad
 
-    def _raise_from(self, status: torch.Tensor) -> None:
+    def _read(self, status: torch.Tensor) -> None:
+        """Raise a timeout recorded in ``status``; keep a bad call it records for later."""
         words = [int(v) for v in status.tolist()]
         code, peer, phase, epoch = words[:4]
         if code == STATUS_TIMEOUT.value:
@@ -107,10 +120,11 @@ class SyncState:
                 status[INPUT_STATUS.value:].zero_()
             if bad == INPUT_BAD_EXPERT_ID.value:
                 message = (f"topk_ids must lie in [-1, {self.num_experts}); got {value} (token {detail}), "
-                           f"and more may follow")
+                           f"which routed nowhere (and any more like it)")
             elif bad == INPUT_SLOTS_OVERFLOW.value:
                 message = (f"expert {value} got {detail} (token, expert) pairs, more than the "
                            f"{self.slots} slots per expert of the expert layout (EpConfig.expert_slots)")
             else:
                 message = f"bad call (code {bad}, {value}, {detail})"
-            raise BadCallError(self.rank, message, bad_epoch)
+            if self._bad is None:
+                self._bad = BadCallError(self.rank, message, bad_epoch)
