@@ -42,7 +42,9 @@ EXPERT_PATH = "expert"  # the launch parameters' path name of the expert layout
 
 
 class Buffer:
-    """Dispatch and combine over ``group`` (gloo + CPU tensors, or nccl + GPUs) for ``cfg``."""
+    """Dispatch and combine over ``group`` for ``cfg``: on the current GPU (a nccl or gloo group), or
+    on CPU tensors when the kernels run in Triton's interpreter (a gloo group); ``device``
+    overrides."""
 
     def __init__(self, group: dist.ProcessGroup, cfg: EpConfig, device: torch.device | None = None,
                  check_inputs: bool = False, tuned: str | None = None):
@@ -69,7 +71,7 @@ class Buffer:
             raise ValueError("the expert layout works on one node (EpConfig.gpus_per_node must be None or the "
                              "world size)")
         if device is None:
-            device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
+            device = torch.device("cpu") if _platform.interpreting() or not _platform.gpu_available() else \
                 torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
         self.capacity = cfg.capacity(self.world_size)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.numerics import _to_bf16
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr, _row,
@@ -136,6 +137,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
+_launch_combine = Launcher(_combine_kernel)
 register(_combine_kernel,
          {**{name: "i32" for name in ("send_programs", "reduce_programs", "num_programs",
                                       "reduce_delay")},
@@ -161,7 +163,7 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
     reduce_programs = max(1, params.reduce_programs // parts)
     num_programs = parts * (send_programs + reduce_programs)
     sync.before_launch()
-    _combine_kernel[(num_programs,)](
+    _launch_combine((num_programs,),
         y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens, send_mask_ptr=handle.send_mask,
         part_rows_ptr=handle.part_rows if ht else handle.src, out_ptr=out, peer_bases_ptr=heap.peer_bases,
         x_offset=heap.offset(prefix + "x"), signal_offset=heap.offset(prefix + "signal"),

@@ -30,6 +30,7 @@ import triton.language as tl
 from moe_ep.kernels.combine import _rotated
 from moe_ep.kernels.dispatch_expert import PHASE_RECV, PHASE_SEND, _finish_half_launch
 from moe_ep.kernels.numerics import _to_bf16
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _launch_epoch, _peer_ptr, _row, _signal_peers,
@@ -109,6 +110,7 @@ def _combine_expert_kernel(
 
 # Compiled without fp fusion: w * y and the sum round separately, as torch (the reference) does.
 _OPTIONS = {"enable_fp_fusion": False}
+_launch_combine_expert = Launcher(_combine_expert_kernel)
 register(_combine_expert_kernel,
          {**{name: "i32" for name in ("rank", "world_size", "num_tokens", "slots", "half", "max_polls",
                                       "send_programs", "reduce_programs", "num_programs")},
@@ -134,7 +136,7 @@ def launch_combine_expert(heap, sync, cfg, params, y, handle, out, half: int, we
     reduce_programs = max(1, min(params.reduce_programs, handle.num_tokens))
     num_programs = send_programs + (reduce_programs if phase != PHASE_SEND.value else 0)
     sync.before_launch()
-    _combine_expert_kernel[(num_programs,)](
+    _launch_combine_expert((num_programs,),
         y_ptr=y, tokens_per_expert_ptr=handle.tokens_per_expert, pair_ids_ptr=handle.pair_ids,
         pair_weights_ptr=handle.pair_weights, out_ptr=out, peer_bases_ptr=heap.peer_bases,
         src_offset=heap.offset("ex_dispatch_src") + handle.half * pairs * 8,
@@ -147,5 +149,5 @@ def launch_combine_expert(heap, sync, cfg, params, y, handle, out, half: int, we
         EXPERTS_PER_RANK=experts, WEIGHTED=weighted, send_programs=send_programs, reduce_programs=reduce_programs,
         num_programs=num_programs, PHASE=phase, ROWS=params.rows, BLOCK_H=params.block_h,
         BLOCK_R=triton.next_power_of_2(world), BLOCK_E=triton.next_power_of_2(experts),
-        ALIGNED=cfg.hidden % 8 == 0 and y.data_ptr() % 16 == 0, num_warps=params.num_warps, **_OPTIONS)
+        ALIGNED=cfg.hidden % 8 == 0 and y.data_ptr() % 16 == 0, num_warps=params.num_warps, options=_OPTIONS)
     sync.after_launch()

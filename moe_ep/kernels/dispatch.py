@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.numerics import _quantize_fp8
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span,
                                          _finish_launch, _launch_epoch, _peer_ptr, _record_input_error, _row,
@@ -501,6 +502,7 @@ def _dispatch_kernel(
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
             "expert_counts_offset", "signal_offset")
+_launch_dispatch = Launcher(_dispatch_kernel)
 register(_dispatch_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
@@ -515,6 +517,7 @@ register(_dispatch_kernel,
           "BLOCK_ALL_E": 256, "ALIGNED": True})
 # int32 expert ids (callers pass either): their own compilation, which once hit a Triton lowering bug.
 register(_dispatch_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"}, KERNELS[-1].constexprs)
+_launch_dispatch_stage = Launcher(_dispatch_stage_kernel)
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "block_hist_ptr": "*i32", "send_mask_ptr": "*i64",
@@ -594,7 +597,7 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
     ranges = cfg.ht_parts if nodes == 1 else 0
     staged_x, staged_scales = staging.fp8_rows() if quantize else (x, counts)
     sync.before_launch()
-    _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
+    _launch_dispatch_stage((max(params.stage_programs, 1),),
         x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staged_x, staging_scales_ptr=staged_scales,
         slots_ptr=staging.slots, counts_ptr=counts,
         block_hist_ptr=staging.block_hist(params.block_t), send_mask_ptr=send_mask,
@@ -622,7 +625,7 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
     world = heap.world_size
     num_programs = params.send_programs + world * params.recv_parts + 1
     sync.before_launch()
-    _dispatch_kernel[(num_programs,)](
+    _launch_dispatch((num_programs,),
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
         out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.dispatch import _check_ids, _expert_histogram, _load_token_chunk, _send_lane, _valid_ids
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
                                          PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive,
@@ -203,6 +204,7 @@ def _finish_half_launch(counters_ptr, epoch, half, num_programs):
 
 _OFFSETS = ("x_offset", "scales_offset", "src_offset", "weights_offset", "slot_offset", "counts_offset",
             "count_signal_offset", "signal_offset")
+_launch_dispatch_expert = Launcher(_dispatch_expert_kernel)
 register(_dispatch_expert_kernel,
          {**{name: "i32" for name in ("rank", "world_size", "num_tokens", "num_experts", "slots", "half", "max_polls",
                                       "send_programs", "token_parts", "num_programs")},
@@ -244,7 +246,7 @@ def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_
     num_programs = send_programs + (1 if phase == PHASE_ALL.value or phase == PHASE_RECV.value else 0)
     handle = out.handle
     sync.before_launch()
-    _dispatch_expert_kernel[(num_programs,)](
+    _launch_dispatch_expert((num_programs,),
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else topk_weights, topk_ids_ptr=topk_ids,
         topk_weights_ptr=topk_weights, out_tokens_per_expert_ptr=out.tokens_per_expert,
         pair_ids_ptr=handle.pair_ids, pair_weights_ptr=handle.pair_weights, peer_bases_ptr=heap.peer_bases,

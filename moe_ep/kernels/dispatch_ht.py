@@ -50,6 +50,7 @@ import triton.language as tl
 
 from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_lane, _send_token,
                                      _staged_histogram, _store_totals, _token_range, launch_stage, rows_aligned)
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
@@ -177,6 +178,7 @@ def _dispatch_ht_kernel(
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "ranges_offset",
             "counts_offset", "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
+_launch_dispatch_ht = Launcher(_dispatch_ht_kernel)
 register(_dispatch_ht_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "groups")},
           "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
@@ -223,7 +225,7 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
     # copy to overlap, and each group only adds signals (run 14: 313 -> 303 us with one).
     groups = 1 if zero_copy else min(params.send_groups, cfg.ht_parts)
     sync.before_launch()
-    _dispatch_ht_kernel[(num_programs,)](
+    _launch_dispatch_ht((num_programs,),
         x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=staging.slots,
         block_hist_ptr=staging.block_hist(params.block_t), range_rows_ptr=staging.range_rows,

@@ -10,7 +10,9 @@ Backends:
   host     CPU processes: a POSIX shared-memory file per rank in /dev/shm, mode 0600, mapped by
            every rank of the group and unlinked as soon as all have mapped it, so nothing is
            left behind when a process dies.
-  cuda     GPUs of one node: torch symmetric memory over CUDA IPC (HIP IPC on ROCm).
+  cuda     GPUs of one node: torch symmetric memory over CUDA IPC (HIP IPC on ROCm); when ranks
+           share a GPU (which torch symmetric memory refuses), one plain allocation per rank mapped
+           into the others with CUDA IPC handles (``torch.UntypedStorage._share_cuda_``).
   nvshmem  torch symmetric memory on its NVSHMEM backend; only when asked for by name.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -123,6 +126,12 @@ class SymmetricHeap:
     def _map_symmetric_memory(self) -> list[int]:
         import torch.distributed._symmetric_memory as symm_mem
 
+        devices: list = [None] * self.world_size
+        dist.all_gather_object(devices, (socket.gethostname(), str(torch.cuda.get_device_properties(self.device).uuid)),
+                               group=self.group)
+        if self.backend == "cuda" and len(set(devices)) < self.world_size:
+            return self._map_shared_device()
+
         if self.backend == "nvshmem":
             symm_mem.set_backend("NVSHMEM")
         arena = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
@@ -133,6 +142,26 @@ class SymmetricHeap:
         self._keep = [arena, handle]
         self._local_arena = arena
         return [int(p) for p in handle.buffer_ptrs]
+
+    def _map_shared_device(self) -> list[int]:
+        """Ranks that share a GPU: each allocates its arena with torch's allocator and maps the
+        others' through CUDA IPC handles (``torch.multiprocessing``'s mechanism)."""
+        arena = torch.zeros(self.nbytes, dtype=torch.uint8, device=self.device)
+        handles: list = [None] * self.world_size
+        dist.all_gather_object(handles, arena.untyped_storage()._share_cuda_(), group=self.group)
+        storages, bases = [], []
+        for peer, handle in enumerate(handles):
+            if peer == self.rank:
+                bases.append(arena.data_ptr())
+                continue
+            storage = torch.UntypedStorage._new_shared_cuda(*handle)
+            storages.append(storage)
+            bases.append(storage.data_ptr())
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        self._keep = [arena, storages]
+        self._local_arena = arena
+        return bases
 
     # -- regions ------------------------------------------------------------------------------
 
