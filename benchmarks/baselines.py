@@ -50,7 +50,7 @@ def _padded_pack_kernel(x_ptr, topk_ids_ptr, topk_weights_ptr, send_ptr, dest_pt
                         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # x_ptr: [num_tokens, HIDDEN] bf16; topk_ids_ptr: [num_tokens, TOPK] int32/int64 global ids;
     # topk_weights_ptr: [num_tokens, TOPK] float32; send_ptr: [WORLD, capacity, ROW_BYTES] uint8,
-    # row (d, t) for rank d; dest_ptr: [capacity, WORLD] int8, 1 where token t goes to rank d.
+    # row (d, t) for rank d; dest_ptr: [capacity, WORLD] int32, 1 where token t goes to rank d.
     # One program per slot t < capacity; slots >= num_tokens only get their ids set to -1.
     slot = tl.program_id(0)
     is_token = slot < num_tokens
@@ -70,7 +70,7 @@ def _padded_pack_kernel(x_ptr, topk_ids_ptr, topk_weights_ptr, send_ptr, dest_pt
              mask=mask_meta)
     tl.store((ptr_rows + PAYLOAD_BYTES + 4 * TOPK).to(tl.pointer_type(tl.float32))[:, None] + offs_k[None, :],
              tl.where(here, weights[None, :], 0.0), mask=mask_meta)
-    tl.store(dest_ptr + slot * WORLD + offs_r, hit.to(tl.int8), mask=mask_r)
+    tl.store(dest_ptr + slot * WORLD + offs_r, hit.to(tl.int32), mask=mask_r)
     mask_rows = hit & mask_r
     offs_h = tl.arange(0, BLOCK_H)
     for start in range(0, HIDDEN, BLOCK_H):
@@ -94,7 +94,7 @@ def _padded_pack_kernel(x_ptr, topk_ids_ptr, topk_weights_ptr, send_ptr, dest_pt
 def _padded_combine_kernel(back_ptr, dest_ptr, out_ptr, capacity, HIDDEN: tl.constexpr, WORLD: tl.constexpr,
                            BLOCK_H: tl.constexpr):
     # back_ptr: [WORLD, capacity, HIDDEN] bf16, row (d, t): rank d's output for token t;
-    # dest_ptr: [capacity, WORLD] int8 (the dispatch's); out_ptr: [num_tokens, HIDDEN] bf16.
+    # dest_ptr: [capacity, WORLD] int32 (the dispatch's); out_ptr: [num_tokens, HIDDEN] bf16.
     # Grid (num_tokens, cdiv(HIDDEN, BLOCK_H)). The ranks are added one after another, in rank
     # order, as the reference does (a tree sum could differ in the last bit).
     slot = tl.program_id(0)
@@ -113,14 +113,14 @@ def _padded_combine_kernel(back_ptr, dest_ptr, out_ptr, capacity, HIDDEN: tl.con
 PADDED_KERNELS = [
     KernelSpec(_padded_pack_kernel,
                {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32", "send_ptr": "*u8",
-                "dest_ptr": "*i8", "num_tokens": "i32", "capacity": "i32", "experts_per_rank": "i32",
+                "dest_ptr": "*i32", "num_tokens": "i32", "capacity": "i32", "experts_per_rank": "i32",
                 **{name: "constexpr" for name in ("HIDDEN", "TOPK", "WORLD", "FP8", "PAYLOAD_BYTES", "ROW_BYTES",
                                                   "BLOCK_H", "BLOCK_K", "BLOCK_R")}},
                {"HIDDEN": 7168, "TOPK": 8, "WORLD": 4, "FP8": fp8, "PAYLOAD_BYTES": 7392 if fp8 else 14336,
                 "ROW_BYTES": 7456 if fp8 else 14400, "BLOCK_H": 1024, "BLOCK_K": 8, "BLOCK_R": 4})
     for fp8 in (True, False)] + [
     KernelSpec(_padded_combine_kernel,
-               {"back_ptr": "*bf16", "dest_ptr": "*i8", "out_ptr": "*bf16", "capacity": "i32",
+               {"back_ptr": "*bf16", "dest_ptr": "*i32", "out_ptr": "*bf16", "capacity": "i32",
                 "HIDDEN": "constexpr", "WORLD": "constexpr", "BLOCK_H": "constexpr"},
                {"HIDDEN": 7168, "WORLD": 4, "BLOCK_H": 1024})]
 
@@ -150,7 +150,7 @@ class PaddedNccl:
         self.row_bytes = _round_up(self.payload_bytes + 8 * topk, 16)
         self.send = torch.empty(self.world, capacity, self.row_bytes, dtype=torch.uint8, device=device)
         self.recv = torch.empty_like(self.send)
-        self.dest = torch.zeros(capacity, self.world, dtype=torch.int8, device=device)
+        self.dest = torch.zeros(capacity, self.world, dtype=torch.int32, device=device)
         self.back = torch.empty(self.world, capacity, hidden, dtype=torch.bfloat16, device=device)
         self.out = torch.empty(capacity, hidden, dtype=torch.bfloat16, device=device)
         self.num_tokens = 0

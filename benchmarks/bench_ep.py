@@ -29,6 +29,8 @@ Row fields (JSON and CSV; times in microseconds per call, "per rank" then min/av
   lat_min_us / lat_avg_us / lat_max_us  per rank: the median over replays of a call's time less
                                         the barrier's median; min / mean / max over ranks
   p50_us / p99_us     per rank: percentiles over every timed call (less the barrier); mean over ranks
+  percentiles_over    "calls", or "replays" where CUDA events inside a graph cannot time (then the
+                      percentiles are over replays of --batch calls; bench_timing.marks_in_graphs)
   kernel_us           device time of the op's kernels per call (torch.profiler, as DeepEP's
                       bench_kineto), mean over ranks; None where not measured (CPU ranks, --kineto off)
   kernels_per_call    device activities (kernels, copies) per call; None likewise
@@ -152,13 +154,13 @@ def expected_at(sets, rank, world, num_tokens, opts, dtype, device) -> Expected:
 class Variant:
     """One implementation at one point. ``dispatch(i)`` enqueues a dispatch of input set i and
     returns what ``combine`` takes; ``combine(handle)`` enqueues its combine (None: dispatch
-    only). ``check()`` runs a dispatch (and combine) of set 0 and says whether it matched the
-    reference."""
+    only). ``check()`` runs a dispatch (and combine) of set 0 and returns (whether it matched
+    the reference, that dispatch's handle): the combine is then timed on that handle."""
 
     impl: str
     dispatch: Callable[[int], object]
     combine: Callable[[object], object] | None
-    check: Callable[[], bool]
+    check: Callable[[], tuple[bool, object]]
     graph: bool = True  # timed in a CUDA graph; False: it synchronises with the host (eager)
     host: bool = True  # also report the host time of an eager call
     after: Callable[[], None] | None = None  # run after the timings (e.g. a Buffer's status check)
@@ -203,20 +205,22 @@ def run_variant(ctx, timer: Timer, variant: Variant, point: dict, counts: Counts
 
     from moe_ep.timing import host_seconds
 
+    passed, handle = variant.check()
     ok = [None] * ctx.world_size
-    dist.all_gather_object(ok, bool(variant.check()), group=ctx.group)
+    dist.all_gather_object(ok, bool(passed), group=ctx.group)
     if not all(ok):
         raise AssertionError(f"{variant.impl} failed its check at {point}: ranks ok = {ok}; refusing to report it")
-    timings = {"dispatch": timer.measure(variant.dispatch, variant.graph)}
-    host = {}
+    timings, host = {}, {}
     host_calls = min(5, timer.opts["iters"])
-    if variant.host:
-        host["dispatch"] = host_seconds(ctx.device, lambda: variant.dispatch(0), host_calls)
     if variant.combine is not None:
-        handle = variant.dispatch(0)  # combine is timed on one dispatch's handle (it only reads it)
+        # On the check's dispatch, the latest one: a combine reads its handle, never changes it.
         timings["combine"] = timer.measure(lambda i: variant.combine(handle), variant.graph)
         if variant.host:
             host["combine"] = host_seconds(ctx.device, lambda: variant.combine(handle), host_calls)
+    timings["dispatch"] = timer.measure(variant.dispatch, variant.graph)
+    if variant.host:
+        host["dispatch"] = host_seconds(ctx.device, lambda: variant.dispatch(0), host_calls)
+    if variant.combine is not None:
         timings["pair"] = timer.measure(lambda i: variant.combine(variant.dispatch(i)), variant.graph)
     if variant.after is not None:
         variant.after()
@@ -236,7 +240,8 @@ def report(ctx, point, impl, timings: dict, host: dict, timer: Timer, counts: Co
 
     mine = {"ops": {op: {"median": median(less_barrier(t.replays)), "p50": percentile(less_barrier(t.calls), 50),
                          "p99": percentile(less_barrier(t.calls), 99), "kernel": t.kernel_s,
-                         "kernels": t.kernels_per_call, "host": host.get(op)} for op, t in timings.items()},
+                         "kernels": t.kernels_per_call, "host": host.get(op), "samples": t.samples}
+                    for op, t in timings.items()},
             "barrier": barrier, "remote_rows": counts.remote_rows, "all_rows": counts.all_rows,
             "inter_rows": inter_rows}
     every = [None] * ctx.world_size
@@ -250,7 +255,7 @@ def report(ctx, point, impl, timings: dict, host: dict, timer: Timer, counts: Co
     bytes_per_row = {"dispatch": counts.row_bytes, "combine": 2 * counts.hidden,
                      "pair": counts.row_bytes + 2 * counts.hidden}
     rows = []
-    for op in timings:
+    for op in sorted(timings, key=OPS.index):
         per_rank = [e["ops"][op] for e in every]
         lat = [r["median"] * 1e6 for r in per_rank]
         row_bytes = bytes_per_row[op]
@@ -258,6 +263,7 @@ def report(ctx, point, impl, timings: dict, host: dict, timer: Timer, counts: Co
             point, impl=impl, op="copy" if impl == COPY else op,
             lat_min_us=min(lat), lat_avg_us=sum(lat) / len(lat), lat_max_us=max(lat),
             p50_us=mean([r["p50"] * 1e6 for r in per_rank]), p99_us=mean([r["p99"] * 1e6 for r in per_rank]),
+            percentiles_over=per_rank[0]["samples"],
             kernel_us=mean([None if r["kernel"] is None else r["kernel"] * 1e6 for r in per_rank]),
             kernels_per_call=mean([r["kernels"] for r in per_rank]),
             barrier_us=mean([e["barrier"] * 1e6 for e in every]),
@@ -346,7 +352,7 @@ def moe_ep_variant(spec: MoeEpVariant, ctx, path: str, buf, sets, exp: Expected,
         if spec.combine:
             held["y"] = spec.combine_input(out, exp)
             ok = ok and spec.combine_ok(combine(out), exp, gpus_per_node)
-        return ok
+        return ok, out
 
     return Variant(f"moe_ep-{path}{spec.suffix}", dispatch, combine if spec.combine else None, check,
                    host=spec.combine, after=buf.check, inter_rows=inter_rows if path in INTER_PATHS else 0)
@@ -379,7 +385,7 @@ def padded_variant(ctx, sets, exp: Expected, num_tokens: int, opts, fp8: bool) -
         if fp8:
             ok = ok and torch.equal(fields["x_scales"].cpu(), mine.x_scales)
         z = padded.combine(padded.slots_of(exp.y[:mine.num_tokens]))  # NaN in the padding rows
-        return ok and torch.equal(z.cpu(), exp.z[None])
+        return ok and torch.equal(z.cpu(), exp.z[None]), padded
 
     return Variant(PADDED, dispatch, lambda handle: padded.combine(y), check)
 
@@ -408,10 +414,10 @@ def naive_variant(ctx, sets, exp: Expected, opts, fp8: bool) -> Variant:
         return naive_combine(exp.y[:received.shape[0]], state, ctx.group)
 
     def check():
-        received, state = dispatch(0)
+        handle = received, state = dispatch(0)
         mine, (_, ids, ws) = exp.mine, exp.inputs
         if received.shape[0] != mine.num_tokens:
-            return False
+            return False, handle
         received = received.cpu()
         size = payload_bytes("fp8" if fp8 else "bf16", hidden)
         topk = ids[0].shape[1]
@@ -429,8 +435,8 @@ def naive_variant(ctx, sets, exp: Expected, opts, fp8: bool) -> Variant:
             ok = ok and _close(want, got, 2 ** -3, mine.x_scales.repeat_interleave(128, dim=1) * 2 ** -9)
         else:
             ok = ok and torch.equal(received[:, :size], mine.x.view(torch.uint8))
-        z = combine((received, state))
-        return ok and _close(exp.z[None], z.cpu(), 2 ** -7, 1e-6)
+        z = combine(handle)
+        return ok and _close(exp.z[None], z.cpu(), 2 ** -7, 1e-6), handle
 
     return Variant(NAIVE, dispatch, combine, check, graph=False, host=False)
 
@@ -535,9 +541,9 @@ def _bench_vdev_rank(ctx, opts):
 
                 def check():  # the check a baseline gets: every pair arrived (splits summed on the device)
                     xs, ids, ws = sets[0]
-                    _, splits_offsets = vdev.dispatch(xs[rank], ids[rank], ws[rank])
+                    handle = vdev.dispatch(xs[rank], ids[rank], ws[rank])
                     vdev.combine()
-                    return int(splits_offsets[0].sum()) == everything
+                    return int(handle[1][0].sum()) == everything, handle
 
                 def dispatch(i):
                     xs, ids, ws = sets[i % NUM_INPUT_SETS]

@@ -14,7 +14,8 @@ the op; the barrier alone, measured the same way (``enqueue=None``), is subtract
 
 ``Timing.replays``: seconds per call of each timed replay ((last mark - mark 0) / batch): the
 median over replays is the headline figure. ``Timing.calls``: seconds of every call of every
-timed replay, for p50 / p99. ``Timing.kernel_s``: with ``kineto`` on a GPU, the device time of
+timed replay, for p50 / p99 (where events inside a graph cannot time, checked once: the replays
+instead, timed whole by events around them, ``Timing.samples = "replays"``). ``Timing.kernel_s``: with ``kineto`` on a GPU, the device time of
 the op's kernels per call, as DeepEP's ``bench_kineto`` reports (torch.profiler over a few more
 replays: the sum of the durations of every device activity — kernels, memcpy, memset — except
 the barrier's kernel, divided by the calls); None where no device profiler runs (CPU ranks).
@@ -23,6 +24,7 @@ the barrier's kernel, divided by the calls); None where no device profiler runs 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -38,6 +40,7 @@ class Timing:
     calls: list  # seconds of each call of the timed replays (barrier included)
     kernel_s: float | None = None  # device time of the op's kernels per call (profiler); None: not measured
     kernels_per_call: float | None = None  # device activities (kernels, copies) per call; None: not measured
+    samples: str = "calls"  # what ``calls`` holds: "calls", or "replays" where graphs cannot hold timing events
 
 
 def median(values):
@@ -82,14 +85,18 @@ def measure(device: torch.device, barrier, enqueue, reps: int, warmup: int, batc
                 calls += [b - a for a, b in zip(marks, marks[1:])]
         return Timing(replays, calls)
 
+    inner = not graph or marks_in_graphs(device)
     marks = [torch.cuda.Event(enable_timing=True, external=graph) for _ in range(batch + 1)]
+    outer = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
 
     def sequence():
         barrier()
-        marks[0].record()
+        if inner:
+            marks[0].record()
         for i in range(batch):
             call(i)
-            marks[i + 1].record()
+            if inner:
+                marks[i + 1].record()
 
     if graph:
         call(0)  # compiles and allocates outside the capture
@@ -102,19 +109,62 @@ def measure(device: torch.device, barrier, enqueue, reps: int, warmup: int, batc
         run = sequence
     replays, calls = [], []
     for r in range(warmup + reps):
+        outer[0].record()
         run()
+        outer[1].record()
         torch.cuda.synchronize(device)
         if r >= warmup:
-            elapsed = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
-            replays.append(sum(elapsed) / batch)
-            calls += elapsed
-    timing = Timing(replays, calls)
+            if inner:
+                elapsed = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+                replays.append(sum(elapsed) / batch)
+                calls += elapsed
+            else:  # the leading barrier counts in every replay, the barrier's own timing's too
+                replays.append(outer[0].elapsed_time(outer[1]) / 1e3 / batch)
+    timing = Timing(replays, calls or replays, samples="calls" if inner else "replays")
     if kineto and enqueue is not None:
-        from torch.profiler import ProfilerActivity, profile
+        try:
+            from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(KINETO_REPLAYS):
-                run()
-            torch.cuda.synchronize(device)
-        timing.kernel_s, timing.kernels_per_call = kernel_seconds(prof.events(), KINETO_REPLAYS * batch)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(KINETO_REPLAYS):
+                    run()
+                torch.cuda.synchronize(device)
+            timing.kernel_s, timing.kernels_per_call = kernel_seconds(prof.events(), KINETO_REPLAYS * batch)
+        except Exception as err:  # noqa: BLE001 — no profiler here: the figure stays None, said once
+            _warn_once(f"kernel time not measured: torch.profiler failed: {type(err).__name__}: {err}")
     return timing
+
+
+_WARNED: set = set()
+_MARKS_IN_GRAPHS: dict = {}
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def marks_in_graphs(device: torch.device) -> bool:
+    """Whether CUDA events recorded inside a CUDA graph (``external=True``) time its replays here
+    (checked once per device and process); if not, ``measure`` times whole replays and its
+    percentiles are over replays (``Timing.samples``), and says so once on stderr."""
+    if device not in _MARKS_IN_GRAPHS:
+        try:
+            events = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(2)]
+            value = torch.zeros(1, device=device)
+            value.add_(1)
+            torch.cuda.synchronize(device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                events[0].record()
+                value.add_(1)
+                events[1].record()
+            g.replay()
+            torch.cuda.synchronize(device)
+            _MARKS_IN_GRAPHS[device] = events[0].elapsed_time(events[1]) >= 0
+        except Exception as err:  # noqa: BLE001
+            _warn_once(f"events inside CUDA graphs do not time here ({type(err).__name__}: {err}): "
+                       f"p50/p99 are over replays, not calls")
+            _MARKS_IN_GRAPHS[device] = False
+    return _MARKS_IN_GRAPHS[device]

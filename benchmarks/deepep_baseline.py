@@ -1,9 +1,9 @@
 """DeepEP (SGLang's ``sgl-deep-ep`` wheel) as a baseline of bench_ep, on the same GPUs, where it loads.
 
-    python benchmarks/deepep_baseline.py [--site DIR] [--json]
+    python benchmarks/deepep_baseline.py [--site DIR] [--json] [--probe]
 
 says whether ``deep_ep`` imports here and, if not, exactly why (exit status 0 if it loads, 1 if
-not). ``bench_ep.py --deepep-site DIR`` runs ``diagnose`` first (the import in a subprocess: a
+not); ``--probe`` also runs both modes on GPU 0 as a one-rank group (``probe``). ``bench_ep.py --deepep-site DIR`` runs ``diagnose`` first (the import in a subprocess: a
 broken extension can crash the process that loads it), records the reason where it cannot load
 (results.json: environment.deepep and baselines_not_run) and otherwise runs ``bench_rank`` on
 fresh rank processes: rows ``deepep-normal`` (intranode mode) and ``deepep-ll`` (low-latency
@@ -252,7 +252,7 @@ def _bench_normal(deep_ep, ctx, opts, barrier) -> list:
                 prefix = handle[0][:, rank].cpu().long()  # rank_prefix_matrix[s][rank]: rows from ranks <= s
                 n = int(prefix[-1])
                 if n != mine.num_tokens:
-                    return False
+                    return False, result
                 sources = torch.repeat_interleave(torch.arange(world), torch.diff(prefix, prepend=prefix.new_zeros(1)))
                 src = torch.stack([sources, handle[3][:n].cpu().long()], dim=1).int()
                 order = torch.argsort(src[:, 0].long() * (num_tokens + 1) + src[:, 1].long())
@@ -268,7 +268,7 @@ def _bench_normal(deep_ep, ctx, opts, barrier) -> list:
                 rows_of[order] = torch.arange(n)  # DeepEP row j holds the reference's row rows_of[j]
                 y_recv[:n] = exp.y[:n][rows_of.to(ctx.device)]
                 z = combine(result)
-                return ok and bench._close(exp.z[None], z.cpu(), 2 ** -7, 1e-6)
+                return ok and bench._close(exp.z[None], z.cpu(), 2 ** -7, 1e-6), result
 
             point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
             counts = bench.Counts(int((exp.mine.src[:, 0] != rank).sum()), exp.mine.num_tokens,
@@ -336,7 +336,7 @@ def _bench_ll(deep_ep, ctx, opts, barrier) -> list:
                         want = (ids[s] == expert).any(dim=1).nonzero().flatten()
                         ok = ok and torch.equal(got.sort().values, want)
                         if not ok:
-                            return False
+                            return False, result
                         total += count
                         rows_x = codes[e, begin:begin + count]
                         if fp8:
@@ -354,7 +354,7 @@ def _bench_ll(deep_ep, ctx, opts, barrier) -> list:
                             sel = ids[rank][:, k] == expert
                             want[sel] += weights[rank][sel, k:k + 1] * _ll_expert_output(xs[rank][sel], expert).float()
                 z = combine(result)
-                return ok and bench._close(want.to(torch.bfloat16), z.cpu(), 2 ** -7, 1e-5)
+                return ok and bench._close(want.to(torch.bfloat16), z.cpu(), 2 ** -7, 1e-5), result
 
             point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
             counts = bench.Counts(int((exp.mine.src[:, 0] != rank).sum()), exp.mine.num_tokens,
@@ -364,11 +364,75 @@ def _bench_ll(deep_ep, ctx, opts, barrier) -> list:
     return rows
 
 
+def probe(deep_ep, hidden: int = 7168, num_experts: int = 256, topk: int = 8, num_tokens: int = 16) -> list:
+    """Run DeepEP on this one GPU as a 1-rank group (gloo): an intranode Buffer and its layout
+    kernel (its dispatch needs 2+ ranks), and a low-latency Buffer (NVSHMEM initialised) with a
+    dispatch + combine. Returns one
+    line per step, "ok: ..." or "FAILED: ..."; a step's failure does not stop the next. What
+    passes here has loaded its kernels (sm_90) and run them beside this torch."""
+    import torch.distributed as dist
+
+    from moe_ep.testing import free_port
+
+    lines = []
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    group = dist.group.WORLD
+    x = torch.randn(num_tokens, hidden, device=device).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(num_experts, device=device)[:topk] for _ in range(num_tokens)])
+    weights = torch.rand(num_tokens, topk, device=device)
+
+    def step(name, fn):
+        try:
+            lines.append(f"ok: {name}: {fn()}")
+        except Exception as err:  # noqa: BLE001 — every step is reported
+            lines.append(f"FAILED: {name}: {type(err).__name__}: {err}")
+
+    buffers = {}
+
+    def normal_buffer():
+        buffers["normal"] = deep_ep.Buffer(group, 1 << 28, 0)
+        return "Buffer(group, 256 MiB NVLink buffer)"
+
+    def normal_ops():  # its intranode dispatch needs 2, 4 or 8 ranks: only the layout kernel runs on one
+        per_rank, _, per_expert, in_rank, _ = buffers["normal"].get_dispatch_layout(idx, num_experts)
+        torch.cuda.synchronize()
+        counts = (int(per_rank.sum()), int(per_expert.sum()), bool(in_rank.all()))
+        return f"get_dispatch_layout: (tokens to the rank, pairs to its experts, all in rank) = {counts}, " \
+               f"expected {(num_tokens, num_tokens * topk, True)}"
+
+    def ll_buffer():
+        size = deep_ep.Buffer.get_low_latency_rdma_size_hint(num_tokens, hidden, 1, num_experts)
+        buffers["ll"] = deep_ep.Buffer(group, 0, size, low_latency_mode=True, num_qps_per_rank=num_experts)
+        return f"Buffer(low_latency_mode=True, {size >> 20} MiB NVSHMEM buffer)"
+
+    def ll_ops():
+        buffer = buffers["ll"]
+        recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, idx, num_tokens, num_experts, use_fp8=True)
+        y = torch.zeros(recv_x[0].shape, dtype=torch.bfloat16, device=device)
+        combined = buffer.low_latency_combine(y, idx, weights, handle)[0]
+        torch.cuda.synchronize()
+        return f"fp8 dispatch ({int(recv_count.sum())} rows for {num_tokens * topk} pairs) and combine " \
+               f"({tuple(combined.shape)})"
+
+    step("intranode Buffer", normal_buffer)
+    if "normal" in buffers:
+        step("intranode layout kernel", normal_ops)
+    step("low-latency Buffer", ll_buffer)
+    if "ll" in buffers:
+        step("low-latency ops", ll_ops)
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--site", default=os.environ.get("MOE_EP_DEEPEP_SITE"),
                    help="folder deep_ep was installed into (pip install --no-deps --target)")
     p.add_argument("--json", action="store_true", help="one JSON line (what diagnose reads)")
+    p.add_argument("--probe", action="store_true",
+                   help="where it loads, also run DeepEP on GPU 0 as one rank (probe): its kernels beside this torch")
     args = p.parse_args(argv)
     result = _diagnose_here(args.site)
     if args.json:
@@ -377,7 +441,13 @@ def main(argv=None) -> int:
     for step in result["steps"]:
         print(f"  {step}")
     print("deep_ep loads" if result["ok"] else f"deep_ep does not load: {result['reason']}")
-    return 0 if result["ok"] else 1
+    if not result["ok"]:
+        return 1
+    if args.probe:
+        lines = probe(sys.modules["deep_ep"])
+        print("\n".join(lines))
+        return 0 if all(line.startswith("ok") for line in lines) else 1
+    return 0
 
 
 if __name__ == "__main__":
