@@ -180,10 +180,12 @@ class PaddedNccl:
                 WORLD=self.world, BLOCK_H=self.block_h, num_warps=4)
         return self.out[:self.num_tokens]
 
-    def received(self) -> dict:
-        """Views of ``recv``'s fields, each [world, capacity, ...]: x (fp8 or bf16), x_scales
-        (float32, fp8 only), topk_ids (int32 local ids, -1 elsewhere), topk_weights (float32)."""
-        rows, p, k = self.recv, self.payload_bytes, self.topk
+    def received(self, rows: torch.Tensor | None = None) -> dict:
+        """Views of ``rows`` (default ``recv``; or a copy of it) as its fields, each [world,
+        capacity, ...]: x (fp8 or bf16), x_scales (float32, fp8 only), topk_ids (int32 local
+        ids, -1 elsewhere), topk_weights (float32)."""
+        rows = self.recv if rows is None else rows
+        p, k = self.payload_bytes, self.topk
         x = rows[..., :self.hidden].view(torch.float8_e4m3fn) if self.fp8 else rows[..., :p].view(torch.bfloat16)
         return {"x": x, "x_scales": rows[..., self.hidden:p].view(torch.float32) if self.fp8 else None,
                 "topk_ids": rows[..., p:p + 4 * k].view(torch.int32),
@@ -191,8 +193,9 @@ class PaddedNccl:
 
     def compact(self) -> tuple[dict, torch.Tensor]:
         """(the valid rows' fields, ``src`` [rows, 2] int32 (source rank, token)), in order of
-        source rank then token: the layout of ``moe_ep.reference.dispatch``."""
-        fields = self.received()
+        source rank then token: the layout of ``moe_ep.reference.dispatch``. On the CPU (a copy of
+        ``recv``): for checks, outside timed code."""
+        fields = self.received(self.recv.cpu())
         valid = (fields["topk_ids"] >= 0).any(dim=-1)  # [world, capacity]
         src = valid.nonzero().int()
         return {name: None if t is None else t[valid] for name, t in fields.items()}, src

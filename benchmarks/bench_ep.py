@@ -73,7 +73,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from moe_ep.config import INTER_PATHS  # noqa: E402  (after the path: the repository may not be installed)
 
-from bench_timing import median, percentile  # noqa: E402
+from bench_timing import measure, median, percentile  # noqa: E402
 
 NUM_INPUT_SETS = 3
 VDEV = "nvshmem-vdev2d"  # torch's NVSHMEM all_to_all_vdev_2d baseline
@@ -182,17 +182,13 @@ class Timer:
     measured once here and subtracted from each op by ``report``."""
 
     def __init__(self, device, barrier, opts, graph: bool = True):
-        from bench_timing import measure
-
         self.device, self.barrier, self.opts = device, barrier, opts
         self.kineto = opts.get("kineto", False) and device.type == "cuda"
-        self.measure_fn = measure
         self.barrier_timing = self.measure(None, graph)
 
     def measure(self, enqueue, graph: bool):
         o = self.opts
-        return self.measure_fn(self.device, self.barrier, enqueue, o["iters"], o["warmup"], o["batch"], graph,
-                               self.kineto)
+        return measure(self.device, self.barrier, enqueue, o["iters"], o["warmup"], o["batch"], graph, self.kineto)
 
     def timed_as(self, graph: bool) -> str:
         return "cpu" if self.device.type != "cuda" else "graph" if graph else "eager"
@@ -378,12 +374,10 @@ def padded_variant(ctx, sets, exp: Expected, num_tokens: int, opts, fp8: bool) -
         dispatch(0)
         fields, src = padded.compact()
         mine = exp.mine
-        ok = (torch.equal(src.cpu(), mine.src) and torch.equal(fields["x"].cpu().view(torch.uint8),
-                                                               mine.x.view(torch.uint8))
-              and torch.equal(fields["topk_ids"].cpu(), mine.topk_ids)
-              and torch.equal(fields["topk_weights"].cpu(), mine.topk_weights))
+        ok = (torch.equal(src, mine.src) and torch.equal(fields["x"].view(torch.uint8), mine.x.view(torch.uint8))
+              and torch.equal(fields["topk_ids"], mine.topk_ids) and torch.equal(fields["topk_weights"], mine.topk_weights))
         if fp8:
-            ok = ok and torch.equal(fields["x_scales"].cpu(), mine.x_scales)
+            ok = ok and torch.equal(fields["x_scales"], mine.x_scales)
         z = padded.combine(padded.slots_of(exp.y[:mine.num_tokens]))  # NaN in the padding rows
         return ok and torch.equal(z.cpu(), exp.z[None]), padded
 

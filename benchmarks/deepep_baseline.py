@@ -111,8 +111,11 @@ def load_deep_ep(site: str | None = None, steps: list | None = None):
                                 f"torch.cuda.is_available() = {torch.cuda.is_available()}; DeepEP runs on NVIDIA GPUs")
     library = _nvshmem_host_library()
     if library:
-        ctypes.CDLL(library, mode=os.RTLD_GLOBAL)
-        steps.append(f"preloaded {library}")
+        try:
+            ctypes.CDLL(library, mode=os.RTLD_GLOBAL)
+            steps.append(f"preloaded {library}")
+        except OSError as err:
+            steps.append(f"could not preload {library}: {err}")
     else:
         steps.append(f"no {NVSHMEM_HOST} under nvidia/nvshmem/lib on sys.path; left to the dynamic linker")
     try:
