@@ -3,8 +3,9 @@
     python benchmarks/deepep_baseline.py [--site DIR] [--json] [--probe]
 
 says whether ``deep_ep`` imports here and, if not, exactly why (exit status 0 if it loads, 1 if
-not); ``--probe`` also runs both modes on GPU 0 as a one-rank group (``probe``). ``bench_ep.py --deepep-site DIR`` runs ``diagnose`` first (the import in a subprocess: a
-broken extension can crash the process that loads it), records the reason where it cannot load
+not); ``--probe`` then also runs its first steps on GPU 0 as a one-rank group (``probe``).
+``bench_ep.py --deepep-site DIR`` runs ``diagnose`` first (the import in a subprocess: a broken
+extension can crash the process that loads it), records the reason where it cannot load
 (results.json: environment.deepep and baselines_not_run) and otherwise runs ``bench_rank`` on
 fresh rank processes: rows ``deepep-normal`` (intranode mode) and ``deepep-ll`` (low-latency
 mode), checked against moe_ep.reference and timed exactly as moe_ep (bench_ep's ``run_variant``).
