@@ -15,10 +15,11 @@ the op; the barrier alone, measured the same way (``enqueue=None``), is subtract
 ``Timing.replays``: seconds per call of each timed replay ((last mark - mark 0) / batch): the
 median over replays is the headline figure. ``Timing.calls``: seconds of every call of every
 timed replay, for p50 / p99 (where events inside a graph cannot time, checked once: the replays
-instead, timed whole by events around them, ``Timing.samples = "replays"``). ``Timing.kernel_s``: with ``kineto`` on a GPU, the device time of
-the op's kernels per call, as DeepEP's ``bench_kineto`` reports (torch.profiler over a few more
-replays: the sum of the durations of every device activity — kernels, memcpy, memset — except
-the barrier's kernel, divided by the calls); None where no device profiler runs (CPU ranks).
+instead, timed whole by events around them, ``Timing.samples = "replays"``).
+``Timing.kernel_s``: with ``kineto`` on a GPU, the device time of the op's kernels per call, as
+DeepEP's ``bench_kineto`` reports (torch.profiler over a few more replays: the sum of the
+durations of every device activity — kernels, memcpy, memset — except the barrier's kernel,
+divided by the calls); None where no device profiler runs (CPU ranks).
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def test_deepep_loader_retries_undefined_symbols_lazily(tmp_path, monkeypatch):
     assert any("undefined symbol _ZN3c109TypeErrorC1Ev" in s for s in steps), steps
     assert "RTLD_LAZY | RTLD_GLOBAL" in steps[-1], steps
     sys.modules.pop("deep_ep")
-    broken = _fake_deep_ep(tmp_path / "broken", "raise ImportError('libnvshmem_host.so.3: cannot open shared object')\n")
+    broken = _fake_deep_ep(tmp_path / "broken",
+                           "raise ImportError('libnvshmem_host.so.3: cannot open shared object')\n")
     try:
         with pytest.raises(deepep_baseline.DeepEPUnavailable, match="libnvshmem_host.so.3: cannot open"):
             deepep_baseline.load_deep_ep(broken)
