@@ -12,7 +12,9 @@ and tokens per rank it:
   2. times every implementation the same way (benchmarks/bench_timing.py): CUDA-graph replays of
      --batch calls, each call behind a device barrier, input sets rotated; the barrier alone is
      timed at each point and subtracted. The implementations (``impl``):
-       moe_ep-<path>[-prequant][-zc]  moe_ep's paths (MOE_EP_VARIANTS: fp8 input, zero-copy outputs)
+       moe_ep-<path>[-prequant][-zc][-hook]  moe_ep's paths (MOE_EP_VARIANTS: fp8 input, zero-copy
+                      outputs; path "expert": the expert-major layout, weighted combine, -hook its
+                      receive hooks run right after each call)
        nccl-padded    the strong NCCL baseline: padded, sync-free, graph-captured (baselines.py)
        nccl-naive     what a hurried torch user writes: sort, count exchange, host syncs (eager)
        nvshmem-vdev2d torch's all_to_all_vdev_2d (GPUs, own processes, eager)
@@ -312,11 +314,81 @@ class MoeEpVariant:
     dispatch_ok: Callable = _flat_dispatch_ok  # (DispatchOutput, Expected) -> bool
     combine_input: Callable = _flat_y  # (DispatchOutput, Expected) -> y for combine
     combine_ok: Callable = _flat_combine_ok  # (z, Expected, gpus_per_node) -> bool
+    hook: bool = False  # return_recv_hook: each call's hook runs right after it
+    needs_buffer: bool = False  # the checks and combine_input also take the Buffer (last argument)
 
 
+def _expert_reference(exp: Expected, buf) -> dict:
+    """The expert layout's reference at this point (computed once per point and Buffer): every
+    rank's ``RankExpertDispatch``, the expert outputs y [E_local, slots, hidden] on the device (the
+    same on every rank), and this rank's weighted combine."""
+    from moe_ep import reference
+
+    cached = _EXPERT_CACHE.get(id(exp))
+    if cached is not None and cached["buf"] is buf:
+        return cached
+    xs, ids, ws = exp.inputs
+    cfg, world, rank = buf.cfg, buf.world_size, buf.rank
+    everyone = reference.dispatch_expert(xs, ids, ws, cfg.num_experts, cfg.dispatch_dtype)
+    slots = cfg.slots(world)
+    y = torch.randn(buf.experts_per_rank, slots, cfg.hidden, generator=torch.Generator().manual_seed(98)
+                    ).to(torch.bfloat16)
+    ys = [torch.cat([y[e, :int(d.tokens_per_expert[e])] for e in range(buf.experts_per_rank)]) for d in everyone]
+    z = reference.combine_expert(ys, everyone, ids, ws, weighted=True)[rank]
+    _EXPERT_CACHE.clear()
+    _EXPERT_CACHE[id(exp)] = cached = {"buf": buf, "mine": everyone[rank], "y": y.to(buf.device), "z": z}
+    return cached
+
+
+_EXPERT_CACHE: dict = {}
+
+
+def _expert_dispatch_ok(out, exp: Expected, buf) -> bool:
+    """An ExpertDispatchOutput against the reference: every valid row of every expert bit for bit."""
+    mine = _expert_reference(exp, buf)["mine"]
+    if not torch.equal(out.tokens_per_expert.cpu(), mine.tokens_per_expert):
+        return False
+    for e in range(len(mine.tokens_per_expert)):
+        n, rows = int(mine.tokens_per_expert[e]), mine.rows(e)
+        ok = (torch.equal(out.x[e, :n].cpu().view(torch.uint8), mine.x[rows].view(torch.uint8))
+              and torch.equal(out.src[e, :n].cpu(), mine.src[rows])
+              and torch.equal(out.topk_weights[e, :n].cpu(), mine.topk_weights[rows]))
+        if mine.x_scales is not None:
+            ok = ok and torch.equal(out.x_scales[e, :n].cpu(), mine.x_scales[rows])
+        if not ok:
+            return False
+    return True
+
+
+def _expert_y(out, exp: Expected, buf) -> torch.Tensor:
+    return _expert_reference(exp, buf)["y"]
+
+
+def _expert_combine_ok(z, exp: Expected, gpus_per_node, buf) -> bool:
+    return torch.equal(z.cpu(), _expert_reference(exp, buf)["z"])
+
+
+def _flat_path(path, dtype, opts) -> bool:
+    return path != EXPERT
+
+
+def _expert_variant(suffix: str, applies, hook: bool = False, prequantized: bool = False) -> MoeEpVariant:
+    return MoeEpVariant(suffix, applies, {"layout": "expert", "return_recv_hook": hook}, prequantized=prequantized,
+                        combine=True, combine_kwargs={"weighted": True, "return_recv_hook": hook},
+                        dispatch_ok=_expert_dispatch_ok, combine_input=_expert_y, combine_ok=_expert_combine_ok,
+                        hook=hook, needs_buffer=True)
+
+
+EXPERT = "expert"  # --paths name of the expert-major layout (an LL-path Buffer with layouts=("expert",))
 MOE_EP_VARIANTS = (
-    MoeEpVariant("", lambda path, dtype, opts: True, combine=True),
-    MoeEpVariant("-prequant", lambda path, dtype, opts: dtype == "fp8" and opts["prequantized"], prequantized=True),
+    MoeEpVariant("", _flat_path, combine=True),
+    _expert_variant("", lambda path, dtype, opts: path == EXPERT),
+    # Send and receive hook back to back: the cost of the split (two launches) over one launch.
+    _expert_variant("-hook", lambda path, dtype, opts: path == EXPERT and opts["hooks"], hook=True),
+    _expert_variant("-prequant", lambda path, dtype, opts: path == EXPERT and dtype == "fp8" and opts["prequantized"],
+                    prequantized=True),
+    MoeEpVariant("-prequant", lambda path, dtype, opts: path != EXPERT and dtype == "fp8" and opts["prequantized"],
+                 prequantized=True),
     MoeEpVariant("-zc", lambda path, dtype, opts: path == "ht" and opts["zero_copy"], {"zero_copy": True}),
     MoeEpVariant("-prequant-zc", lambda path, dtype, opts: path == "ht" and dtype == "fp8" and opts["prequantized"]
                  and opts["zero_copy"], {"zero_copy": True}, prequantized=True),
@@ -335,19 +407,28 @@ def moe_ep_variant(spec: MoeEpVariant, ctx, path: str, buf, sets, exp: Expected,
     gpus_per_node = opts["gpus_per_node"] if path in INTER_PATHS else None
     held = {}
 
+    extra = (buf,) if spec.needs_buffer else ()
+
+    def hooked(result):
+        if not spec.hook:
+            return result
+        result, hook = result
+        hook()
+        return result
+
     def dispatch(i):
         xs, ids, ws = sets[i % NUM_INPUT_SETS]
-        return buf.dispatch(xs[rank], ids[rank], ws[rank], **kwargs)
+        return hooked(buf.dispatch(xs[rank], ids[rank], ws[rank], **kwargs))
 
     def combine(out):
-        return buf.combine(held["y"], out.handle, **spec.combine_kwargs)
+        return hooked(buf.combine(held["y"], out.handle, **spec.combine_kwargs))
 
     def check():
         out = dispatch(0)
-        ok = spec.dispatch_ok(out, exp)
+        ok = spec.dispatch_ok(out, exp, *extra)
         if spec.combine:
-            held["y"] = spec.combine_input(out, exp)
-            ok = ok and spec.combine_ok(combine(out), exp, gpus_per_node)
+            held["y"] = spec.combine_input(out, exp, *extra)
+            ok = ok and spec.combine_ok(combine(out), exp, gpus_per_node, *extra)
         return ok, out
 
     return Variant(f"moe_ep-{path}{spec.suffix}", dispatch, combine if spec.combine else None, check,
@@ -459,8 +540,10 @@ def _bench_rank(ctx, opts):
         row_bytes = payload_bytes(dtype_name, hidden)
         buffers = {}
         for path in opts["paths"]:
+            layout = {"mode": "ll", "layouts": (EXPERT,)} if path == EXPERT else \
+                moe_ep.EpConfig.path_options(path, opts["gpus_per_node"])
             cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=max_tokens,
-                                  dispatch_dtype=dtype, **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]),
+                                  dispatch_dtype=dtype, **layout,
                                   **({"inter_transport": opts["inter_transport"]} if path in INTER_PATHS else {}))
             buffers[path] = moe_ep.Buffer(ctx.group, cfg, check_inputs=False)
         for routing, num_tokens, sets in points(opts, world, dev):
@@ -476,10 +559,13 @@ def _bench_rank(ctx, opts):
             point = dict(world=world, dtype=dtype_name, routing=routing, tokens=num_tokens)
             timer = Timer(dev, barrier, opts)  # times the barrier at this point
             for path, buf in buffers.items():
+                # The expert layout moves one row per (token, expert) pair, not per (token, rank).
+                path_counts = _pair_counts(exp, rank, num_experts // world, row_bytes, hidden) if path == EXPERT \
+                    else counts
                 for spec in MOE_EP_VARIANTS:
                     if spec.applies(path, dtype_name, opts):
                         rows += run_variant(ctx, timer, moe_ep_variant(spec, ctx, path, buf, sets, exp, num_tokens,
-                                                                       opts, inter_rows), point, counts)
+                                                                       opts, inter_rows), point, path_counts)
             rows += run_variant(ctx, timer, padded_variant(ctx, sets, exp, num_tokens, opts, fp8), point, counts)
             rows += run_variant(ctx, timer, naive_variant(ctx, sets, exp, opts, fp8), point, counts)
             # The peer-to-peer limit: each rank sends, to every rank, the mean bytes it
@@ -501,6 +587,12 @@ def _bench_rank(ctx, opts):
             buf.close()
     barrier.close()
     return rows if rank == 0 else None
+
+
+def _pair_counts(exp: Expected, rank: int, per_rank: int, row_bytes: int, hidden: int) -> Counts:
+    """The rows the expert layout moves to this rank: one per (token, k) pair on its experts."""
+    remote, everything = _pairs_received(exp.inputs[1], rank, per_rank)
+    return Counts(remote, everything, row_bytes, hidden)
 
 
 def _pairs_received(ids, rank, per_rank):
@@ -764,7 +856,10 @@ def parse_args(argv=None):
     p.add_argument("--skewed-tokens", default="128,4096")
     p.add_argument("--dtypes", default="fp8,bf16")
     p.add_argument("--routings", default="uniform,skewed")
-    p.add_argument("--paths", default="ll,ht,auto", help="ll, ht, auto, and inter / inter_ht (need --gpus-per-node)")
+    p.add_argument("--paths", default="ll,ht,auto",
+                   help="ll, ht, auto, expert (the expert-major LL layout), and inter / inter_ht (need --gpus-per-node)")
+    p.add_argument("--hooks", action="store_true",
+                   help="also time the expert layout with return_recv_hook (send launch + hook back to back)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--prequantized", action="store_true",
@@ -811,7 +906,8 @@ def main(argv=None):
         # uniform routing only: the skewed one differs in its inputs alone (and CI's minutes count)
         args.tokens, args.routings, args.hidden, args.num_experts, args.topk = "3", "uniform", 256, 8, 2
         args.iters, args.warmup, args.batch, args.copy_parts, args.copy_warps = 1, 0, 1, "1", 4
-        args.paths, args.gpus_per_node = "ll,ht,inter_ht", 1  # the other paths run the same code
+        args.paths, args.gpus_per_node = "ll,ht,inter_ht,expert", 1  # the other paths run the same code
+        args.hooks = False  # (the hooks are tested; the smoke times the plain calls)
     else:
         if gpus < 2:
             raise SystemExit("the benchmark needs at least 2 GPUs (or --smoke for a CPU run)")
@@ -822,7 +918,7 @@ def main(argv=None):
                 dtypes=args.dtypes.split(","), routings=args.routings.split(","), paths=args.paths.split(","),
                 hidden=args.hidden, num_experts=args.num_experts, topk=args.topk, iters=args.iters, warmup=args.warmup,
                 batch=args.batch, gpus_per_node=args.gpus_per_node, inter_transport=args.inter_transport,
-                prequantized=args.prequantized or args.smoke, zero_copy=args.zero_copy or args.smoke,
+                prequantized=args.prequantized or args.smoke, zero_copy=args.zero_copy or args.smoke, hooks=args.hooks,
                 kineto=args.kineto == "on", deepep_ll_max_tokens=args.deepep_ll_max_tokens,
                 copy_parts=[int(v) for v in args.copy_parts.split(",")], copy_warps=args.copy_warps, progress=not args.smoke)
     env = _environment(device_kind, max(worlds) if device_kind == "cuda" else 0)
