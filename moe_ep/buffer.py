@@ -278,13 +278,17 @@ class Buffer:
 
     def warmup(self) -> None:
         """Compile every kernel this Buffer can launch (collective: all ranks call it): one
-        dispatch + combine per path and token bucket up to the path's capacity, before the first
-        timed or serving call."""
+        dispatch + combine per path (and layout) and token bucket up to the path's capacity, before
+        the first timed or serving call."""
         cfg = self.cfg
         if self.nodes > 1:  # LL variant up to the LL capacity, the HT variant (mode "ht"/"auto") up to all
             paths = [("inter", cfg.ll_tokens), ("inter_ht", cfg.max_tokens_per_rank if cfg.mode != "ll" else 0)]
-        else:
+        elif "flat" in cfg.layouts:
             paths = [("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)]
+        else:
+            paths = []
+        if cfg.expert_tokens:
+            paths.append((EXPERT_PATH, cfg.expert_tokens))
         for path, capacity in paths:
             bucket = 1
             while capacity and bucket <= token_bucket(capacity):
@@ -292,11 +296,23 @@ class Buffer:
                 x = torch.zeros(tokens, cfg.hidden, dtype=torch.bfloat16, device=self.device)
                 ids = torch.arange(tokens * cfg.topk, device=self.device).view(tokens, cfg.topk) % cfg.num_experts
                 w = torch.ones(tokens, cfg.topk, device=self.device)
-                out = self._dispatch(path, x, None, ids, w, None)
-                self.combine(torch.zeros(self.capacity, cfg.hidden, dtype=torch.bfloat16, device=self.device),
-                             out.handle)
-                if path == "ht":  # the zero-copy dispatch: a kernel variant of its own
-                    self._dispatch(path, x, None, ids, w, None, zero_copy=True)
+                if path == EXPERT_PATH:
+                    for hook in (False, True):  # one launch, and the send launch + its hook
+                        out = self.dispatch(x, ids, w, layout="expert", return_recv_hook=hook)
+                        if hook:
+                            out, receive = out
+                            receive()
+                        y = torch.zeros(out.x.shape, dtype=torch.bfloat16, device=self.device)
+                        for weighted in (False, True):
+                            z = self.combine(y, out.handle, weighted=weighted, return_recv_hook=hook)
+                            if hook:
+                                z[1]()
+                else:
+                    out = self._dispatch(path, x, None, ids, w, None)
+                    self.combine(torch.zeros(self.capacity, cfg.hidden, dtype=torch.bfloat16, device=self.device),
+                                 out.handle)
+                    if path == "ht":  # the zero-copy dispatch: a kernel variant of its own
+                        self._dispatch(path, x, None, ids, w, None, zero_copy=True)
                 bucket *= 2
         self.check()
 
