@@ -81,6 +81,7 @@ class Buffer:
                               cfg.slots(self.world_size) if cfg.expert_tokens else 0)
         self._on_gpu = self.device.type != "cpu"
         self._expert = _ExpertState(self) if cfg.expert_tokens else None
+        self._ht_views = None  # the zero-copy HT outputs (views of the receive regions), made at first use
         if self.nodes > 1:  # the inter-node path's HT variant stages every token, with node slots
             self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.max_tokens_per_rank,
                                                self.nodes) if cfg.mode != "ll" else None
@@ -166,13 +167,12 @@ class Buffer:
         """Dispatch checked inputs over ``path``, whose capacity holds them (see ``path``)."""
         num_tokens = x.shape[0]
         zero_copy = zero_copy and path == "ht"
-        if zero_copy:
-            out = self._new_dispatch_output(views=True)
-        elif out is None:
-            out = self.empty_dispatch_output()
+        if out is None:
+            out = self._new_dispatch_output(zero_copy, num_tokens, path)
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
-        out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
+        else:
+            out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
         params = self.launch_params(path, num_tokens, zero_copy).dispatch
         if path in INTER_PATHS:
             launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
@@ -186,14 +186,15 @@ class Buffer:
 
     def empty_dispatch_output(self) -> DispatchOutput:
         """Freshly allocated (uninitialised) dispatch outputs."""
-        return self._new_dispatch_output(views=False)
+        return self._new_dispatch_output(False)
 
-    def _new_dispatch_output(self, views: bool) -> DispatchOutput:
-        """Dispatch outputs; with ``views`` x, x_scales, topk_ids and topk_weights are views of the
-        HT receive regions, which hold the rows in the outputs' layout (``moe_ep.regions``)."""
+    def _new_dispatch_output(self, views: bool, num_tokens: int = 0, path: str = "ll") -> DispatchOutput:
+        """Dispatch outputs (of a call of ``num_tokens`` tokens over ``path``); with ``views`` x,
+        x_scales, topk_ids and topk_weights are views of the HT receive regions, which hold the rows
+        in the outputs' layout (``moe_ep.regions``)."""
         cfg, cap, dev = self.cfg, self.capacity, self.device
         src = torch.empty(cap, 2, dtype=torch.int32, device=dev)
-        num_tokens = torch.empty(1, dtype=torch.int32, device=dev)
+        num_recv_tokens = torch.empty(1, dtype=torch.int32, device=dev)
         forwarded = {}
         if self.nodes > 1:
             forwarded = dict(
@@ -202,18 +203,28 @@ class Buffer:
                 forwarded_count=torch.empty(self.nodes, dtype=torch.int32, device=dev))
         part_rows = torch.empty(self.world_size, cfg.ht_parts + 1, dtype=torch.int32, device=dev) \
             if self.nodes == 1 and cfg.ht_tokens else None
-        handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
+        handle = DispatchHandle(src=src, num_recv_tokens=num_recv_tokens,
                                 send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
-                                num_tokens=0, path="ll", buffer_id=id(self), part_rows=part_rows, **forwarded)
-        fields = (("x", cfg.dispatch_dtype, cfg.hidden), ("scales", torch.float32, cfg.num_scales),
-                  ("topk_ids", torch.int32, cfg.topk), ("topk_weights", torch.float32, cfg.topk))
-        rows = {name: self.heap.view("ht_dispatch_" + name, dtype, (cap, width)) if views else
-                torch.empty(cap, width, dtype=dtype, device=dev) for name, dtype, width in fields}
+                                num_tokens=num_tokens, path=path, buffer_id=id(self), part_rows=part_rows, **forwarded)
+        if views:
+            if self._ht_views is None:  # the same memory every call: made once
+                self._ht_views = {name: self.heap.view("ht_dispatch_" + name, dtype, (cap, width))
+                                  for name, dtype, width in self._row_fields()}
+            rows = self._ht_views
+        else:
+            rows = {name: torch.empty(cap, width, dtype=dtype, device=dev) for name, dtype, width in self._row_fields()}
         return DispatchOutput(
-            x=rows["x"], x_scales=rows["scales"] if cfg.fp8 else None, topk_ids=rows["topk_ids"],
-            topk_weights=rows["topk_weights"], src=src, num_tokens=num_tokens,
+            x=rows["x"], x_scales=rows.get("scales"), topk_ids=rows["topk_ids"],
+            topk_weights=rows["topk_weights"], src=src, num_tokens=num_recv_tokens,
             tokens_per_expert=torch.empty(self.experts_per_rank, dtype=torch.int32, device=dev),
             handle=handle)
+
+    def _row_fields(self) -> tuple:
+        """(name, dtype, values per row) of the flat outputs' row tensors (scales for fp8 only)."""
+        cfg = self.cfg
+        fields = (("x", cfg.dispatch_dtype, cfg.hidden), ("topk_ids", torch.int32, cfg.topk),
+                  ("topk_weights", torch.float32, cfg.topk))
+        return fields + ((("scales", torch.float32, cfg.num_scales),) if cfg.fp8 else ())
 
     # -- combine --------------------------------------------------------------------------------
 

@@ -15,13 +15,16 @@ from moe_ep.config import EpConfig
 
 def check_tensor(name: str, t, dtypes, shape, device: torch.device) -> None:
     """``t`` is a contiguous tensor of one of ``dtypes``, of ``shape``, on ``device``."""
+    if (type(t) is torch.Tensor and t.dtype in dtypes and t.device == device and t.shape == shape
+            and t.is_contiguous()):
+        return  # the common case, in one expression (this runs on every call's host path)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, this Buffer works on {device}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")

@@ -3,8 +3,8 @@
 ``kernel[grid](**kwargs)`` makes Triton bind and specialise every argument on every call (about
 40 per kernel here) before it finds the compiled kernel in its cache. A ``Launcher`` does that
 once per specialisation: its key holds exactly what Triton specialises on (constexpr values,
-each tensor's dtype and 16-byte alignment, each specialised integer's ``== 1`` / ``% 16 == 0`` and
-width), the first launch of a key goes through Triton (compiling if needed) and keeps the compiled
+each tensor's dtype and address mod 16, each specialised integer's ``== 1`` / ``% 16`` and width),
+the first launch of a key goes through Triton (compiling if needed) and keeps the compiled
 kernel, and later launches call it directly (``CompiledKernel[grid](*args)``: Triton 3.6 to 3.9
 launch the same way). Under Triton's interpreter every launch goes through ``kernel[grid]``.
 ``MOE_EP_FAST_LAUNCH=0`` turns the direct launches off (to compare).
@@ -17,7 +17,6 @@ import os
 import torch
 
 FAST = os.environ.get("MOE_EP_FAST_LAUNCH", "1") != "0"
-_INT32 = (-2**31, 2**31 - 1)
 
 
 class Launcher:
@@ -26,30 +25,35 @@ class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
         self._compiled: dict = {}
+        self._kinds = None  # per argument position, what its key holds: set at the first launch
         params = getattr(kernel, "params", None)  # (an interpreted function has none: see __call__)
         if params is None:
             return
         self.names = [p.name for p in params]
-        self.constexprs = [i for i, p in enumerate(params) if p.is_constexpr]
-        self.runtime = [i for i, p in enumerate(params) if not p.is_constexpr]
-        self.plain = {i for i in self.runtime if params[i].do_not_specialize}  # specialised on nothing but width
-        self.unaligned = {i for i in self.runtime if params[i].do_not_specialize_on_alignment}
+        self._params = params
+
+    def _classify(self, args: list) -> None:
+        """Split the argument positions by what Triton specialises on (their Python types do not
+        change between launches of one call site)."""
+        constexprs, tensors, ints, plain, other = [], [], [], [], []
+        for i, (p, value) in enumerate(zip(self._params, args)):
+            if p.is_constexpr:
+                constexprs.append(i)
+            elif isinstance(value, torch.Tensor):
+                (other if p.do_not_specialize_on_alignment else tensors).append(i)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                (plain if p.do_not_specialize else ints).append(i)
+            else:
+                other.append(i)
+        self._kinds = tuple(tuple(k) for k in (constexprs, tensors, ints, plain, other))
 
     def _key(self, args: list, options: tuple) -> tuple:
-        key = [options]
-        key += [args[i] for i in self.constexprs]
-        for i in self.runtime:
-            value = args[i]
-            if isinstance(value, torch.Tensor):
-                key.append((value.dtype, i in self.unaligned or value.data_ptr() % 16 == 0))
-            elif isinstance(value, bool):
-                key.append(value)
-            elif isinstance(value, int):
-                wide = not (_INT32[0] <= value <= _INT32[1])
-                key.append(wide if i in self.plain else (wide, value == 1, value % 16 == 0))
-            else:
-                key.append(type(value))
-        return tuple(key)
+        constexprs, tensors, ints, plain, other = self._kinds
+        return (options, tuple([args[i] for i in constexprs]),
+                tuple([(args[i].dtype, args[i].data_ptr() & 15) for i in tensors]),
+                tuple([(v == 1, v & 15, -2**31 <= v < 2**31) for v in [args[i] for i in ints]]),
+                tuple([-2**31 <= args[i] < 2**31 for i in plain]),
+                tuple([(type(args[i]), getattr(args[i], "dtype", None)) for i in other]))
 
     def __call__(self, grid: tuple, num_warps: int = 4, options: dict | None = None, **kwargs) -> None:
         options = options or {}
@@ -57,6 +61,8 @@ class Launcher:
             self.kernel[grid](**kwargs, num_warps=num_warps, **options)
             return
         args = [kwargs[name] for name in self.names]
+        if self._kinds is None:
+            self._classify(args)
         key = self._key(args, (num_warps, *sorted(options.items())))
         compiled = self._compiled.get(key)
         if compiled is None:
