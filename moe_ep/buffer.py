@@ -28,7 +28,7 @@ from moe_ep.kernels.dispatch_expert import PHASE_ALL, PHASE_RECV, PHASE_SEND, la
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
 from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
-from moe_ep.regions import heap_regions
+from moe_ep.regions import heap_bytes, heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
@@ -76,6 +76,7 @@ class Buffer:
         self.device = torch.device(device)
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
+        _check_ranks_agree(group, self.rank, self.world_size, cfg, self.device)  # before anything is allocated
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
         self.sync = SyncState(self.rank, self.device, cfg.timeout_s, cfg.num_experts,
                               cfg.slots(self.world_size) if cfg.expert_tokens else 0)
@@ -150,12 +151,14 @@ class Buffer:
                 raise ValueError("the expert layout's outputs are always views of the Buffer's receive regions: "
                                  "it takes no out and no zero_copy")
             x, x_scales = check_dispatch(self.cfg, self.device, x, topk_ids, topk_weights, self.check_inputs, layout)
+            self._check_not_own_memory(x, x_scales, topk_ids, topk_weights)
             if num_tokens_hint is not None and num_tokens_hint < x.shape[0]:
                 raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {x.shape[0]} tokens")
             return self._expert.dispatch(x, x_scales, topk_ids, topk_weights, return_recv_hook)
         if return_recv_hook:
             raise ValueError("return_recv_hook needs layout='expert'")
         x, x_scales = check_dispatch(self.cfg, self.device, x, topk_ids, topk_weights, self.check_inputs)
+        self._check_not_own_memory(x, x_scales, topk_ids, topk_weights)
         num_tokens = x.shape[0]
         if num_tokens_hint is not None and num_tokens_hint < num_tokens:
             raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {num_tokens} tokens")
@@ -171,8 +174,10 @@ class Buffer:
             out = self._new_dispatch_output(zero_copy, num_tokens, path)
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
-        else:
-            out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
+        else:  # the tensors are rewritten: an earlier handle on them goes stale
+            out.handle.stamp[0] += 1
+            out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path,
+                                                                      generation=out.handle.stamp[0]))
         params = self.launch_params(path, num_tokens, zero_copy).dispatch
         if path in INTER_PATHS:
             launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
@@ -329,9 +334,22 @@ class Buffer:
 
     # -- checks ---------------------------------------------------------------------------------
 
+    def _check_not_own_memory(self, *tensors) -> None:
+        """Refuse dispatch inputs that live in this Buffer's receive memory (zero-copy or expert-layout
+        outputs): peers overwrite it while the call reads it. Copy them first."""
+        start = self.heap.local.data_ptr()
+        end = start + self.heap.nbytes
+        for t in tensors:
+            if t is not None and t.numel() and start <= t.data_ptr() < end:
+                raise ValueError("a dispatch input is a view of this Buffer's receive memory (a zero_copy or expert-layout "
+                                 "output), which the peers overwrite during the call: pass a copy (.clone())")
+
     def _check_combine(self, y, handle, out):
         if not isinstance(handle, DispatchHandle) or handle.buffer_id != id(self):
             raise TypeError("handle must be the handle of a DispatchOutput of this Buffer")
+        if handle.generation != handle.stamp[0]:
+            raise ValueError("stale handle: its DispatchOutput was passed as out= to a later dispatch, which overwrote "
+                             "what this handle refers to (combine a dispatch before reusing its outputs)")
         check_tensor("y", y, (torch.bfloat16,), (self.capacity, self.cfg.hidden), self.device)
         if out is not None:
             check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden), self.device)
@@ -434,3 +452,22 @@ class _ExpertState:
         launch(PHASE_SEND if hook else PHASE_ALL)
         self.combines += 1
         return (out, self._hook("combine", call, lambda: launch(PHASE_RECV))) if hook else out
+
+
+def _check_ranks_agree(group, rank: int, world_size: int, cfg: EpConfig, device: torch.device) -> None:
+    """Every rank of ``group`` builds its Buffer with the same configuration and heap layout (one
+    all-gather); otherwise every rank raises the same ValueError naming what differs, before any
+    allocation (a rank with another hidden size would wait for the others in the first call)."""
+    import moe_ep
+
+    mine = {f"EpConfig.{f.name}": str(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    mine.update({"world size": str(world_size), "heap bytes": str(heap_bytes(cfg, world_size)),
+                 "device type": device.type, "moe_ep version": getattr(moe_ep, "__version__", "")})
+    every: list = [None] * world_size
+    dist.all_gather_object(every, mine, group=group)
+    differ = [name for name in mine if len({e[name] for e in every}) > 1]
+    if differ:
+        detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {e[name]}" for r, e in enumerate(every))
+                           for name in differ)
+        raise ValueError(f"rank {rank}: the ranks of this Buffer's group disagree on {', '.join(differ)} "
+                         f"({detail}); every rank must build its Buffer alike")

@@ -11,7 +11,7 @@ Two layouts (``Buffer.dispatch(..., layout=...)``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -35,6 +35,10 @@ class DispatchHandle:
     # HT path (one node): where each source's token ranges start among the received rows (the
     # HT combine sends them back range by range): [world_size, ht_parts + 1] int32.
     part_rows: Optional[torch.Tensor] = None
+    # Staleness: ``stamp`` is shared by every handle over the same tensors (an output passed as
+    # out= again); the handle is current while stamp[0] == generation.
+    generation: int = 0
+    stamp: list = field(default_factory=lambda: [0], compare=False)
 
 
 @dataclass(frozen=True)

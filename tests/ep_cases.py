@@ -220,3 +220,11 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
     finally:
         buf.close()
     return paths if hints else received
+
+
+def inputs_on_rank(ctx, buf, call: int, shape, kind: str = "uniform", seed: int = 0):
+    """This rank's (x, topk_ids, topk_weights) of a call on its device, and its reference dispatch."""
+    xs, ids, weights = make_inputs(call, kind, shape, ctx.world_size, seed)
+    expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)[ctx.rank]
+    me = ctx.rank
+    return (xs[me].to(ctx.device), ids[me].to(ctx.device), weights[me].to(ctx.device)), expected

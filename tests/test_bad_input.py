@@ -161,3 +161,79 @@ def _device_checks_ids(ctx, shape, path: str, dtype_name: str):
 def test_kernels_check_expert_ids(ranks, path):
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
     assert all(ranks.run(_device_checks_ids, shape, path, "float8_e4m3fn"))
+
+
+def _disagreeing_buffers(ctx, shape):
+    """Ranks that build their Buffers differently each get the same ValueError naming the field,
+    before anything is allocated (no hang in a barrier, no shared memory left); then alike, it works."""
+    import dataclasses
+    import glob
+
+    base = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * ctx.world_size,
+                           topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank)
+    before = set(glob.glob("/dev/shm/moe_ep-*"))
+    messages = {}
+    for name, other in (("hidden", shape.hidden + 128), ("num_experts", 2 * base.num_experts), ("topk", 1),
+                        ("mode", "ht"), ("max_tokens_per_rank", shape.max_tokens_per_rank + 1)):
+        cfg = dataclasses.replace(base, **{name: other}) if ctx.rank == 1 else base
+        with pytest.raises(ValueError, match=f"disagree on EpConfig.{name}") as err:
+            moe_ep.Buffer(ctx.group, cfg)
+        messages[name] = str(err.value).split(": ", 1)[1]  # (after "rank r: ")
+    assert set(glob.glob("/dev/shm/moe_ep-*")) <= before, "a refused Buffer left shared memory behind"
+    moe_ep.Buffer(ctx.group, base).close()
+    return messages
+
+
+def test_ranks_that_disagree_are_refused(ranks):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    messages = ranks.run(_disagreeing_buffers, shape)
+    assert all(m == messages[0] for m in messages), messages  # every rank says the same
+    assert f"rank 0 {shape.hidden}, rank 1 {shape.hidden + 128}" in messages[0]["hidden"], messages[0]["hidden"]
+
+
+def _stale_and_own_memory(ctx, shape):
+    """A handle whose outputs a later dispatch rewrote (out=), and dispatch inputs that are views of
+    the Buffer's own receive memory, are refused before any launch; the Buffer stays usable."""
+    from ep_cases import check_dispatch
+    from expert_cases import expert_config
+    from moe_ep import reference
+
+    cfg = expert_config(ctx, shape, "bfloat16")
+    buf = moe_ep.Buffer(ctx.group, moe_ep.EpConfig(**{**cfg.__dict__, "mode": "auto", "crossover_tokens": 4}))
+    try:
+        # Three tokens on every rank (every rank then refuses the same calls).
+        gens = [torch.Generator().manual_seed(r) for r in range(ctx.world_size)]
+        xs = [torch.randn(3, shape.hidden, generator=g).to(torch.bfloat16) for g in gens]
+        all_ids = [torch.stack([torch.randperm(cfg.num_experts, generator=g)[:shape.topk] for _ in range(3)])
+                   for g in gens]
+        ws = [torch.rand(3, shape.topk, generator=g) for g in gens]
+        expected = reference.dispatch(xs, all_ids, ws, cfg.num_experts, cfg.dispatch_dtype)[ctx.rank]
+        x, ids, w = (t[ctx.rank].to(ctx.device) for t in (xs, all_ids, ws))
+        out = buf.empty_dispatch_output()
+        first = buf.dispatch(x, ids, w, out=out)
+        second = buf.dispatch(x, ids, w, out=first)
+        y = torch.zeros(buf.capacity, shape.hidden, dtype=torch.bfloat16, device=ctx.device)
+        with pytest.raises(ValueError, match="stale handle"):
+            buf.combine(y, first.handle)
+        buf.combine(y, second.handle)
+        check_dispatch(second, expected, buf.capacity)
+        views = buf.dispatch(x, ids, w, zero_copy=True, num_tokens_hint=shape.max_tokens_per_rank)
+        assert views.handle.path == "ht"
+        with pytest.raises(ValueError, match="view of this Buffer's receive memory"):
+            buf.dispatch(views.x[:x.shape[0]], ids, w)
+        buf.combine(y, views.handle)
+        pairs = buf.dispatch(x, ids, w, layout="expert")
+        with pytest.raises(ValueError, match="view of this Buffer's receive memory"):
+            buf.dispatch(pairs.x[0, :3], ids, w, layout="expert")
+        buf.combine(torch.zeros(pairs.x.shape, dtype=torch.bfloat16, device=ctx.device), pairs.handle)
+        again = buf.dispatch(pairs.x[0, :3].clone(), ids, w)  # a copy is fine
+        buf.combine(y, again.handle)
+        buf.check()
+    finally:
+        buf.close()
+    return True
+
+
+def test_stale_handles_and_own_memory_are_refused(ranks):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    assert all(ranks.run(_stale_and_own_memory, shape))
