@@ -75,6 +75,39 @@ def vendor() -> str:
     return "amd" if torch.version.hip else "nvidia"
 
 
+def kernel_arg(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a Triton kernel argument. float8_e4m3fnuz (MI300X's fp8) is a Triton type on
+    AMD targets only: under the interpreter and on NVIDIA such a tensor travels as its bytes (a
+    uint8 view; the kernels store fp8 codes, see ``moe_ep.kernels.numerics``). Every other tensor,
+    and every tensor on AMD GPUs, as it is."""
+    if tensor.dtype == torch.float8_e4m3fnuz and vendor() != "amd":
+        return tensor.view(torch.uint8)
+    return tensor
+
+
+# AMD targets whose fp8 is float8_e4m3fnuz (MI300A/MI300X/MI325X are gfx942; gfx940 and gfx941 were
+# MI300's first steppings). gfx950 (MI355X) and later compute in OCP float8_e4m3fn, as NVIDIA does.
+_FNUZ_ARCHS = ("gfx940", "gfx941", "gfx942")
+
+
+def fp8_dtype_for_arch(arch: str) -> torch.dtype:
+    """The fp8 dtype of a compile target or ``gcnArchName`` ("gfx942:sramecc+:xnack-", "gfx950",
+    or an NVIDIA target): float8_e4m3fnuz on gfx940-gfx942, else float8_e4m3fn."""
+    return torch.float8_e4m3fnuz if str(arch).split(":")[0] in _FNUZ_ARCHS else torch.float8_e4m3fn
+
+
+def native_fp8_dtype(device=None) -> torch.dtype:
+    """The fp8 dtype the GPU's matrix units compute in, for ``EpConfig(dispatch_dtype=...)``:
+    torch.float8_e4m3fnuz on AMD gfx942 (MI300X), torch.float8_e4m3fn on AMD gfx950 (MI355X),
+    NVIDIA and the CPU. ``device``: a torch device, index or name; None: the current GPU, if any."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else torch.device("cpu")
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda" or not torch.version.hip:
+        return torch.float8_e4m3fn
+    return fp8_dtype_for_arch(torch.cuda.get_device_properties(device).gcnArchName)
+
+
 def device_name(device: torch.device) -> str:
     """The name of the card (or 'cpu') that runs the kernels on ``device``."""
     if device.type == "cpu":

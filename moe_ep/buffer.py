@@ -57,7 +57,7 @@ class DispatchHandle:
 class DispatchOutput:
     """Received rows, laid out compactly in (source rank, token index) order."""
 
-    x: torch.Tensor  # [capacity, hidden] bf16, or float8_e4m3fn for fp8 dispatch
+    x: torch.Tensor  # [capacity, hidden] bf16, or the fp8 dispatch dtype (float8_e4m3fn or float8_e4m3fnuz)
     x_scales: Optional[torch.Tensor]  # [capacity, hidden // 128] float32 (None for bf16)
     topk_ids: torch.Tensor  # [capacity, topk] int32: local expert index on this rank, -1 elsewhere
     topk_weights: torch.Tensor  # [capacity, topk] float32: 0 where topk_ids is -1
@@ -138,7 +138,7 @@ class Buffer:
         """Send each token to the ranks that hold its experts.
 
         x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank), or, for
-                      fp8 dispatch, a tuple ([num_tokens, hidden] float8_e4m3fn,
+                      fp8 dispatch, a tuple ([num_tokens, hidden] fp8 of cfg.dispatch_dtype,
                       [num_tokens, hidden // 128] float32 scales) already quantised
         topk_ids      [num_tokens, topk] int32/int64 global expert ids; -1 means no expert
         topk_weights  [num_tokens, topk] float32
@@ -303,14 +303,14 @@ class Buffer:
         x_scales = None
         if isinstance(x, tuple):
             if not cfg.fp8 or len(x) != 2:
-                raise TypeError("x may be a (float8_e4m3fn values, float32 scales) tuple only for fp8 dispatch")
+                raise TypeError("x may be a (fp8 values, float32 scales) tuple only for fp8 dispatch")
             x, x_scales = x
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"x must be a [num_tokens, {cfg.hidden}] tensor")
         num_tokens = x.shape[0]
         if num_tokens > cfg.max_tokens_per_rank:
             raise ValueError(f"x has {num_tokens} tokens, more than max_tokens_per_rank={cfg.max_tokens_per_rank}")
-        x_dtypes = (torch.float8_e4m3fn,) if x_scales is not None else (torch.bfloat16,)
+        x_dtypes = (cfg.dispatch_dtype,) if x_scales is not None else (torch.bfloat16,)
         self._check_tensor("x", x, x_dtypes, (num_tokens, cfg.hidden))
         if x_scales is not None:
             self._check_tensor("x_scales", x_scales, (torch.float32,), (num_tokens, cfg.num_scales))

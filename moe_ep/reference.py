@@ -4,7 +4,10 @@ Functions take every rank's inputs (lists indexed by rank) and return every rank
 with the exact layout, order and rounding the kernels promise:
 - rank d receives, in order of source rank then token index, each token that has at least one
   expert on d (once, however many of its experts live there);
-- fp8 quantisation: per 128 values, scale = max(amax, 1e-4) / 448, q = fp8(clamp(x / scale));
+- fp8 quantisation: per 128 values, scale = max(amax, 1e-4) / fp8_max, q = fp8(clamp(x / scale)),
+  round to nearest even, in float8_e4m3fn (fp8_max 448) or float8_e4m3fnuz (AMD MI300X's format:
+  fp8_max 240, no negative zero: -0 and what rounds to it give 0x00; torch's own conversion
+  already does so, and rounds ties to even, checked for every code by tests/test_numerics.py);
 - combine sums the partials of the ranks a token went to in rank order, in float32, then rounds
   to bfloat16 (a token with no expert gets zeros). Across nodes (``gpus_per_node`` below the
   world size) each node's partials are summed first, in rank order in float32, a remote node's
@@ -20,16 +23,21 @@ import torch
 
 from moe_ep.config import QUANT_BLOCK
 
-FP8_MAX = 448.0
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}  # largest finite value
 FP8_AMAX_FLOOR = 1e-4
 
 
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[T, H]`` -> (``[T, H]`` float8_e4m3fn, ``[T, H // 128]`` float32 scales)."""
+def quantize_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T, H]`` -> (``[T, H]`` fp8 ``dtype`` (float8_e4m3fn or float8_e4m3fnuz),
+    ``[T, H // 128]`` float32 scales)."""
+    if dtype not in FP8_DTYPES:
+        raise ValueError(f"quantize_fp8: dtype must be one of {FP8_DTYPES}, got {dtype}")
+    fp8_max = FP8_MAX[dtype]
     t, h = x.shape
     groups = x.float().view(t, h // QUANT_BLOCK, QUANT_BLOCK)
-    scales = groups.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR) / FP8_MAX
-    q = (groups / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    scales = groups.abs().amax(dim=-1).clamp(min=FP8_AMAX_FLOOR) / fp8_max
+    q = (groups / scales[..., None]).clamp(-fp8_max, fp8_max).to(dtype)
     return q.view(t, h), scales
 
 
@@ -69,13 +77,13 @@ def dispatch(xs, topk_ids, topk_weights, num_experts: int, dispatch_dtype: torch
     ``[T_r, topk]`` ids, ``[T_r, topk]`` float32 weights) -> every rank's ``RankDispatch``."""
     world_size = len(xs)
     per_rank = num_experts // world_size
-    fp8 = dispatch_dtype == torch.float8_e4m3fn
+    fp8 = dispatch_dtype in FP8_DTYPES
     payloads = []
     for x in xs:
         if isinstance(x, tuple):
             payloads.append(x)
         elif fp8:
-            payloads.append(quantize_fp8(x))
+            payloads.append(quantize_fp8(x, dispatch_dtype))
         else:
             payloads.append((x, None))
     out = []

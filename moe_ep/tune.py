@@ -107,7 +107,7 @@ def _tune_rank(ctx, opts):
         path = "ht" if zero_copy else search_path
         if path in INTER_PATHS and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
-        dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
+        dtype = moe_ep.native_fp8_dtype(dev) if dtype_name == "fp8" else torch.bfloat16
         cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
                               max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype,
                               **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]))

@@ -11,6 +11,9 @@ global loads and stores: the bf16 and fp8 rows must move in vectors. An address 
 peer pointer) has no alignment Triton can see unless the kernel declares it
 (``tl.multiple_of`` on a pointer computed in the same function); without it a row is copied
 one element at a time.
+The fp8 element types in each kernel's Triton IR are exactly those of its signature's pointers:
+a float8_e4m3fnuz variant (MI300X's fp8, AMD targets only) holds no OCP float8_e4m3fn value, and
+the reverse.
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ def element_sized_accesses(asm: str) -> int:
     return len(ptx) + len(gcn)
 
 
+# Triton signature types of fp8 pointers -> their MLIR element types in Triton IR.
+_FP8_IR_TYPES = {"fp8e4nv": "f8E4M3FN", "fp8e4b8": "f8E4M3FNUZ", "fp8e5": "f8E5M2", "fp8e5b16": "f8E5M2FNUZ"}
+
+
+def fp8_ir_types(ir: str) -> set[str]:
+    """The fp8 element types that Triton IR (TTIR) text mentions."""
+    return set(re.findall(r"\bf8E[45]M[23](?:FNUZ|FN)?\b", ir))
+
+
+def signature_fp8_types(signature: dict) -> set[str]:
+    """The fp8 element types of a registered signature's pointers, as Triton IR spells them."""
+    return {_FP8_IR_TYPES[kind[1:]] for kind in signature.values() if kind[1:] in _FP8_IR_TYPES}
+
+
 def compile_kernel(spec, backend: str, arch, warp_size: int):
     """Triton's compiled kernel of the registered ``spec`` for one target (pointers 16-byte aligned)."""
     import triton
@@ -81,7 +98,7 @@ def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
     failures = []
     for spec in KERNELS:
         for backend, arch, warp_size in TARGETS:
-            if not _selected(backend, arch, backends):
+            if not _selected(backend, arch, backends) or backend not in spec.backends:
                 continue
             try:
                 compiled = compile_kernel(spec, backend, arch, warp_size)
@@ -90,6 +107,10 @@ def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
                 if narrow:
                     raise AssertionError(f"{narrow} element-sized (1- or 2-byte) global loads/stores in the PTX: "
                                          "declare the rows' alignment (tl.multiple_of)")
+                fp8_types, declared = fp8_ir_types(compiled.asm["ttir"]), signature_fp8_types(spec.signature)
+                if fp8_types != declared:
+                    raise AssertionError(f"fp8 types {sorted(fp8_types)} in the Triton IR, {sorted(declared)} in the "
+                                         "signature")
                 if verbose:
                     print(f"ok   {spec.name:32s} {backend}:{arch}  {size} bytes")
             except Exception as exc:  # report every failure, not just the first
