@@ -1,5 +1,6 @@
-"""The kernels' rounding (fp8 quantisation in both formats, float32 -> bf16) matches torch bit for
-bit, on the CPU interpreter and (-m gpu) on GPUs, including ties and subnormals."""
+"""The kernels' rounding (fp8 quantisation in both formats, float32 -> bf16) matches
+moe_ep.reference (torch, with its stated NaN rule) bit for bit, on the CPU interpreter and
+(-m gpu) on GPUs, including ties, subnormals, NaN and infinities."""
 
 import pytest
 import torch
@@ -34,8 +35,21 @@ def _probe_inputs(dtype):
     rows.append(torch.cat([special, special], dim=1)[:, :256])
     rows.append(torch.zeros(1, 256))  # amax 0: the floor scale
     rows.append(-torch.rand(1, 256, generator=gen) * 1e-9)  # tiny negatives: the floor scale, codes of -0 / 0
+    rows.append(_non_finite_rows(gen))
     return torch.cat(rows)
 
+
+def _non_finite_rows(gen):
+    """Rows with NaN (either sign, other payloads: 0x7FFFFFFF is NVIDIA's canonical NaN,
+    0x7F800001 a signalling one) and infinities sprinkled into some 128-value groups."""
+    rows = torch.randn(4, 256, generator=gen) * 3
+    nans = torch.tensor([0x7FC00000, 0xFFC00000 - 2**32, 0x7FFFFFFF, 0x7F800001, 0xFFFFFFFF - 2**32],
+                        dtype=torch.int32).view(torch.float32)
+    rows[0, 5], rows[0, 130], rows[0, 131] = nans[0], float("inf"), float("-inf")  # NaN group, inf group
+    rows[1, 0], rows[1, 255] = float("-inf"), nans[1]
+    rows[2, 17:22] = nans
+    rows[3, 64], rows[3, 200] = float("inf"), float("inf")
+    return rows
 
 
 @triton.jit
@@ -63,9 +77,11 @@ def _run_probe(ctx, dtype_name):
     ref_q, ref_scales = reference.quantize_fp8(x, dtype)
     assert_equal("scales", ref_scales, scales.cpu())
     assert_equal("fp8 codes", ref_q.view(torch.uint8), q.cpu().view(torch.uint8))
-    assert_equal("bf16 codes", (x * 1.0009765625).to(torch.bfloat16).view(torch.int16), bf16.cpu().view(torch.int16))
+    assert_equal("bf16 codes", reference.to_bf16(x * 1.0009765625).view(torch.int16), bf16.cpu().view(torch.int16))
     if dtype == torch.float8_e4m3fnuz:
-        assert not bool((q.cpu().view(torch.uint8) == 0x80).any()), "0x80 (NaN in fnuz) emitted for a finite value"
+        finite_groups = x.view(rows, -1, 128).isfinite().all(dim=-1, keepdim=True).expand(-1, -1, 128).reshape(rows, -1)
+        emitted = q.cpu().view(torch.uint8)[finite_groups]
+        assert not bool((emitted == 0x80).any()), "0x80 (NaN in fnuz) emitted for a finite value"
     return rows
 
 
