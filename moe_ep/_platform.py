@@ -137,6 +137,28 @@ def poll_sleep_asm(arch: str, ns: int) -> tuple[str, str]:
         return f"s_sleep {max(1, min(127, ns // 32))}\n s_mov_b32 $0, 0", "=s"
     return f"nanosleep.u32 {ns};\n mov.u32 $0, 0;", "=r"
 
+# AMD targets whose release sequences follow LLVM's GFX942 memory model (gfx950 shares it).
+_GFX942_MODEL = ("gfx940", "gfx941", "gfx942", "gfx950")
+# The cache write-back a release at each scope starts with there (system: sc0 sc1; agent: sc1).
+_WRITE_BACK = {"sys": "buffer_wbl2 sc0 sc1", "gpu": "buffer_wbl2 sc1"}
+
+
+def release_fence_asm(arch, scope: str) -> tuple[str, str] | None:
+    """(inline assembly, constraints) of the fence a release at ``scope`` ("sys" or "gpu") starts
+    with on the compile target ``arch``, writing 0 to one output; None where Triton's own release
+    atomics are kept (NVIDIA, and AMD targets outside the GFX942 memory model).
+
+    LLVM's AMDGPU memory model (GFX942, gfx950 alike): a release writes back the L2
+    (``buffer_wbl2``; sc0 sc1 for system scope, sc1 for agent scope), then waits for every earlier
+    memory operation, ``s_waitcnt vmcnt(0) lgkmcnt(0)``, before the releasing store or atomic.
+    The LLVM of Triton 3.6 omits the vmcnt(0) at most of moe_ep's sites (GPU_NOTES.md), so the
+    kernels issue this fence themselves and then a relaxed atomic
+    (``moe_ep.transport.primitives._release_sem``)."""
+    if str(arch).split(":")[0] not in _GFX942_MODEL:
+        return None
+    return f"{_WRITE_BACK[scope]}\n s_waitcnt vmcnt(0) lgkmcnt(0)\n s_mov_b32 $0, 0", "=s"
+
+
 # How many polls of a signal one second of waiting holds, by where the kernel runs. A wait is
 # bounded by a poll count (kernels have no portable clock), so the timeout is approximate: on a
 # GPU a system-scope acquire load takes about 0.3-1 us; in the interpreter a poll is a pause of

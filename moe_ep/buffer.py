@@ -25,6 +25,7 @@ from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
+from moe_ep.kernels.release_check import check_release_ordering
 from moe_ep.regions import heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
@@ -97,6 +98,8 @@ class Buffer:
         self.device = torch.device(device)
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
+        if self.device.type == "cuda":  # AMD: refuse a Triton whose releases do not wait for the stores
+            check_release_ordering(self.device)
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
         self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
         self._on_gpu = self.device.type != "cpu"

@@ -36,3 +36,91 @@ def test_config_takes_both_fp8_formats():
         assert cfg.fp8 and cfg.num_scales == 2
     with pytest.raises(ValueError, match="dispatch_dtype"):
         moe_ep.EpConfig(hidden=256, num_experts=8, topk=2, max_tokens_per_rank=4, dispatch_dtype=torch.float8_e5m2)
+
+
+# Release ordering (moe_ep.kernels.release_check): the run-time guard's decision, on assembly text.
+_ORDERED = "\tglobal_store_dword v[0:1], v2, off\n\tbuffer_wbl2 sc0 sc1\n\ts_waitcnt vmcnt(0) lgkmcnt(0)\n" \
+           "\tglobal_atomic_swap v[4:5], v2, off sc1\n"
+_UNORDERED = _ORDERED.replace("vmcnt(0) lgkmcnt(0)", "lgkmcnt(0)")
+
+
+def test_release_guard_decides_from_the_assembly():
+    from moe_ep.kernels.release_check import release_ordering_error
+
+    assert release_ordering_error(_ORDERED, "3.6.0", "gfx942") is None
+    why = release_ordering_error(_UNORDERED, "3.6.0", "gfx942")
+    assert why is not None and "Triton 3.6.0" in why and "gfx942" in why and "s_waitcnt vmcnt(0)" in why, why
+
+
+def test_release_guard_refuses_at_the_first_buffer_on_amd(monkeypatch):
+    """check_release_ordering on a (pretended) MI300X: it compiles the probe once for the device's
+    target and refuses with a RuntimeError naming the card, the target and the Triton version when
+    the assembly lacks the wait; on a CPU it does nothing."""
+    import types
+
+    import triton
+
+    from moe_ep.kernels import release_check
+
+    release_check.check_release_ordering(torch.device("cpu"))  # not AMD: nothing compiled, nothing raised
+    compiled = []
+
+    def fake_compile(spec, backend, arch, warp_size):
+        compiled.append((spec.name, backend, arch, warp_size))
+        return types.SimpleNamespace(asm={"amdgcn": _UNORDERED if arch == "gfx942" else _ORDERED})
+
+    monkeypatch.setattr(_platform, "vendor", lambda: "amd")
+    monkeypatch.setattr(release_check, "compile_kernel", fake_compile)
+    monkeypatch.setattr(release_check, "_VERDICTS", {})
+    props = {0: types.SimpleNamespace(name="AMD Instinct MI300X", gcnArchName="gfx942:sramecc+:xnack-", warp_size=64),
+             1: types.SimpleNamespace(name="AMD Instinct MI355X", gcnArchName="gfx950:sramecc+:xnack-", warp_size=64)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props[device.index])
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=rf"MI300X \(gfx942\).*Triton {triton.__version__}.*vmcnt\(0\)"):
+            release_check.check_release_ordering(torch.device("cuda", 0))
+    release_check.check_release_ordering(torch.device("cuda", 1))
+    assert compiled == [("_release_probe_kernel", "hip", "gfx942", 64), ("_release_probe_kernel", "hip", "gfx950", 64)]
+
+
+_BARRIER_VERDICTS = """
+import os
+import triton
+from moe_ep import _platform
+from moe_ep.kernels.cross_compile import compile_kernel, import_all_kernels
+from moe_ep.kernels.registry import KERNELS
+from moe_ep.kernels.release_check import release_ordering_error
+
+import_all_kernels()
+spec = next(k for k in KERNELS if k.name == "_barrier_kernel")
+fence = _platform.release_fence_asm
+for own_fence in (True, False):  # moe_ep's release fence, then Triton's own release sequences
+    _platform.release_fence_asm = fence if own_fence else (lambda arch, scope: None)
+    triton.knobs.cache.dir = os.path.join(os.environ["TRITON_CACHE_DIR"], str(own_fence))  # not in the cache key
+    gcn = compile_kernel(spec, "hip", "gfx942", 64).asm["amdgcn"]
+    print(repr(release_ordering_error(gcn, triton.__version__, "gfx942")))
+"""
+
+
+def test_release_guard_on_real_gfx942_assembly(tmp_path):
+    """The guard's verdict on the barrier kernel as this machine's Triton compiles it for gfx942:
+    with moe_ep's release fence, accepted; with Triton's own release sequences, refused under
+    Triton 3.6.0 (its LLVM leaves out the wait), another Triton's verdict printed. Fresh Triton
+    caches: the fence is not part of Triton's cache key."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _BARRIER_VERDICTS], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    fenced, triton_own = proc.stdout.strip().splitlines()[-2:]
+    assert fenced == "None", fenced
+    if triton.__version__ == "3.6.0":
+        assert "Triton 3.6.0" in triton_own and "vmcnt(0)" in triton_own, triton_own
+    else:
+        print(f"Triton {triton.__version__}, gfx942, its own release sequences: {triton_own}")

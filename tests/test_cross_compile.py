@@ -1,9 +1,13 @@
 """Every Triton kernel of the package compiles for NVIDIA sm_90 and AMD gfx942/gfx950, no GPU needed,
-and moves its bf16/fp8 rows in vectors (see moe_ep.kernels.cross_compile)."""
+moves its bf16/fp8 rows in vectors, and, on AMD, waits for its stores in every release (see
+moe_ep.kernels.cross_compile)."""
 
 import os
+import re
 import subprocess
 import sys
+
+from moe_ep.kernels.cross_compile import unordered_releases
 
 
 def test_every_kernel_compiles_for_nvidia_and_amd():
@@ -19,6 +23,43 @@ def test_every_kernel_compiles_for_nvidia_and_amd():
         assert "FAIL" not in out, out
         assert out.count("ok ") >= 3, out
         assert f" {target}" in out, out
+        if target.startswith("hip"):  # every kernel's release sequences were read, and there were some
+            releases = [int(n) for n in re.findall(r"(\d+) releases ordered", out)]
+            assert len(releases) == out.count("ok ") and sum(releases) > 0, out
+
+
+# A release at system scope as LLVM's memory model writes it for gfx942 (write-back, wait, atomic),
+# and as the LLVM of Triton 3.6 wrote it at most of moe_ep's sites (no vmcnt(0) after the write-back).
+_ORDERED = """
+	global_store_dwordx4 v[0:1], v[2:5], off
+	buffer_wbl2 sc0 sc1
+	s_waitcnt vmcnt(0) lgkmcnt(0)
+	global_atomic_swap v[4:5], v2, off sc1
+"""
+_UNORDERED = """
+	global_store_dwordx4 v[0:1], v[2:5], off
+	buffer_wbl2 sc0 sc1
+	s_waitcnt lgkmcnt(0)
+	global_atomic_swap v[4:5], v2, off sc1
+"""
+
+
+def test_release_checker_flags_a_missing_wait():
+    assert unordered_releases(_ORDERED) == []
+    assert unordered_releases(_ORDERED.replace("vmcnt(0) lgkmcnt(0)", "0")) == []  # every counter
+    assert unordered_releases(_ORDERED.replace("lgkmcnt(0)", "\n\ts_waitcnt lgkmcnt(0)")) == []  # split waits
+    flagged = unordered_releases(_UNORDERED)
+    assert len(flagged) == 1 and "buffer_wbl2 sc0 sc1" in flagged[0] and "global_atomic_swap" in flagged[0], flagged
+    # A wait for some stores only, a plain store, a flat or buffer atomic, a branch or the end first: flagged.
+    assert len(unordered_releases(_ORDERED.replace("vmcnt(0)", "vmcnt(1)"))) == 1
+    assert len(unordered_releases(_UNORDERED.replace("global_atomic_swap v[4:5], v2, off sc1",
+                                                     "global_store_dword v[4:5], v2, off sc0 sc1"))) == 1
+    assert len(unordered_releases(_UNORDERED.replace("global_atomic_swap", "flat_atomic_swap"))) == 1
+    assert len(unordered_releases(_UNORDERED.replace("global_atomic_swap", "buffer_atomic_add"))) == 1
+    assert len(unordered_releases(_UNORDERED.replace("\ts_waitcnt lgkmcnt(0)", "\ts_cbranch_execz .LBB0_3"))) == 1
+    assert len(unordered_releases("\tbuffer_wbl2 sc1\n\ts_endpgm\n")) == 1
+    # An agent-scope release (sc1) is held to the same rule; comments and debug labels are skipped.
+    assert unordered_releases(_ORDERED.replace("sc0 sc1\n", "sc1 ; agent\n.Ltmp3:\n")) == []
 
 
 def test_nvshmem_variants_build_up_to_the_link():
