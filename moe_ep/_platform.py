@@ -122,11 +122,24 @@ def yield_cpu() -> None:
 
 _POLL_PAUSE_S = 0.001
 
-# Nanoseconds a GPU wait sleeps between two polls of a flag (0, the default: none; read once at
-# import, so set it before moe_ep is imported). Waiting programs poll with system-scope atomics
-# while the programs they wait for run; in run 12 more waiters made those slower
-# (benchmarks/NOTES.md): pausing between polls is the experiment this enables.
-POLL_SLEEP_NS = int(os.environ.get("MOE_EP_POLL_SLEEP_NS", "0"))
+# Nanoseconds a GPU wait sleeps between two polls of a flag: $MOE_EP_POLL_SLEEP_NS where set (read
+# once at import, so set it before moe_ep is imported; 0: no sleep), else by compile target
+# (``poll_sleep_ns``). Waiting programs poll with system-scope atomics while the programs they wait
+# for run. NVIDIA: no sleep by default (in run 12 more waiters made the senders slower, and sleeps
+# are the experiment this enables: benchmarks/NOTES.md). AMD: AMD_POLL_SLEEP_NS by default, a
+# bounded pause (s_sleep 4, about 256 clocks) between polls, as mori's waits back off: it reports
+# that tight spins over xGMI can livelock. Not measured on an AMD GPU yet.
+POLL_SLEEP_NS_ENV = int(os.environ["MOE_EP_POLL_SLEEP_NS"]) if os.environ.get("MOE_EP_POLL_SLEEP_NS") else None
+AMD_POLL_SLEEP_NS = 128
+
+
+def poll_sleep_ns(arch, override: int | None = None) -> int:
+    """Nanoseconds between two polls on the compile target ``arch`` ("gfx942", "gfx950": AMD; else
+    NVIDIA): ``override`` (e.g. $MOE_EP_POLL_SLEEP_NS) when given, else AMD_POLL_SLEEP_NS on AMD and 0
+    on NVIDIA."""
+    if override is not None:
+        return max(0, override)
+    return AMD_POLL_SLEEP_NS if str(arch).startswith("gfx") else 0
 
 
 def poll_sleep_asm(arch: str, ns: int) -> tuple[str, str]:
@@ -169,6 +182,7 @@ _POLLS_PER_SECOND = {"nvidia": 2_000_000, "amd": 2_000_000, "cpu": 250}
 def max_polls(timeout_s: float) -> int:
     """Poll budget of one wait for a timeout of ``timeout_s`` seconds (fits an int32)."""
     per_second = _POLLS_PER_SECOND[vendor()]
-    if vendor() != "cpu" and POLL_SLEEP_NS:  # each poll also sleeps
-        per_second = int(1e9 / (1e9 / per_second + POLL_SLEEP_NS))
+    sleep_ns = poll_sleep_ns("gfx" if vendor() == "amd" else "", POLL_SLEEP_NS_ENV) if vendor() != "cpu" else 0
+    if sleep_ns:  # each poll also sleeps
+        per_second = int(1e9 / (1e9 / per_second + sleep_ns))
     return int(min(max(timeout_s, 0.0) * per_second, 2**31 - 1))

@@ -124,3 +124,20 @@ def test_release_guard_on_real_gfx942_assembly(tmp_path):
         assert "Triton 3.6.0" in triton_own and "vmcnt(0)" in triton_own, triton_own
     else:
         print(f"Triton {triton.__version__}, gfx942, its own release sequences: {triton_own}")
+
+
+def test_poll_sleep_defaults_and_the_poll_budget(monkeypatch):
+    """AMD waits sleep between polls by default, NVIDIA ones do not, $MOE_EP_POLL_SLEEP_NS sets both;
+    the poll budget of a timeout shrinks by the sleep so the timeout stays about the same."""
+    assert _platform.poll_sleep_ns("gfx942") == _platform.AMD_POLL_SLEEP_NS > 0
+    assert _platform.poll_sleep_ns("gfx950") == _platform.AMD_POLL_SLEEP_NS
+    assert _platform.poll_sleep_ns(90) == 0
+    assert _platform.poll_sleep_ns(90, override=300) == 300 and _platform.poll_sleep_ns("gfx942", override=0) == 0
+    assert "s_sleep 4" in _platform.poll_sleep_asm("gfx942", _platform.AMD_POLL_SLEEP_NS)[0]
+    budgets = {}
+    for vendor in ("nvidia", "amd"):
+        monkeypatch.setattr(_platform, "vendor", lambda vendor=vendor: vendor)
+        budgets[vendor] = _platform.max_polls(10.0)
+    per_poll_s = 1 / _platform._POLLS_PER_SECOND["amd"]
+    assert budgets["nvidia"] == 10 * _platform._POLLS_PER_SECOND["nvidia"]
+    assert abs(budgets["amd"] - 10 / (per_poll_s + _platform.AMD_POLL_SLEEP_NS * 1e-9)) < 100, budgets

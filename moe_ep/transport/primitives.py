@@ -133,15 +133,21 @@ def _poll(ptrs, mask):
 
 
 @core.extern
-def _sleep_between_polls(_semantic=None):
-    """A GPU pause of ``_platform.POLL_SLEEP_NS`` nanoseconds, in the compile target's assembly."""
-    asm, constraints = _platform.poll_sleep_asm(getattr(_semantic.builder.options, "arch", ""),
-                                                _platform.POLL_SLEEP_NS)
+def _sleep_between_polls(override_ns, _semantic=None):
+    """A GPU pause between two polls, in the compile target's assembly: ``_platform.poll_sleep_ns``
+    nanoseconds for that target (``override_ns`` >= 0: that many instead), or nothing for 0."""
+    arch = getattr(_semantic.builder.options, "arch", "")
+    override_ns = core._unwrap_if_constexpr(override_ns)
+    ns = _platform.poll_sleep_ns(arch, override_ns if override_ns >= 0 else None)
+    if ns == 0:
+        return core.constexpr(0)
+    asm, constraints = _platform.poll_sleep_asm(arch, ns)
     return core.inline_asm_elementwise(asm, constraints, [], dtype=core.int32, is_pure=False, pack=1,
                                        _semantic=_semantic)
 
 
-_POLL_SLEEP_NS = tl.constexpr(_platform.POLL_SLEEP_NS)
+# $MOE_EP_POLL_SLEEP_NS (-1: unset), a global of the jit code so that it is part of Triton's cache key.
+_POLL_SLEEP_OVERRIDE = tl.constexpr(-1 if _platform.POLL_SLEEP_NS_ENV is None else _platform.POLL_SLEEP_NS_ENV)
 
 if _platform.interpreting():
     @triton.jit
@@ -152,9 +158,9 @@ if _platform.interpreting():
 else:
     @triton.jit
     def _pause():
-        """Between two polls on a GPU: nothing, or a sleep with $MOE_EP_POLL_SLEEP_NS."""
-        if _POLL_SLEEP_NS > 0:
-            _sleep_between_polls()
+        """Between two polls on a GPU: a bounded sleep on AMD, nothing on NVIDIA, unless
+        $MOE_EP_POLL_SLEEP_NS says otherwise (``_platform.poll_sleep_ns``)."""
+        _sleep_between_polls(_POLL_SLEEP_OVERRIDE)
 
 
 @triton.jit
