@@ -35,7 +35,8 @@ class EpConfig:
                          (NVIDIA, MI355X) or torch.float8_e4m3fnuz (MI300X; ``moe_ep.native_fp8_dtype()``
                          gives the device's)
     mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
-    backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
+    backend              symmetric-heap backend ("host", "cuda", "hip", "nvshmem"); None picks by device
+                         ("hip" on ROCm GPUs: moe_ep.transport.heap)
     timeout_s            how long a kernel waits for a peer before reporting a timeout
     gpus_per_node        ranks per node (consecutive ranks form a node); None: all on one node
     ll_max_tokens        "auto": the most tokens per rank the LL path takes (its heap grows with it)

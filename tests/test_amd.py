@@ -141,3 +141,133 @@ def test_poll_sleep_defaults_and_the_poll_budget(monkeypatch):
     per_poll_s = 1 / _platform._POLLS_PER_SECOND["amd"]
     assert budgets["nvidia"] == 10 * _platform._POLLS_PER_SECOND["nvidia"]
     assert abs(budgets["amd"] - 10 / (per_poll_s + _platform.AMD_POLL_SLEEP_NS * 1e-9)) < 100, budgets
+
+
+# The ROCm heap (moe_ep.transport.hip_heap): selection, and the arena protocol over real rank
+# processes, with a stand-in for the HIP runtime on CPU ranks (the real one on ROCm GPU ranks).
+def test_rocm_gpus_get_the_hip_heap_by_default():
+    from moe_ep.transport import BACKENDS, default_backend
+
+    assert "hip" in BACKENDS
+    assert default_backend(torch.device("cuda", 0), rocm=True) == "hip"
+    assert default_backend(torch.device("cuda", 0), rocm=False) == "cuda"
+    assert default_backend(torch.device("cpu"), rocm=True) == "host"
+    assert default_backend(torch.device("cpu")) == "host"
+
+
+class _SharedMemoryHip:
+    """Stand-in for HipRuntime on CPU ranks: "device memory" is a /dev/shm file mapped into the
+    process, its IPC handle the file's name; every call is recorded."""
+
+    def __init__(self, fail_open: bool = False):
+        self.maps = {}  # address -> (mmap, path, owned)
+        self.calls = []
+        self.fail_open = fail_open
+
+    def _map(self, path, nbytes, owned):
+        import mmap
+        import os
+
+        fd = os.open(path, os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, nbytes)
+        finally:
+            os.close(fd)
+        ptr = torch.frombuffer(m, dtype=torch.uint8).data_ptr()
+        self.maps[ptr] = (m, path, owned)
+        return ptr
+
+    def malloc(self, nbytes, kind):
+        import os
+        import secrets
+
+        path = f"/dev/shm/moe_ep-test-hip-{secrets.token_hex(6)}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, nbytes)
+        os.close(fd)
+        self.calls.append(("malloc", kind))
+        return self._map(path, nbytes, True)
+
+    def ipc_handle(self, ptr):
+        return self.maps[ptr][1].encode().ljust(64, b"\0")
+
+    def open_ipc_handle(self, handle):
+        import os
+
+        path = handle.rstrip(b"\0").decode()
+        if self.fail_open:
+            raise RuntimeError("hipIpcOpenMemHandle failed: HIP error 1 (stand-in)")
+        self.calls.append(("open", path))
+        return self._map(path, os.path.getsize(path), False)
+
+    def _unmap(self, ptr, call):
+        import os
+
+        m, path, owned = self.maps.pop(ptr)
+        self.calls.append((call, path))
+        try:
+            m.close()
+        except BufferError:
+            pass  # a tensor view still exports it; it goes with the view
+        if owned:
+            os.unlink(path)
+
+    def close_ipc_handle(self, ptr):
+        self._unmap(ptr, "close")
+
+    def free(self, ptr):
+        self._unmap(ptr, "free")
+
+    def tensor(self, ptr, nbytes, device):
+        return torch.frombuffer(self.maps[ptr][0], dtype=torch.uint8)[:nbytes]
+
+    def synchronize(self, device):
+        pass
+
+
+def _hip_arena_on_ranks(ctx):
+    import os
+
+    import torch.distributed as dist
+
+    from moe_ep.transport.hip_heap import HipArena
+
+    if ctx.device.type != "cpu" and not torch.version.hip:
+        return "not ROCm"
+    fake = _SharedMemoryHip() if ctx.device.type == "cpu" else None
+    for _ in range(2):  # twice: nothing of the first arena is left to disturb the second
+        arena = HipArena(ctx.group, 4096, ctx.device, runtime=fake)
+        assert len(arena.bases) == ctx.world_size and arena.bases[ctx.rank] == arena.own
+        assert len(set(arena.bases)) == ctx.world_size
+        assert bool((arena.local == 0).all()), "the arena starts zeroed"
+        arena.local[:8] = torch.arange(8, dtype=torch.uint8, device=ctx.device) + 16 * ctx.rank
+        arena.runtime.synchronize(ctx.device)
+        dist.barrier(group=ctx.group)
+        for peer, base in enumerate(arena.bases):  # every rank's bytes, read through this rank's address of them
+            seen = arena.runtime.tensor(base, 8, ctx.device).cpu()
+            assert seen.tolist() == [16 * peer + i for i in range(8)], (peer, seen)
+        arena.close()
+    if fake is None:
+        return "ok"
+    opens = [c for c in fake.calls if c[0] == "open"]
+    assert [c[0] for c in fake.calls] == (["malloc"] + ["open"] * (ctx.world_size - 1) + ["close"] * (ctx.world_size - 1)
+                                          + ["free"]) * 2, fake.calls
+    assert fake.calls[0] == ("malloc", "finegrained") and len({path for _, path in opens}) == 2 * (ctx.world_size - 1)
+    assert not any(os.path.exists(path) for call, path in fake.calls if call == "free"), "an arena outlived close()"
+    # A peer's handle that cannot be opened: a clear error, and this rank's arena is freed.
+    failing = _SharedMemoryHip(fail_open=True)
+    try:
+        HipArena(ctx.group, 4096, ctx.device, runtime=failing)
+    except RuntimeError as err:
+        assert "hipIpcOpenMemHandle" in str(err), err
+    else:
+        raise AssertionError("an unopenable handle was accepted")
+    assert [c[0] for c in failing.calls] == ["malloc", "free"] and not failing.maps, failing.calls
+    return "ok"
+
+
+def test_hip_arena_exchanges_handles_and_maps_every_peer(ranks):
+    results = ranks.run(_hip_arena_on_ranks)
+    if results[0] == "not ROCm":
+        pytest.skip("the HIP heap needs a ROCm build of torch on GPU ranks")
+    assert results == ["ok"] * ranks.world_size
