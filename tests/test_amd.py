@@ -8,8 +8,9 @@ import moe_ep
 from moe_ep import _platform
 
 
-@pytest.mark.parametrize("arch, dtype", [("gfx942:sramecc+:xnack-", torch.float8_e4m3fnuz), ("gfx942", torch.float8_e4m3fnuz),
-                                         ("gfx940", torch.float8_e4m3fnuz), ("gfx950", torch.float8_e4m3fn),
+@pytest.mark.parametrize("arch, dtype", [("gfx942:sramecc+:xnack-", torch.float8_e4m3fnuz),
+                                         ("gfx942", torch.float8_e4m3fnuz), ("gfx940", torch.float8_e4m3fnuz),
+                                         ("gfx950", torch.float8_e4m3fn),
                                          ("gfx950:sramecc+:xnack-", torch.float8_e4m3fn), ("90", torch.float8_e4m3fn)])
 def test_fp8_dtype_of_each_target(arch, dtype):
     assert _platform.fp8_dtype_for_arch(arch) == dtype
@@ -250,8 +251,8 @@ def _hip_arena_on_ranks(ctx):
     if fake is None:
         return "ok"
     opens = [c for c in fake.calls if c[0] == "open"]
-    assert [c[0] for c in fake.calls] == (["malloc"] + ["open"] * (ctx.world_size - 1) + ["close"] * (ctx.world_size - 1)
-                                          + ["free"]) * 2, fake.calls
+    peers = ctx.world_size - 1
+    assert [c[0] for c in fake.calls] == (["malloc"] + ["open"] * peers + ["close"] * peers + ["free"]) * 2, fake.calls
     assert fake.calls[0] == ("malloc", "finegrained") and len({path for _, path in opens}) == 2 * (ctx.world_size - 1)
     assert not any(os.path.exists(path) for call, path in fake.calls if call == "free"), "an arena outlived close()"
     # A peer's handle that cannot be opened: a clear error, and this rank's arena is freed.

@@ -98,7 +98,8 @@ print(ptx.count("nanosleep"), gcn.count("s_sleep"))
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for ns, expected in ((None, "0 1"), ("200", "1 1"), ("0", "0 0")):
-        env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, TRITON_INTERPRET="0",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
         env.pop("MOE_EP_POLL_SLEEP_NS", None)
         if ns is not None:
             env["MOE_EP_POLL_SLEEP_NS"] = ns

@@ -163,8 +163,8 @@ def compile_all(verbose: bool = True, backends=("cuda", "hip")) -> list[str]:
                     gcn = compiled.asm["amdgcn"]
                     unordered = unordered_releases(gcn)
                     if unordered:
-                        raise AssertionError(f"{len(unordered)} of {gcn.count('buffer_wbl2')} releases issue a store or "
-                                             "atomic before s_waitcnt vmcnt(0): " + "; ".join(unordered[:4]))
+                        raise AssertionError(f"{len(unordered)} of {gcn.count('buffer_wbl2')} releases issue a store "
+                                             "or atomic before s_waitcnt vmcnt(0): " + "; ".join(unordered[:4]))
                     releases = f"  {gcn.count('buffer_wbl2')} releases ordered"
                 if verbose:
                     print(f"ok   {spec.name:32s} {backend}:{arch}  {size} bytes{releases}")
