@@ -27,6 +27,7 @@ from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
 from moe_ep.kernels.dispatch_expert import PHASE_ALL, PHASE_RECV, PHASE_SEND, launch_dispatch_expert
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
+from moe_ep.kernels.release_check import check_release_ordering
 from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
 from moe_ep.regions import heap_bytes, heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
@@ -77,6 +78,8 @@ class Buffer:
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
         _check_ranks_agree(group, self.rank, self.world_size, cfg, self.device)  # before anything is allocated
+        if self.device.type == "cuda":  # AMD: refuse a Triton whose releases do not wait for the stores
+            check_release_ordering(self.device)
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
         self.sync = SyncState(self.rank, self.device, cfg.timeout_s, cfg.num_experts,
                               cfg.slots(self.world_size) if cfg.expert_tokens else 0)
@@ -122,7 +125,7 @@ class Buffer:
 
         x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank; the expert
                       layout: <= cfg.expert_tokens), or, for
-                      fp8 dispatch, a tuple ([num_tokens, hidden] float8_e4m3fn,
+                      fp8 dispatch, a tuple ([num_tokens, hidden] fp8 of cfg.dispatch_dtype,
                       [num_tokens, hidden // 128] float32 scales) already quantised
         topk_ids      [num_tokens, topk] int32/int64 global expert ids; -1 means no expert
         topk_weights  [num_tokens, topk] float32

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)  # OCP fp8 (NVIDIA, MI355X); MI300X's fp8
+DISPATCH_DTYPES = (torch.bfloat16,) + FP8_DTYPES
 MODES = ("auto", "ll", "ht")
 INTER_TRANSPORTS = ("auto", "peer", "put")
 INTER_PATHS = ("inter", "inter_ht")  # the inter-node path's LL and HT variants
@@ -31,9 +32,12 @@ class EpConfig:
     num_experts          experts over all ranks; rank r holds [r*E/R, (r+1)*E/R)
     topk                 experts per token (ids of -1 mean "no expert")
     max_tokens_per_rank  most tokens one rank may dispatch in one call
-    dispatch_dtype       torch.bfloat16, or torch.float8_e4m3fn (1x128 float32 block scales)
+    dispatch_dtype       torch.bfloat16, or fp8 with 1x128 float32 block scales: torch.float8_e4m3fn
+                         (NVIDIA, MI355X) or torch.float8_e4m3fnuz (MI300X; ``moe_ep.native_fp8_dtype()``
+                         gives the device's)
     mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
-    backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
+    backend              symmetric-heap backend ("host", "cuda", "hip", "nvshmem"); None picks by device
+                         ("hip" on ROCm GPUs: moe_ep.transport.heap)
     timeout_s            how long a kernel waits for a peer before reporting a timeout
     gpus_per_node        ranks per node (consecutive ranks form a node); None: all on one node
     ll_max_tokens        "auto": the most tokens per rank the LL path takes (its heap grows with it)
@@ -102,7 +106,7 @@ class EpConfig:
 
     @property
     def fp8(self) -> bool:
-        return self.dispatch_dtype == torch.float8_e4m3fn
+        return self.dispatch_dtype in FP8_DTYPES
 
     @property
     def inter_puts(self) -> bool:

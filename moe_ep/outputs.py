@@ -45,7 +45,7 @@ class DispatchHandle:
 class DispatchOutput:
     """Received rows, laid out compactly in (source rank, token index) order."""
 
-    x: torch.Tensor  # [capacity, hidden] bf16, or float8_e4m3fn for fp8 dispatch
+    x: torch.Tensor  # [capacity, hidden] bf16, or the fp8 dispatch dtype (float8_e4m3fn or float8_e4m3fnuz)
     x_scales: Optional[torch.Tensor]  # [capacity, hidden // 128] float32 (None for bf16)
     topk_ids: torch.Tensor  # [capacity, topk] int32: local expert index on this rank, -1 elsewhere
     topk_weights: torch.Tensor  # [capacity, topk] float32: 0 where topk_ids is -1
@@ -76,7 +76,7 @@ class ExpertDispatchOutput:
     regions, valid until this rank's dispatch that reuses their half (the call after next:
     two dispatches may be in flight)."""
 
-    x: torch.Tensor  # [experts_per_rank, slots, hidden] bf16, or float8_e4m3fn for fp8 dispatch
+    x: torch.Tensor  # [experts_per_rank, slots, hidden] bf16, or the fp8 dispatch dtype
     x_scales: Optional[torch.Tensor]  # [experts_per_rank, slots, hidden // 128] float32 (None for bf16)
     topk_weights: torch.Tensor  # [experts_per_rank, slots] float32: the weight of each row's pair
     src: torch.Tensor  # [experts_per_rank, slots, 2] int32: (source rank, token index on that rank)

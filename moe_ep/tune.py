@@ -112,7 +112,7 @@ def _tune_rank(ctx, opts):
         path = "ht" if zero_copy else search_path
         if path in INTER_PATHS and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
-        dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
+        dtype = moe_ep.native_fp8_dtype(dev) if dtype_name == "fp8" else torch.bfloat16
         expert = path == EXPERT_PATH
         layout = {"mode": "ll", "layouts": ("expert",)} if expert else \
             moe_ep.EpConfig.path_options(path, opts["gpus_per_node"])

@@ -39,7 +39,7 @@ def check_dispatch(cfg: EpConfig, device: torch.device, x, topk_ids, topk_weight
     x_scales = None
     if isinstance(x, tuple):
         if not cfg.fp8 or len(x) != 2:
-            raise TypeError("x may be a (float8_e4m3fn values, float32 scales) tuple only for fp8 dispatch")
+            raise TypeError("x may be a (fp8 values, float32 scales) tuple only for fp8 dispatch")
         x, x_scales = x
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a [num_tokens, {cfg.hidden}] tensor")
@@ -49,7 +49,7 @@ def check_dispatch(cfg: EpConfig, device: torch.device, x, topk_ids, topk_weight
                          f"{cfg.expert_tokens})")
     if num_tokens > cfg.max_tokens_per_rank:
         raise ValueError(f"x has {num_tokens} tokens, more than max_tokens_per_rank={cfg.max_tokens_per_rank}")
-    x_dtypes = (torch.float8_e4m3fn,) if x_scales is not None else (torch.bfloat16,)
+    x_dtypes = (cfg.dispatch_dtype,) if x_scales is not None else (torch.bfloat16,)
     check_tensor("x", x, x_dtypes, (num_tokens, cfg.hidden), device)
     if x_scales is not None:
         check_tensor("x_scales", x_scales, (torch.float32,), (num_tokens, cfg.num_scales), device)

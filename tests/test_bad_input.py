@@ -38,6 +38,9 @@ def _bad_calls_then_good_one(ctx, shape):
         "ids wrong topk": (lambda: buf.dispatch(x, ids[:, :1].contiguous(), w), ValueError, "topk_ids must have shape"),
         "weights bf16": (lambda: buf.dispatch(x, ids, w.bfloat16()), TypeError, "topk_weights must be"),
         "fp8 tuple of one": (lambda: buf.dispatch((x,), ids, w), TypeError, "tuple"),
+        "fp8 of the other format": (lambda: buf.dispatch(tuple(t.to(dev) for t in reference.quantize_fp8(
+                                        x.cpu(), torch.float8_e4m3fnuz)), ids, w),
+                                    TypeError, "x must be torch.float8_e4m3fn"),
         "scales wrong shape": (lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(t, 1, device=dev)), ids, w),
                                ValueError, "x_scales must have shape"),
         "hint below the tokens": (lambda: buf.dispatch(x, ids, w, num_tokens_hint=t - 1), ValueError, "num_tokens_hint"),

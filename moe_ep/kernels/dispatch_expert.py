@@ -40,8 +40,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_ep import _platform
 from moe_ep.kernels.dispatch import _check_ids, _expert_histogram, _load_token_chunk, _send_lane, _valid_ids
 from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
                                          PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive,
@@ -125,7 +127,8 @@ def _dispatch_expert_kernel(
         counts_offset, count_signal_offset, signal_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, num_experts, slots, half, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, send_programs, token_parts, num_programs,
+        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, send_programs, token_parts,
+        num_programs,
         PHASE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr, OUT_DTYPE: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
@@ -171,7 +174,8 @@ def _dispatch_expert_kernel(
                 tl.store(pair_weights_ptr + t * TOPK + offs_k, weights, mask=mask_k)
             for start in range(part * BLOCK_H, HIDDEN, token_parts * BLOCK_H):
                 values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
-                    x_ptr, x_scales_ptr, t, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H, ALIGNED)
+                    x_ptr, x_scales_ptr, t, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE, BLOCK_H,
+                    ALIGNED)
                 for k in range(0, TOPK):
                     if tl.sum(tl.where(offs_k == k, send.to(tl.int32), 0)) > 0:
                         dst_k = tl.sum(tl.where(offs_k == k, dst, 0))
@@ -213,11 +217,14 @@ register(_dispatch_expert_kernel,
           "out_tokens_per_expert_ptr": "*i32", "pair_ids_ptr": "*i32", "pair_weights_ptr": "*fp32",
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32"},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "PHASE": 0, "BLOCK_T": 32, "BLOCK_H": 1024, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_ALL_E": 256, "ALIGNED": True,
+          "FP8_FORMAT": E4M3FN.value, "PHASE": 0, "BLOCK_T": 32, "BLOCK_H": 1024, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_ALL_E": 256, "ALIGNED": True,
           "OUT_DTYPE": tl.float8e4nv})
 register(_dispatch_expert_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"},
          {**KERNELS[-1].constexprs, "PHASE": 1})  # send only (return_recv_hook), int32 ids
 register(_dispatch_expert_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "PHASE": 2})  # the hook
+register(_dispatch_expert_kernel, {**KERNELS[-3].signature, "x_ptr": "*fp8e4b8"},
+         {**KERNELS[-3].constexprs, "QUANTIZE": False, "X_FP8": True, "FP8_FORMAT": E4M3FNUZ.value,
+          "OUT_DTYPE": tl.float8e4b8})  # MI300X's fp8, pre-quantised input
 
 
 def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, half: int,
@@ -247,16 +254,18 @@ def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_
     handle = out.handle
     sync.before_launch()
     _launch_dispatch_expert((num_programs,),
-        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else topk_weights, topk_ids_ptr=topk_ids,
+        x_ptr=_platform.kernel_arg(x), x_scales_ptr=x_scales if x_scales is not None else topk_weights,
+        topk_ids_ptr=topk_ids,
         topk_weights_ptr=topk_weights, out_tokens_per_expert_ptr=out.tokens_per_expert,
         pair_ids_ptr=handle.pair_ids, pair_weights_ptr=handle.pair_weights, peer_bases_ptr=heap.peer_bases,
         **offsets, counters_ptr=sync.counters("dispatch_expert"), status_ptr=sync.status, rank=heap.rank,
         world_size=world, num_tokens=x.shape[0], num_experts=cfg.num_experts, slots=slots, half=half,
         max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts,
         NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None,
+        FP8_FORMAT=fp8_format(cfg.dispatch_dtype),
         send_programs=send_programs, token_parts=params.token_parts, num_programs=num_programs, PHASE=phase,
         BLOCK_T=min(params.block_t, 32), BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
         BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
         ALIGNED=(cfg.hidden * value_bytes) % 16 == 0 and x.data_ptr() % 16 == 0,
-        OUT_DTYPE=tl.float8e4nv if cfg.fp8 else tl.bfloat16, num_warps=params.num_warps)
+        OUT_DTYPE=_platform.kernel_dtype(cfg.dispatch_dtype), num_warps=params.num_warps)
     sync.after_launch()

@@ -10,9 +10,13 @@ Backends:
   host     CPU processes: a POSIX shared-memory file per rank in /dev/shm, mode 0600, mapped by
            every rank of the group and unlinked as soon as all have mapped it, so nothing is
            left behind when a process dies.
-  cuda     GPUs of one node: torch symmetric memory over CUDA IPC (HIP IPC on ROCm); when ranks
-           share a GPU (which torch symmetric memory refuses), one plain allocation per rank mapped
-           into the others with CUDA IPC handles (``torch.UntypedStorage._share_cuda_``).
+  cuda     GPUs of one node: torch symmetric memory over CUDA IPC (HIP IPC on ROCm); the default
+           on NVIDIA. When ranks share a GPU (which torch symmetric memory refuses), one plain
+           allocation per rank mapped into the others with CUDA IPC handles
+           (``torch.UntypedStorage._share_cuda_``).
+  hip      AMD GPUs of one node: fine-grained (or uncached) device memory shared by HIP IPC, where
+           system-scope atomics stay system-scope (``moe_ep.transport.hip_heap``, which says what
+           was verified without an AMD GPU); the default on ROCm.
   nvshmem  torch symmetric memory on its NVSHMEM backend; only when asked for by name.
 """
 
@@ -29,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 ALIGN = 256
-BACKENDS = ("host", "cuda", "nvshmem")
+BACKENDS = ("host", "cuda", "hip", "nvshmem")
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,14 @@ def carve(sizes: Iterable[tuple[str, int]]) -> tuple[dict[str, Region], int]:
     return regions, max(offset, ALIGN)
 
 
-def default_backend(device: torch.device) -> str:
-    """The backend a group on ``device`` uses unless the config names one."""
-    return "host" if device.type == "cpu" else "cuda"
+def default_backend(device: torch.device, rocm: bool | None = None) -> str:
+    """The backend a group on ``device`` uses unless the config names one: "host" on the CPU, "hip"
+    on ROCm GPUs (``rocm``: whether torch is a ROCm build; None: ask torch), "cuda" elsewhere."""
+    if device.type == "cpu":
+        return "host"
+    if rocm is None:
+        rocm = bool(torch.version.hip)
+    return "hip" if rocm else "cuda"
 
 
 class SymmetricHeap:
@@ -83,6 +92,8 @@ class SymmetricHeap:
         self._keep: list = []  # whatever must stay alive for the arena to stay mapped
         if self.backend == "host":
             bases = self._map_host()
+        elif self.backend == "hip":
+            bases = self._map_hip()
         else:
             bases = self._map_symmetric_memory()
         # [world_size rounded up to a power of two] int64: every rank's arena address in this
@@ -122,6 +133,15 @@ class SymmetricHeap:
         self._keep = [maps, arenas]
         self._local_arena = arenas[self.rank]
         return [a.data_ptr() for a in arenas]
+
+    def _map_hip(self) -> list[int]:
+        from moe_ep.transport.hip_heap import HipArena
+
+        with torch.cuda.device(self.device):  # HIP allocates on the current device
+            arena = HipArena(self.group, self.nbytes, self.device)
+        self._keep = [arena]
+        self._local_arena = arena.local
+        return list(arena.bases)
 
     def _map_symmetric_memory(self) -> list[int]:
         import torch.distributed._symmetric_memory as symm_mem
@@ -193,4 +213,6 @@ class SymmetricHeap:
                     m.close()
                 except BufferError:
                     pass  # a caller still holds a view; the map goes when that view does
+        if self.backend == "hip" and self._keep:
+            self._keep[0].close()
         self._keep = []
