@@ -207,7 +207,14 @@ def _record_input_error(status_ptr, code, value, detail, epoch):
     """Record in the local status words that this call got input the kernel refused (``code``:
     INPUT_*; the first one of a call wins). The kernel carries on without it, so the ranks stay
     in step; the host raises at its next check and the Buffer stays usable."""
-    if tl.atomic_cas(status_ptr + INPUT_STATUS, STATUS_OK, code) == STATUS_OK:
+    if _fences_own_releases():  # Triton's AMD compare-and-swap is acq_rel whatever its sem: an exchange
+        earlier = tl.atomic_xchg(status_ptr + INPUT_STATUS, code, sem="acquire", scope="gpu")
+        first = earlier == STATUS_OK
+        if not first:  # put the first record's code back
+            tl.atomic_xchg(status_ptr + INPUT_STATUS, earlier, sem="relaxed", scope="gpu")
+    else:
+        first = tl.atomic_cas(status_ptr + INPUT_STATUS, STATUS_OK, code) == STATUS_OK
+    if first:
         tl.store(status_ptr + INPUT_STATUS + 1, value)
         tl.store(status_ptr + INPUT_STATUS + 2, detail)
         tl.store(status_ptr + INPUT_STATUS + 3, epoch)
