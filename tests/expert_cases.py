@@ -55,7 +55,7 @@ class ExpertCall:
         cfg = buf.cfg
         xs, ids, weights = expert_inputs(call, kind, shape, world, seed)
         if prequantized:
-            xs = [reference.quantize_fp8(x) for x in xs]
+            xs = [reference.quantize_fp8(x, cfg.dispatch_dtype) for x in xs]
         self.name = f"call {call} ({kind})"
         self.x = tuple(t.to(ctx.device) for t in xs[me]) if prequantized else xs[me].to(ctx.device)
         self.ids = (ids[me] if call % 2 else ids[me].int()).to(ctx.device)

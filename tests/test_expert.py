@@ -16,6 +16,7 @@ CASES = [
     pytest.param("float8_e4m3fn", "duplicates", True, True, id="fp8-prequantized-duplicate-ids-hooks"),
     pytest.param("bfloat16", "full_expert", False, False, id="bf16-full-expert"),
     pytest.param("float8_e4m3fn", "to_rank0", False, False, id="fp8-others-receive-nothing"),
+    pytest.param("float8_e4m3fnuz", "masked", True, False, id="fnuz-masked-ids-hooks"),
 ]
 
 
