@@ -30,7 +30,7 @@ import triton.language as tl
 from moe_ep.kernels.combine import _rotated
 from moe_ep.kernels.dispatch_expert import PHASE_RECV, PHASE_SEND, _finish_half_launch
 from moe_ep.kernels.numerics import _to_bf16
-from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _launch_epoch, _peer_ptr, _row, _signal_peers,
@@ -129,25 +129,29 @@ def launch_combine_expert(heap, sync, cfg, params, y, handle, out, half: int, we
     ``out`` ([handle.num_tokens, hidden] bf16) through half ``half`` of the ``ex_combine_*`` regions
     (``phase``: PHASE_ALL, PHASE_SEND or PHASE_RECV, the hook's launch). Inputs are validated by
     the caller (``Buffer``)."""
-    world = heap.world_size
-    experts = cfg.experts_per_rank(world)
-    pairs = experts * cfg.slots(world)  # rows of one half of the dispatch's regions
+    def make():
+        world = heap.world_size
+        experts = cfg.experts_per_rank(world)
+        pairs = experts * cfg.slots(world)  # rows of one half of the dispatch's regions
+        return dict(
+            peer_bases_ptr=heap.peer_bases, src_offset=heap.offset("ex_dispatch_src") + handle.half * pairs * 8,
+            slot_offset=heap.offset("ex_dispatch_topk_slot") + handle.half * pairs * 4,
+            x_offset=heap.offset("ex_combine_x") + half * cfg.expert_tokens * cfg.topk * cfg.hidden * 2,
+            signal_offset=heap.offset("ex_combine_signal") + half * world * 4,
+            credit_offset=heap.offset("ex_combine_credit"), counters_ptr=sync.counters("combine_expert"),
+            status_ptr=sync.status, rank=heap.rank, world_size=world, slots=cfg.slots(world), half=half,
+            max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts, WEIGHTED=weighted,
+            PHASE=phase, ROWS=params.rows, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
+            BLOCK_E=triton.next_power_of_2(experts), num_warps=params.num_warps, options=_OPTIONS)
+
+    static = static_args(heap, ("combine_expert", id(sync), cfg, params, handle.half, half, weighted, phase), make)
     send_programs = params.send_programs if phase != PHASE_RECV.value else 0
     reduce_programs = max(1, min(params.reduce_programs, handle.num_tokens))
     num_programs = send_programs + (reduce_programs if phase != PHASE_SEND.value else 0)
     sync.before_launch()
-    _launch_combine_expert((num_programs,),
-        y_ptr=y, tokens_per_expert_ptr=handle.tokens_per_expert, pair_ids_ptr=handle.pair_ids,
-        pair_weights_ptr=handle.pair_weights, out_ptr=out, peer_bases_ptr=heap.peer_bases,
-        src_offset=heap.offset("ex_dispatch_src") + handle.half * pairs * 8,
-        slot_offset=heap.offset("ex_dispatch_topk_slot") + handle.half * pairs * 4,
-        x_offset=heap.offset("ex_combine_x") + half * cfg.expert_tokens * cfg.topk * cfg.hidden * 2,
-        signal_offset=heap.offset("ex_combine_signal") + half * world * 4,
-        credit_offset=heap.offset("ex_combine_credit"), counters_ptr=sync.counters("combine_expert"),
-        status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=handle.num_tokens,
-        slots=cfg.slots(world), half=half, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
-        EXPERTS_PER_RANK=experts, WEIGHTED=weighted, send_programs=send_programs, reduce_programs=reduce_programs,
-        num_programs=num_programs, PHASE=phase, ROWS=params.rows, BLOCK_H=params.block_h,
-        BLOCK_R=triton.next_power_of_2(world), BLOCK_E=triton.next_power_of_2(experts),
-        ALIGNED=cfg.hidden % 8 == 0 and y.data_ptr() % 16 == 0, num_warps=params.num_warps, options=_OPTIONS)
+    _launch_combine_expert(
+        (num_programs,), **static, y_ptr=y, tokens_per_expert_ptr=handle.tokens_per_expert,
+        pair_ids_ptr=handle.pair_ids, pair_weights_ptr=handle.pair_weights, out_ptr=out, num_tokens=handle.num_tokens,
+        send_programs=send_programs, reduce_programs=reduce_programs, num_programs=num_programs,
+        ALIGNED=cfg.hidden % 8 == 0 and y.data_ptr() % 16 == 0)
     sync.after_launch()

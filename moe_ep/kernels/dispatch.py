@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from moe_ep import _platform
-from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _quantize_fp8, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span,
@@ -604,29 +604,37 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
     also the rows of each of the ``cfg.ht_parts`` token ranges) and ``send_mask``; returns the
     rows to send, ``(x, x_scales)``: the staged fp8 rows when it quantised them (bf16 input to an
     fp8 dispatch, unless not ``quantize``), else the inputs."""
-    world = heap.world_size
     num_tokens = x.shape[0]
     quantize = quantize and cfg.fp8 and x_scales is None
-    counts = staging.counts
-    ranges = cfg.ht_parts if nodes == 1 else 0
-    staged_x, staged_scales = staging.fp8_rows() if quantize else (x, counts)
+
+    def make():
+        world = heap.world_size
+        counts = staging.counts
+        ranges = cfg.ht_parts if nodes == 1 else 0
+        staged_x, staged_scales = staging.fp8_rows() if quantize else (None, counts)
+        return dict(
+            staging_x_ptr=None if staged_x is None else _platform.kernel_arg(staged_x),
+            staging_scales_ptr=staged_scales, slots_ptr=staging.slots, counts_ptr=counts,
+            block_hist_ptr=staging.block_hist(params.block_t),
+            node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
+            range_rows_ptr=staging.range_rows if ranges else counts, counters_ptr=sync.counters(op),
+            status_ptr=sync.status, rank=heap.rank, world_size=world, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+            EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
+            FP8_FORMAT=fp8_format(cfg.dispatch_dtype), GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, RANGES=ranges,
+            BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
+            BLOCK_N=triton.next_power_of_2(nodes), BLOCK_K=triton.next_power_of_2(cfg.topk),
+            BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), BLOCK_Q=triton.next_power_of_2(ranges + 1),
+            BLOCK_SCAN=max(params.block_scan, params.block_t), num_warps=params.num_warps)
+
+    static = static_args(heap, ("stage", id(sync), id(staging), cfg, params, nodes, quantize, op), make)
+    x_arg = _platform.kernel_arg(x)
+    if not quantize:  # (the kernel stages nothing: any pointer will do)
+        static = {**static, "staging_x_ptr": x_arg}
     sync.before_launch()
-    _launch_dispatch_stage((max(params.stage_programs, 1),),
-        x_ptr=_platform.kernel_arg(x), topk_ids_ptr=topk_ids, staging_x_ptr=_platform.kernel_arg(staged_x),
-        staging_scales_ptr=staged_scales,
-        slots_ptr=staging.slots, counts_ptr=counts,
-        block_hist_ptr=staging.block_hist(params.block_t), send_mask_ptr=send_mask,
-        node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
-        range_rows_ptr=staging.range_rows if ranges else counts, counters_ptr=sync.counters(op), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
-        EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
-        FP8_FORMAT=fp8_format(cfg.dispatch_dtype), GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, RANGES=ranges,
-        BLOCK_T=params.block_t, BLOCK_H=params.block_h,
-        BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
-        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
-        BLOCK_Q=triton.next_power_of_2(ranges + 1), BLOCK_SCAN=max(params.block_scan, params.block_t),
-        num_warps=params.num_warps)
+    _launch_dispatch_stage((max(params.stage_programs, 1),), **static, x_ptr=x_arg, topk_ids_ptr=topk_ids,
+                           send_mask_ptr=send_mask, num_tokens=num_tokens)
     if quantize:
+        staged_x, staged_scales = staging.fp8_rows()
         return staged_x[:num_tokens], staged_scales[:num_tokens]
     return x, x_scales
 
@@ -638,28 +646,33 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
     Inputs are validated by the caller (``Buffer``). The HT path: ``kernels.dispatch_ht``.
     """
-    world = heap.world_size
-    num_programs = params.send_programs + world * params.recv_parts + 1
+    prequantized = x_scales is not None
+
+    def make():
+        world = heap.world_size
+        return dict(
+            peer_bases_ptr=heap.peer_bases,
+            **{f"{name}_offset": heap.offset("ll_dispatch_" + region) for name, region in _LL_REGIONS},
+            counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+            max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+            EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
+            QUANTIZE=cfg.fp8 and not prequantized, X_FP8=prequantized, FP8_FORMAT=fp8_format(cfg.dispatch_dtype),
+            send_programs=params.send_programs, token_parts=params.token_parts, recv_parts=params.recv_parts,
+            num_programs=params.send_programs + world * params.recv_parts + 1, BLOCK_T=params.block_t,
+            BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world),
+            BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
+            BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), num_warps=params.num_warps)
+
+    static = static_args(heap, ("dispatch_ll", id(sync), cfg, params, prequantized), make)
     sync.before_launch()
-    _launch_dispatch((num_programs,),
-        x_ptr=_platform.kernel_arg(x), x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
-        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
-        out_x_ptr=_platform.kernel_arg(out.x),
+    _launch_dispatch(
+        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+        x_scales_ptr=x_scales if prequantized else out.topk_weights, topk_ids_ptr=topk_ids,
+        topk_weights_ptr=topk_weights, out_x_ptr=_platform.kernel_arg(out.x),
         out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
-        **{f"{name}_offset": heap.offset("ll_dispatch_" + region) for name, region in _LL_REGIONS},
-        counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ll_tokens,
-        max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world),
-        NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None,
-        FP8_FORMAT=fp8_format(cfg.dispatch_dtype), send_programs=params.send_programs, token_parts=params.token_parts,
-        recv_parts=params.recv_parts,
-        num_programs=num_programs, BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
-        BLOCK_R=triton.next_power_of_2(world), ALIGNED=rows_aligned(cfg, x, out),
-        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
-        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), num_warps=params.num_warps)
+        send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0], ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()
 
 

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from moe_ep import _platform
 from moe_ep.kernels.dispatch import _check_ids, _expert_histogram, _load_token_chunk, _send_lane, _valid_ids
-from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
@@ -231,41 +231,46 @@ def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_
                            phase: int) -> None:
     """The expert-layout dispatch of this rank's tokens (``phase``: PHASE_ALL, PHASE_SEND or
     PHASE_RECV, the hook's launch) into half ``half`` of the ``ex_dispatch_*`` regions, whose views
-    ``out`` (a ``DispatchOutput``) holds; its handle gets this rank's pairs for the combine.
+    ``out`` (an ``ExpertDispatchOutput``) holds; its handle gets this rank's pairs for the combine.
 
     ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
     Inputs are validated by the caller (``Buffer``)."""
-    world = heap.world_size
-    experts = cfg.experts_per_rank(world)
-    slots = cfg.slots(world)
-    pairs = experts * slots  # rows of one half
+    prequantized = x_scales is not None
     value_bytes = 1 if cfg.fp8 else 2
-    offsets = dict(x_offset=heap.offset("ex_dispatch_x") + half * pairs * cfg.hidden * value_bytes,
-                   scales_offset=heap.offset("ex_dispatch_scales") + half * pairs * cfg.num_scales * 4,
-                   src_offset=heap.offset("ex_dispatch_src") + half * pairs * 8,
-                   weights_offset=heap.offset("ex_dispatch_topk_weights") + half * pairs * 4,
-                   slot_offset=heap.offset("ex_dispatch_topk_slot") + half * pairs * 4,
-                   counts_offset=heap.offset("ex_dispatch_counts") + half * world * cfg.num_experts * 4,
-                   count_signal_offset=heap.offset("ex_dispatch_count_signal") + half * world * 4,
-                   signal_offset=heap.offset("ex_dispatch_signal") + half * world * 4)
-    send_programs = params.send_programs if phase != PHASE_RECV.value else 0
-    num_programs = send_programs + (1 if phase == PHASE_ALL.value or phase == PHASE_RECV.value else 0)
+
+    def make():
+        world = heap.world_size
+        experts = cfg.experts_per_rank(world)
+        slots = cfg.slots(world)
+        pairs = experts * slots  # rows of one half
+        send_programs = params.send_programs if phase != PHASE_RECV.value else 0
+        return dict(
+            x_offset=heap.offset("ex_dispatch_x") + half * pairs * cfg.hidden * value_bytes,
+            scales_offset=heap.offset("ex_dispatch_scales") + half * pairs * cfg.num_scales * 4,
+            src_offset=heap.offset("ex_dispatch_src") + half * pairs * 8,
+            weights_offset=heap.offset("ex_dispatch_topk_weights") + half * pairs * 4,
+            slot_offset=heap.offset("ex_dispatch_topk_slot") + half * pairs * 4,
+            counts_offset=heap.offset("ex_dispatch_counts") + half * world * cfg.num_experts * 4,
+            count_signal_offset=heap.offset("ex_dispatch_count_signal") + half * world * 4,
+            signal_offset=heap.offset("ex_dispatch_signal") + half * world * 4,
+            peer_bases_ptr=heap.peer_bases, counters_ptr=sync.counters("dispatch_expert"), status_ptr=sync.status,
+            rank=heap.rank, world_size=world, num_experts=cfg.num_experts, slots=slots, half=half,
+            max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts,
+            NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and not prequantized, X_FP8=prequantized,
+            FP8_FORMAT=fp8_format(cfg.dispatch_dtype), send_programs=send_programs, token_parts=params.token_parts,
+            num_programs=send_programs + (1 if phase != PHASE_SEND.value else 0), PHASE=phase,
+            BLOCK_T=min(params.block_t, 32), BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
+            BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
+            OUT_DTYPE=_platform.kernel_dtype(cfg.dispatch_dtype), num_warps=params.num_warps)
+
+    static = static_args(heap, ("dispatch_expert", id(sync), cfg, params, half, phase, prequantized), make)
     handle = out.handle
     sync.before_launch()
-    _launch_dispatch_expert((num_programs,),
-        x_ptr=_platform.kernel_arg(x), x_scales_ptr=x_scales if x_scales is not None else topk_weights,
-        topk_ids_ptr=topk_ids,
-        topk_weights_ptr=topk_weights, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        pair_ids_ptr=handle.pair_ids, pair_weights_ptr=handle.pair_weights, peer_bases_ptr=heap.peer_bases,
-        **offsets, counters_ptr=sync.counters("dispatch_expert"), status_ptr=sync.status, rank=heap.rank,
-        world_size=world, num_tokens=x.shape[0], num_experts=cfg.num_experts, slots=slots, half=half,
-        max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts,
-        NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None,
-        FP8_FORMAT=fp8_format(cfg.dispatch_dtype),
-        send_programs=send_programs, token_parts=params.token_parts, num_programs=num_programs, PHASE=phase,
-        BLOCK_T=min(params.block_t, 32), BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
-        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
-        ALIGNED=(cfg.hidden * value_bytes) % 16 == 0 and x.data_ptr() % 16 == 0,
-        OUT_DTYPE=_platform.kernel_dtype(cfg.dispatch_dtype), num_warps=params.num_warps)
+    _launch_dispatch_expert(
+        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+        x_scales_ptr=x_scales if prequantized else topk_weights, topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
+        out_tokens_per_expert_ptr=out.tokens_per_expert, pair_ids_ptr=handle.pair_ids,
+        pair_weights_ptr=handle.pair_weights, num_tokens=x.shape[0],
+        ALIGNED=(cfg.hidden * value_bytes) % 16 == 0 and x.data_ptr() % 16 == 0)
     sync.after_launch()

@@ -51,7 +51,7 @@ import triton.language as tl
 from moe_ep import _platform
 from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_lane, _send_token,
                                      _staged_histogram, _store_totals, _token_range, launch_stage, rows_aligned)
-from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
@@ -221,35 +221,42 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
     Inputs are validated by the caller (``Buffer``).
     """
-    world = heap.world_size
     quantize = params.send_quantize and cfg.fp8 and x_scales is None  # in the send programs, not the stage
     x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, out.handle.send_mask, 1,
                                not quantize)
-    num_programs = params.send_programs + world * params.recv_parts + 1
-    # Groups let the receive copy of early ranges overlap later sends; with zero copy there is no
-    # copy to overlap, and each group only adds signals (run 14: 313 -> 303 us with one).
-    groups = 1 if zero_copy else min(params.send_groups, cfg.ht_parts)
+    prequantized = x_scales is not None
+
+    def make():
+        world = heap.world_size
+        return dict(
+            slots_ptr=staging.slots, block_hist_ptr=staging.block_hist(params.block_t),
+            range_rows_ptr=staging.range_rows, peer_bases_ptr=heap.peer_bases,
+            **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
+            counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+            max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world),
+            NUM_SCALES=cfg.num_scales, QUANTIZE=quantize, X_FP8=prequantized,
+            FP8_FORMAT=fp8_format(cfg.dispatch_dtype), send_programs=params.send_programs,
+            token_parts=params.token_parts, recv_parts=params.recv_parts,
+            num_programs=params.send_programs + world * params.recv_parts + 1,
+            # Groups let the receive copy of early ranges overlap later sends; with zero copy there is
+            # no copy to overlap, and each group only adds signals (run 14: 313 -> 303 us with one).
+            groups=1 if zero_copy else min(params.send_groups, cfg.ht_parts),
+            BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
+            BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
+            BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
+            BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), RANGES=cfg.ht_parts,
+            BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), ZERO_COPY=zero_copy, num_warps=params.num_warps)
+
+    static = static_args(heap, ("dispatch_ht", id(sync), id(staging), cfg, params, quantize, prequantized, zero_copy),
+                         make)
     sync.before_launch()
-    _launch_dispatch_ht((num_programs,),
-        x_ptr=_platform.kernel_arg(x), x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
-        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=staging.slots,
-        block_hist_ptr=staging.block_hist(params.block_t), range_rows_ptr=staging.range_rows,
-        out_x_ptr=_platform.kernel_arg(out.x),
+    _launch_dispatch_ht(
+        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+        x_scales_ptr=x_scales if prequantized else out.topk_weights, topk_ids_ptr=topk_ids,
+        topk_weights_ptr=topk_weights, out_x_ptr=_platform.kernel_arg(out.x),
         out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
-        **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
-        counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_polls=sync.max_polls,
-        HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
-        QUANTIZE=quantize, X_FP8=x_scales is not None, FP8_FORMAT=fp8_format(cfg.dispatch_dtype),
-        send_programs=params.send_programs,
-        token_parts=params.token_parts, recv_parts=params.recv_parts, num_programs=num_programs, groups=groups,
-        BLOCK_T=params.block_t, BLOCK_H=params.block_h,
-        BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
-        BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
-        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), ALIGNED=rows_aligned(cfg, x, out),
-        RANGES=cfg.ht_parts, BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), ZERO_COPY=zero_copy,
-        num_warps=params.num_warps)
+        out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0],
+        ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()

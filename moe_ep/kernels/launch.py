@@ -69,3 +69,14 @@ class Launcher:
             self._compiled[key] = self.kernel[grid](**kwargs, num_warps=num_warps, **options)
         else:
             compiled[(grid + (1, 1))[:3]](*args)
+
+
+def static_args(owner, key, make) -> dict:
+    """The arguments of a launch that depend only on ``key`` (launch parameters, halves, flags), made
+    once by ``make()`` and kept by ``owner`` (the Buffer's heap, whose offsets and tensors they hold:
+    they go with it)."""
+    cache = owner.__dict__.setdefault("_launch_args", {})
+    args = cache.get(key)
+    if args is None:
+        args = cache[key] = make()
+    return args

@@ -5,8 +5,10 @@ CUDA-graph replays need no host-side reset. When a wait times out, the kernel re
 peer it waited for in ``status``; the host turns that into a ``PeerTimeoutError``:
 - on the CPU (interpreter, synchronous) right after the launch;
 - on GPUs without a host synchronisation: after each launch the status is copied to pinned
-  memory asynchronously and the next call raises if that copy (finished by then) shows a
-  timeout; ``check(blocking=True)`` waits and looks now.
+  memory asynchronously (no event: an eager call's host time counts), and the next call raises
+  if that copy shows a timeout (the host reads the words whenever it looks; a copy not yet
+  landed shows the older state, and is seen at a later call); ``check(blocking=True)`` waits
+  and looks now.
 After a timeout the epochs of the ranks disagree, so the state refuses further calls.
 A bad call the kernels detect themselves (an expert id out of range, more (token, expert) pairs
 than an expert-layout expert has slots) is recorded the same way and raised as ``BadCallError``
@@ -59,25 +61,24 @@ class SyncState:
         # current call, then arrivals per peer (see transport.primitives)
         self._counters = torch.zeros(len(self.OPS), COUNTER_WORDS, dtype=torch.int32, device=device)
         self._synchronous = device.type == "cpu"
+        self._by_op = {op: self._counters[i] for i, op in enumerate(self.OPS)}
         if not self._synchronous:
             self._mirror = torch.zeros(STATUS_WORDS, dtype=torch.int32, pin_memory=True)
-            self._mirror_ready = torch.cuda.Event()
-            self._mirror_pending = False
+            self._mirror_words = self._mirror.numpy()  # the same pinned memory, read without torch
+        self._raised_epoch = None  # the call of the last bad call raised (a late copy shows it again)
         self.failed: PeerTimeoutError | None = None
         self._bad: BadCallError | None = None  # a bad call recorded, not yet raised
 
     def counters(self, op: str) -> torch.Tensor:
         """``[COUNTER_WORDS]`` int32 view of ``op``'s counters (epoch first)."""
-        return self._counters[self.OPS.index(op)]
+        return self._by_op[op]
 
     def before_launch(self) -> None:
         """Raise if an earlier call timed out (without waiting for the device); note a bad call
         the device recorded meanwhile (raised after this call's launch, see ``after_launch``)."""
         if self.failed is not None:
             raise self.failed
-        if (not self._synchronous and self._mirror_pending and not torch.cuda.is_current_stream_capturing()
-                and self._mirror_ready.query()):
-            self._mirror_pending = False
+        if not self._synchronous and self._mirror_words.any():
             self._read(self._mirror)
 
     def after_launch(self) -> None:
@@ -89,8 +90,6 @@ class SyncState:
             self._read(self.status)
         elif not torch.cuda.is_current_stream_capturing():
             self._mirror.copy_(self.status, non_blocking=True)
-            self._mirror_ready.record()
-            self._mirror_pending = True
         if earlier is not None:
             raise earlier
 
@@ -114,7 +113,10 @@ class SyncState:
             self.failed = PeerTimeoutError(self.rank, peer, PHASE_NAMES.get(phase, f"phase {phase}"), epoch)
             raise self.failed
         bad, value, detail, bad_epoch = words[INPUT_STATUS.value:INPUT_STATUS.value + 4]
-        if bad:
+        if bad and (bad, value, detail, bad_epoch) == self._raised_epoch:  # raised already (a late copy)
+            status[INPUT_STATUS.value:].zero_()
+        elif bad:
+            self._raised_epoch = (bad, value, detail, bad_epoch)
             self.status[INPUT_STATUS.value:].zero_()  # recorded once: the next call starts clean
             if status is not self.status:
                 status[INPUT_STATUS.value:].zero_()
