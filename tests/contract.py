@@ -118,7 +118,7 @@ def call_inputs(setup: Setup, call: Call):
            for t in call.tokens]
     weights = [torch.rand(t, setup.topk, generator=gen) for t in call.tokens]
     if call.prequantized:
-        xs = [reference.quantize_fp8(x) for x in xs]
+        xs = [reference.quantize_fp8(x, getattr(torch, setup.dtype)) for x in xs]
     return xs, ids, weights
 
 

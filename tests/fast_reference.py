@@ -84,11 +84,13 @@ def routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size:
     return ids
 
 
-def payload(batch: Batch, fp8: bool):
+def payload(batch: Batch, dispatch_dtype: torch.dtype):
     """What the dispatch moves for every row: (values, scales or None)."""
     if batch.x_scales is not None:
         return batch.x, batch.x_scales
-    return reference.quantize_fp8(batch.x) if fp8 else (batch.x, None)
+    if dispatch_dtype in reference.FP8_DTYPES:
+        return reference.quantize_fp8(batch.x, dispatch_dtype)
+    return batch.x, None
 
 
 def expected_dispatch(batch: Batch, values, scales, num_experts: int, rank: int) -> reference.RankDispatch:

@@ -31,6 +31,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from conftest import gpus_for
 from contract import VARIANTS, Call, Case, Setup, run_case
 from ep_cases import FUZZ_ROUTINGS
 
@@ -112,7 +113,7 @@ def cases(draw, limits: Limits) -> Case:
 def _limits(device: str) -> Limits:
     if device == "cpu":
         return CPU_LIMITS
-    visible = tuple(w for w in GPU_LIMITS.worlds if w <= torch.cuda.device_count())
+    visible = tuple(w for w in GPU_LIMITS.worlds if gpus_for(w))
     if not visible:
         pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
     return Limits(visible, *(getattr(GPU_LIMITS, f) for f in ("fp8_hidden_blocks", "bf16_hidden", "experts_per_rank",

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import GPU_SHARED, gpus_for
 from contract import Call, Setup, call_inputs
 from ep_cases import CPU_SHAPE, GPU_SHAPE, expert_outputs
 from moe_ep.testing import RankDied, RankPool
@@ -149,14 +150,14 @@ def test_peer_killed_mid_call(device, world_size, path, op):
     """A middle rank dies (ranks below and above it must both name it): every survivor raises
     PeerTimeoutError naming it within a bounded time, refuses the next call, closes at once, and
     no heap segment is left in /dev/shm."""
-    if device == "cuda" and torch.cuda.device_count() < world_size:
+    if device == "cuda" and not gpus_for(world_size):
         pytest.skip(f"needs {world_size} GPUs")
     victim = world_size // 2
     shape = CPU_SHAPE if device == "cpu" else GPU_SHAPE
     setup = Setup(world_size=world_size, hidden=shape.hidden, experts_per_rank=shape.num_experts_per_rank,
                   topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank, dtype="float8_e4m3fn",
                   mode=path)
-    pool = RankPool(world_size, device)
+    pool = RankPool(world_size, device, share_device=GPU_SHARED and device == "cuda")
     results = pool.run(_killed_mid_call, setup, victim, op, TIMEOUT_S, timeout=300, may_die=(victim,))
     assert pool.closed
     assert results[victim] == RankDied(victim, -signal.SIGKILL), results[victim]

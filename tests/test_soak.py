@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 import fast_reference
 from ep_cases import (CPU_SHAPE, FUZZ_ROUTINGS, GPU_SHAPE, POISON_INT, check_dispatch, check_part_rows,
-                      check_untouched, poison_rows, poisoned_dispatch_output)
+                      check_untouched, poison_rows, poisoned_dispatch_output, x_poison)
 from rank_checks import assert_equal
 
 SOAK_SECONDS = float(os.environ.get("MOE_EP_SOAK_SECONDS", "300"))
@@ -200,9 +200,9 @@ def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data:
     weights = torch.rand(num_rows, cfg.topk, generator=data, device=dev)
     scales = None
     if plan.prequantized:
-        x, scales = reference.quantize_fp8(x)
+        x, scales = reference.quantize_fp8(x, cfg.dispatch_dtype)
     batch = fast_reference.Batch(x, scales, ids, weights, tokens)
-    values, value_scales = fast_reference.payload(batch, cfg.fp8)
+    values, value_scales = fast_reference.payload(batch, cfg.dispatch_dtype)
     expected = fast_reference.expected_dispatch(batch, values, value_scales, cfg.num_experts, me)
     x_in, ids_in, weights_in = batch.inputs(me)
     out = buf.dispatch(x_in, ids_in.int() if plan.ids_int32 else ids_in, weights_in,
@@ -219,8 +219,8 @@ def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data:
     if out.handle.path == "ht":
         bad.append(_differs(fast_reference.expected_part_rows(expected, tokens, cfg.ht_parts), out.handle.part_rows))
     if plan.poisoned:
-        bad += [(out.x[rows:].view(torch.uint8) != 0xFF).any(), (out.topk_ids[rows:] != POISON_INT).any(),
-                (out.src[rows:] != POISON_INT).any()]
+        bad += [(out.x[rows:].view(torch.uint8) != x_poison(out.x.dtype)).any(),
+                (out.topk_ids[rows:] != POISON_INT).any(), (out.src[rows:] != POISON_INT).any()]
     y = torch.full((buf.capacity, cfg.hidden), float("nan"), dtype=torch.bfloat16, device=dev)
     y[:rows] = fast_reference.expert_rows(expected.x, expected.x_scales, me)  # rows past num_tokens: never read
     z = buf.combine(y, out.handle)
@@ -277,7 +277,8 @@ def _run_soak(ranks, dtype: str, calls: int, seconds: float) -> list[dict]:
     took = results[0]["seconds"]
     print(f"\n{ranks.device}{ranks.world_size} {dtype} hidden {shape.hidden}: {done} pairs checked on every rank, "
           f"{count} mismatches (a pair with a wrong output on a rank), in {took:.0f} s "
-          f"({done / took:.1f} pairs/s, seed {SOAK_SEED}); paths {results[0]['paths']}, routings {results[0]['kinds']}, "
+          f"({done / took:.1f} pairs/s, seed {SOAK_SEED}); paths {results[0]['paths']}, "
+          f"routings {results[0]['kinds']}, "
           f"{results[0]['full']} at full capacity, rows received per rank {[r['received'] for r in results]}",
           flush=True)
     assert all(r["calls"] == done for r in results), [r["calls"] for r in results]
@@ -334,7 +335,7 @@ def test_fast_reference_matches_reference(world, gpus_per_node):
                                       num_experts, dtype)
         ys = [fast_reference.expert_rows(e.x, e.x_scales, d) for d, e in enumerate(expected)]
         combined = reference.combine(ys, expected, tokens, gpus_per_node)
-        values, value_scales = fast_reference.payload(batch, dtype == torch.float8_e4m3fn)
+        values, value_scales = fast_reference.payload(batch, dtype)
         for r in range(world):
             fast = fast_reference.expected_dispatch(batch, values, value_scales, num_experts, r)
             for f in dataclasses.fields(fast):
