@@ -201,7 +201,8 @@ def output_bytes(out: moe_ep.DispatchOutput, rows: int, z: torch.Tensor) -> dict
                "send_mask": out.handle.send_mask[:out.handle.num_tokens],
                "part_rows": out.handle.part_rows if out.handle.path == "ht" else None,
                "forwarded_count": out.handle.forwarded_count, "combine": z}
-    return {name: t.cpu().clone().view(torch.uint8) for name, t in tensors.items() if t is not None}
+    return {name: t.cpu().contiguous().reshape(-1).view(torch.uint8).clone() for name, t in tensors.items()
+            if t is not None}
 
 
 def _check(errors: list, what: str, check, *args) -> None:

@@ -247,7 +247,7 @@ def _differs(expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     """A device bool: shapes or bytes differ."""
     if expected.shape != got.shape or expected.dtype != got.dtype:
         return torch.ones((), dtype=torch.bool, device=got.device)
-    return (expected.contiguous().view(torch.uint8) != got.contiguous().view(torch.uint8)).any()
+    return (expected.contiguous().reshape(-1).view(torch.uint8) != got.contiguous().reshape(-1).view(torch.uint8)).any()
 
 
 def _dispatch_message(out, expected, tokens, parts, poisoned, capacity) -> str:
