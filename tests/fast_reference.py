@@ -164,9 +164,10 @@ def expert_row_index(tokens_per_expert: torch.Tensor, num_rows: int, slots: int)
     """For rows laid out expert after expert (``num_rows`` in all): (``[num_rows]`` local expert of
     each, ``[num_rows]`` its row in ``[experts_per_rank * slots]``, the expert-major outputs)."""
     counts = tokens_per_expert.long()
-    local = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts, output_size=num_rows)
-    starts = torch.cumsum(counts, 0) - counts
-    return local, local * slots + torch.arange(num_rows, device=counts.device) - starts[local]
+    ends = torch.cumsum(counts, 0)
+    row = torch.arange(num_rows, device=counts.device)
+    local = torch.searchsorted(ends, row, right=True)  # (repeat_interleave is ~40x slower on CPU)
+    return local, local * slots + row - (ends - counts)[local]
 
 
 def expert_pair_rows(values: torch.Tensor, scales, rank: int, local_experts: torch.Tensor) -> torch.Tensor:
@@ -186,13 +187,15 @@ def expected_combine_expert(batch: Batch, values, scales, num_experts: int, rank
     ids, weights = batch.topk_ids[mine], batch.topk_weights[mine].float()
     values, scales = values[mine], scales[mine] if scales is not None else None
     x = values.float() if scales is None else reference.dequantize_fp8(values, scales)
+    expert = ids.clamp(min=0)
+    rows = x[:, None, :] * (expert // per_rank + 1).float()[:, :, None] * (expert % per_rank + 1).float()[:, :, None]
+    parts = rows.to(torch.bfloat16).float()  # [n, topk, hidden]: what each pair's expert sends back
+    if weighted:
+        parts = parts * weights[:, :, None]
+    valid = ids >= 0
     acc = torch.zeros_like(x)
-    for k in range(ids.shape[1]):
-        valid = (ids[:, k] >= 0)[:, None]
-        expert = ids[:, k].clamp(min=0)
-        rows = (x * (expert // per_rank + 1).float()[:, None] * (expert % per_rank + 1).float()[:, None])
-        part = rows.to(torch.bfloat16).float()
-        acc = torch.where(valid, acc + (part * weights[:, k:k + 1] if weighted else part), acc)
+    for k in range(ids.shape[1]):  # in k order, as the kernel and the reference add
+        acc = torch.where(valid[:, k:k + 1], acc + parts[:, k], acc)
     return acc.to(torch.bfloat16)
 
 
