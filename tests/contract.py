@@ -142,6 +142,7 @@ class CallResult:
     received: int  # rows this rank received (the reference's count; the expert layout: pairs)
     errors: list  # every failed check, as text
     outputs: dict | None = None  # with keep_outputs: the bytes of every output (valid rows)
+    fullest: int = 0  # the expert layout: the most pairs one of this rank's experts received
 
 
 def run_case(ctx, case: Case, keep_outputs: bool = False) -> list:
@@ -290,7 +291,8 @@ def _run_expert(ctx, buf, setup: Setup, calls: tuple, keep_outputs: bool) -> lis
     for run, out, (z, _) in zip(runs, outs, made):
         _check(run.errors, "combine", assert_equal, "combine", run.z_expected, z.cpu())
         kept = expert_cases.output_bytes(out, run.expected.tokens_per_expert, z) if keep_outputs else None
-        results.append(CallResult(out.handle.path, int(run.expected.tokens_per_expert.sum()), run.errors, kept))
+        counts = run.expected.tokens_per_expert
+        results.append(CallResult(out.handle.path, int(counts.sum()), run.errors, kept, int(counts.max())))
     for out in outs:
         expert_cases.poison(out)
     return results
