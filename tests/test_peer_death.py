@@ -13,10 +13,11 @@ the first time. That is deterministic: the victim has done the op's work up to i
 signal (LL: every row stored into its peers' receive regions; HT dispatch: the stage kernel,
 and its layout announcement stored on every peer; expert-layout dispatch: its pair counts stored
 on every peer, so a survivor's send launch gives up waiting for them; combine: its rows sent
-back, and in the expert layout a survivor's hook gives up), and no peer has been told. On GPUs the kernels do not run as Python: the victim enqueues the op and kills
-itself as soon as the launch returns, while its kernel runs or waits, so how much of the op it
-finished is not fixed; a survivor then raises in that op or, if the victim's part of it landed,
-in the next one, which the test makes.
+back, and in the expert layout a survivor's hook gives up), and no peer has been told. On GPUs
+the kernels do not run as Python: the victim enqueues the op and kills itself as soon as the
+launch returns, while its kernel runs or waits, so how much of the op it finished is not fixed;
+a survivor then raises in that op or, if the victim's part of it landed, in the next one, which
+the test makes.
 """
 
 import os
