@@ -56,8 +56,9 @@ class EpConfig:
                          "expert" (``dispatch(..., layout="expert")``: [experts_per_rank, slots, hidden],
                          one row per (token, expert) pair, written in place by the senders; LL-sized
                          batches: up to ``expert_tokens`` tokens per rank; one node only)
-    expert_slots         rows per local expert in the "expert" layout (None: the worst case,
-                         expert_tokens * world size); a call that would overflow them is an error
+    expert_slots         rows per local expert in the "expert" layout (None: expert_tokens * world size,
+                         the worst case when no token names an expert twice); a call that would
+                         overflow them is an error
     """
 
     hidden: int

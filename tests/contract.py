@@ -10,9 +10,11 @@ its own outputs alone; a failing case prints as a value that reproduces it.
 Checks never stop a rank halfway (a rank that skipped a collective call would leave its peers
 waiting): ``run_call`` records each failed check and goes on, and the caller asserts on the list.
 
-Variants: a call's ``variant`` says how it is made and read back; today the flat layout without
-receive hooks. Another (``layout="expert"``, ``recv_hook=True``) is one more value in
-``VARIANTS`` and its branch in ``run_variant``; inputs, reference and checks of the rows stay.
+Variants: a call's ``variant`` says how it is made and read back: the flat layout, or the expert
+layout (``layout="expert"``: checked against ``reference.dispatch_expert`` / ``combine_expert``)
+with or without receive hooks, a weighted or unweighted combine, alone or as micro-batch A of two
+in flight (the case's next call is B: dispatch A, dispatch B, hooks, combine A, combine B, hooks).
+Every variant is a value in ``VARIANTS``, run by ``run_variant``; inputs and their reference stay.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 import moe_ep
+import expert_cases
 from ep_cases import (check_dispatch, check_part_rows, check_untouched, expert_outputs, fuzz_routing, poison_rows,
                       poisoned_dispatch_output, unaligned)
 from moe_ep import reference
@@ -38,13 +41,15 @@ class Setup:
     experts_per_rank: int
     topk: int
     max_tokens_per_rank: int
-    dtype: str = "bfloat16"  # "bfloat16" or "float8_e4m3fn"
+    dtype: str = "bfloat16"  # "bfloat16", "float8_e4m3fn" or "float8_e4m3fnuz"
     mode: str = "ll"  # "ll", "ht" or "auto"
     gpus_per_node: int | None = None
     inter_transport: str = "auto"
     crossover_tokens: int | None = None  # mode "auto": LL up to this shared token count
     ht_parts: int | None = None
     timeout_s: float = 60.0
+    layouts: tuple = ("flat",)  # EpConfig.layouts: "expert" among them for expert-layout calls (one node)
+    expert_slots: int | None = None  # EpConfig.expert_slots (None: the worst case)
 
     @property
     def nodes(self) -> int:
@@ -61,10 +66,12 @@ class Setup:
         return moe_ep.EpConfig(hidden=self.hidden, num_experts=self.experts_per_rank * self.world_size,
                                topk=self.topk, max_tokens_per_rank=self.max_tokens_per_rank,
                                dispatch_dtype=getattr(torch, self.dtype), mode=self.mode, timeout_s=self.timeout_s,
-                               **extra)
+                               layouts=self.layouts, expert_slots=self.expert_slots, **extra)
 
-    def path(self, hint: int | None) -> str:
-        """The path a call with ``num_tokens_hint=hint`` must take."""
+    def path(self, hint: int | None, layout: str = "flat") -> str:
+        """The path a call with ``num_tokens_hint=hint`` in ``layout`` must take."""
+        if layout == "expert":
+            return "expert"
         cfg = self.config()
         ll = cfg.mode == "ll" or (cfg.mode == "auto" and min(hint or cfg.max_tokens_per_rank,
                                                               cfg.max_tokens_per_rank) <= cfg.ll_tokens)
@@ -77,11 +84,14 @@ class Setup:
 class Variant:
     """How a call is made and read back."""
 
-    layout: str = "flat"  # "flat": [capacity, hidden] rows in (source rank, token) order
-    recv_hook: bool = False  # dispatch/combine return a hook that completes the receive
+    layout: str = "flat"  # "flat": [capacity, hidden] rows in (source rank, token) order; "expert"
+    recv_hook: bool = False  # expert layout: dispatch/combine return a hook that completes the receive
+    weighted: bool = False  # expert layout: combine(..., weighted=True)
+    two_in_flight: bool = False  # expert layout: this call is micro-batch A, the case's next call B
 
 
-VARIANTS = (Variant(),)
+VARIANTS = (Variant(),) + tuple(Variant("expert", hook, weighted, two) for hook in (False, True)
+                                for weighted in (False, True) for two in (False, True))
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,9 @@ class Call:
     target: int = 0  # routing "one_rank": the rank every token goes to
     masked: bool = False  # some slots -1, some tokens without an expert
     hint: int | None = None  # num_tokens_hint, the same on every rank
-    outputs: tuple = ()  # per rank: "fresh", "out" (poisoned outputs passed as out=) or "zero_copy"
+    # Per rank: "fresh", "out" (poisoned outputs passed as out=; the expert layout: the combine's) or
+    # "zero_copy" (flat layout only)
+    outputs: tuple = ()
     ids_int32: bool = False  # topk_ids as int32 (else int64)
     prequantized: bool = False  # fp8: x passed as (fp8 rows, scales)
     unaligned: bool = False  # the payload one element past a 16-byte boundary
@@ -127,49 +139,80 @@ class CallResult:
     """What one rank saw of one call."""
 
     path: str
-    received: int  # rows this rank received (the reference's count)
+    received: int  # rows this rank received (the reference's count; the expert layout: pairs)
     errors: list  # every failed check, as text
     outputs: dict | None = None  # with keep_outputs: the bytes of every output (valid rows)
+    fullest: int = 0  # the expert layout: the most pairs one of this rank's experts received
 
 
 def run_case(ctx, case: Case, keep_outputs: bool = False) -> list:
     """Every call of ``case`` on one new Buffer; returns this rank's ``CallResult`` per call."""
     buf = moe_ep.Buffer(ctx.group, case.setup.config())
     try:
-        results = [run_call(ctx, buf, case.setup, call, keep_outputs) for call in case.calls]
+        results = []
+        for group in in_flight(case.calls):
+            results += run_variant(ctx, buf, case.setup, group, keep_outputs)
         buf.check()
     finally:
         buf.close()
     return results
 
 
+def in_flight(calls: tuple) -> list:
+    """``calls`` grouped as they are made: alone, or micro-batches A and B (``two_in_flight``)."""
+    groups, i = [], 0
+    while i < len(calls):
+        size = 2 if calls[i].variant.two_in_flight else 1
+        group = calls[i:i + size]
+        if size == 2 and (len(group) < 2 or group[1].variant.layout != "expert" or group[1].variant.two_in_flight
+                          or group[1].variant.recv_hook != group[0].variant.recv_hook):
+            raise ValueError(f"call {i} is micro-batch A of two in flight: the next call must be an expert-layout "
+                             f"call with the same recv_hook, alone")
+        groups.append(group)
+        i += size
+    return groups
+
+
 def run_call(ctx, buf, setup: Setup, call: Call, keep_outputs: bool = False) -> CallResult:
     """Make ``call`` on ``buf`` (every rank calls this alike) and check this rank's outputs."""
-    me, world = ctx.rank, ctx.world_size
-    xs, ids, weights = call_inputs(setup, call)
-    expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)
-    ys = [expert_outputs(expected[r], r) for r in range(world)]
-    tokens = [len(i) for i in ids]
-    z_expected = reference.combine(ys, expected, tokens, setup.gpus_per_node if setup.nodes > 1 else None)[me]
+    return run_variant(ctx, buf, setup, (call,), keep_outputs)[0]
+
+
+def run_variant(ctx, buf, setup: Setup, calls: tuple, keep_outputs: bool = False) -> list:
+    """Make ``calls`` (one, or micro-batches A and B in flight together) as their variant says;
+    returns this rank's ``CallResult`` of each, every output checked against the reference."""
+    if calls[0].variant.layout == "expert":
+        results = _run_expert(ctx, buf, setup, calls, keep_outputs)
+    else:
+        results = [_run_flat(ctx, buf, setup, calls[0], keep_outputs)]
+    for call, result in zip(calls, results):
+        want = setup.path(call.hint, call.variant.layout)
+        if result.path != want:
+            result.errors.append(f"took the {result.path} path, expected {want}")
+    return results
+
+
+def _rank_inputs(ctx, setup: Setup, call: Call, xs, ids, weights) -> tuple:
+    """This rank's (x, topk_ids, topk_weights) of ``call`` on its device, as the call passes them."""
+    me = ctx.rank
     x = tuple(t.to(ctx.device) for t in xs[me]) if call.prequantized else xs[me].to(ctx.device)
     if call.unaligned:
         x = (unaligned(x[0]), x[1]) if call.prequantized else unaligned(x)
     topk_ids = (ids[me].int() if call.ids_int32 else ids[me]).to(ctx.device)
-    inputs = (x, topk_ids, weights[me].to(ctx.device))
-    result = run_variant(ctx, buf, call, inputs, expected, tokens, ys[me], z_expected, keep_outputs)
-    if result.path != setup.path(call.hint):
-        result.errors.append(f"took the {result.path} path, expected {setup.path(call.hint)}")
-    return result
+    return x, topk_ids, weights[me].to(ctx.device)
 
 
-def run_variant(ctx, buf, call: Call, inputs, expected: list, tokens: list, y_rows: torch.Tensor,
-                z_expected: torch.Tensor, keep_outputs: bool) -> CallResult:
-    """Dispatch ``inputs`` and combine ``y_rows`` (this rank's expert outputs, one per received
-    row) as ``call.variant`` says; every output checked against the reference (``expected``: every
-    rank's ``RankDispatch``; ``z_expected``: this rank's combine)."""
-    if call.variant != Variant():
-        raise NotImplementedError(f"no runner for {call.variant} yet")
-    me = ctx.rank
+def _run_flat(ctx, buf, setup: Setup, call: Call, keep_outputs: bool) -> CallResult:
+    """A flat-layout dispatch + combine; every output checked against ``reference.dispatch`` /
+    ``combine``."""
+    me, world = ctx.rank, ctx.world_size
+    xs, ids, weights = call_inputs(setup, call)
+    expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)
+    y_rows = expert_outputs(expected[me], me)
+    tokens = [len(i) for i in ids]
+    z_expected = reference.combine([expert_outputs(expected[r], r) for r in range(world)], expected, tokens,
+                                   setup.gpus_per_node if setup.nodes > 1 else None)[me]
+    inputs = _rank_inputs(ctx, setup, call, xs, ids, weights)
     how = call.outputs[me] if call.outputs else "fresh"
     errors: list = []
     out = buf.dispatch(*inputs, out=poisoned_dispatch_output(buf) if how == "out" else None,
@@ -190,6 +233,69 @@ def run_variant(ctx, buf, call: Call, inputs, expected: list, tokens: list, y_ro
     if how == "zero_copy":  # the next call must rewrite every row it returns (receive regions included)
         poison_rows(out)
     return CallResult(path, mine.num_tokens, errors, kept)
+
+
+class _ExpertRun:
+    """One expert-layout call on this rank: its inputs, and what ``reference.dispatch_expert`` /
+    ``combine_expert`` say its outputs must be."""
+
+    def __init__(self, ctx, buf, setup: Setup, call: Call):
+        me, cfg = ctx.rank, buf.cfg
+        self.call, self.hook = call, call.variant.recv_hook
+        xs, ids, weights = call_inputs(setup, call)
+        expected = reference.dispatch_expert(xs, ids, weights, cfg.num_experts, cfg.dispatch_dtype)
+        ys = [expert_cases.stand_in_outputs(received, d) for d, received in enumerate(expected)]
+        self.expected = expected[me]
+        self.inputs = _rank_inputs(ctx, setup, call, xs, ids, weights)
+        self.y = expert_cases.expert_major(ys[me], self.expected.tokens_per_expert, cfg.slots(ctx.world_size),
+                                           cfg.hidden).to(ctx.device)  # rows past each count NaN: never read
+        self.z_expected = reference.combine_expert(ys, expected, ids, weights, call.variant.weighted)[me]
+        self.how = call.outputs[me] if call.outputs else "fresh"
+        self.z_out = torch.full((len(ids[me]), cfg.hidden), float("nan"), dtype=torch.bfloat16, device=ctx.device) \
+            if self.how == "out" else None
+        self.errors: list = []
+
+    def dispatch(self, buf):
+        """The dispatch: ``(output, hook)`` (hook None without recv_hook)."""
+        made = buf.dispatch(*self.inputs, num_tokens_hint=self.call.hint, layout="expert",
+                            return_recv_hook=self.hook)
+        return made if self.hook else (made, None)
+
+    def combine(self, buf, out):
+        made = buf.combine(self.y, out.handle, out=self.z_out, weighted=self.call.variant.weighted,
+                           return_recv_hook=self.hook)
+        return made if self.hook else (made, None)
+
+
+def _run_expert(ctx, buf, setup: Setup, calls: tuple, keep_outputs: bool) -> list:
+    """Expert-layout calls in flight together (one, or micro-batches A and B): dispatch each, run
+    the hooks (with other work before them), check every row of every expert, combine each, run the
+    hooks, check the combines; then poison the outputs (the call that reuses their half must
+    rewrite every valid row, and may write none past a count: checked from its third call on)."""
+    runs = [_ExpertRun(ctx, buf, setup, call) for call in calls]
+    made = [run.dispatch(buf) for run in runs]
+    if runs[0].hook:
+        torch.randn(64, 64, device=ctx.device).cumsum(0)  # other work while the sends are in flight
+        for _, hook in made:
+            hook()
+    outs = [out for out, _ in made]
+    for run, out in zip(runs, outs):
+        _check(run.errors, "dispatch", expert_cases.check_expert_dispatch, out, run.expected, "")
+        if out.handle.call >= 2:  # its half was poisoned after the call before the last
+            _check(run.errors, "dispatch", expert_cases.check_expert_untouched, out, run.expected.tokens_per_expert)
+    made = [run.combine(buf, out) for run, out in zip(runs, outs)]
+    if runs[0].hook:
+        for _, hook in made:
+            hook()
+    results = []
+    for run, out, (z, _) in zip(runs, outs, made):
+        _check(run.errors, "combine", assert_equal, "combine", run.z_expected, z.cpu())
+        kept = expert_cases.output_bytes(out, run.expected.tokens_per_expert, z) if keep_outputs else None
+        counts = run.expected.tokens_per_expert
+        results.append(CallResult(out.handle.path, int(counts.sum()), run.errors, kept, int(counts.max())))
+    for out in outs:
+        expert_cases.poison(out)
+    return results
 
 
 def output_bytes(out: moe_ep.DispatchOutput, rows: int, z: torch.Tensor) -> dict:

@@ -64,7 +64,12 @@ def routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size:
 
 
 # Routings of the randomized tests (tests/contract.py): each may also mask slots (-1) on top.
-FUZZ_ROUTINGS = ("uniform", "one_rank", "every_rank", "duplicates")
+FUZZ_ROUTINGS = ("uniform", "one_rank", "every_rank", "duplicates", "one_expert")
+
+
+def hot_expert(target: int, num_experts: int, world_size: int) -> int:
+    """The expert every token names in routing "one_expert": the last of rank ``target``'s."""
+    return (target + 1) * (num_experts // world_size) - 1
 
 
 def fuzz_routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size: int, gen,
@@ -73,8 +78,10 @@ def fuzz_routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_
     "uniform" distinct random experts; "one_rank" every expert of every token on rank ``target``
     (distinct where that rank has topk experts, else repeated); "every_rank" each token on every
     rank (one expert on each of min(topk, world) distinct ranks, the other slots random, in a
-    random slot order); "duplicates" random experts, a token's last id repeating its first. With
-    ``masked`` about a quarter of the slots are -1 and about one token in six has none."""
+    random slot order); "duplicates" random experts, a token's last id repeating its first;
+    "one_expert" every token names ``hot_expert(target)`` in a random slot, its other slots distinct
+    random experts (a full expert: the expert layout's capacity when every rank sends its maximum).
+    With ``masked`` about a quarter of the slots are -1 and about one token in six has none."""
     per_rank = num_experts // world_size
     if num_tokens == 0:
         return torch.zeros(0, topk, dtype=torch.int64)
@@ -94,6 +101,12 @@ def fuzz_routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_
     elif kind == "duplicates":
         ids = torch.randint(0, num_experts, (num_tokens, topk), generator=gen)
         ids[:, -1] = ids[:, 0]
+    elif kind == "one_expert":
+        hot = hot_expert(target, num_experts, world_size)
+        others = torch.tensor([e for e in range(num_experts) if e != hot], dtype=torch.int64)
+        ids = torch.stack([torch.cat([torch.tensor([hot]), others[torch.randperm(num_experts - 1, generator=gen)
+                                                                  [:topk - 1]]])
+                           [torch.randperm(topk, generator=gen)] for _ in range(num_tokens)])
     else:
         raise ValueError(kind)
     if masked:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 
 import moe_ep
-from ep_cases import make_inputs
+from ep_cases import POISON_INT, make_inputs, x_poison
+from fast_reference import expert_pair_rows, expert_row_index
 from moe_ep import reference
 from rank_checks import assert_equal
-
-POISON_INT = -7777
 
 
 def expert_config(ctx, shape, dtype_name: str, expert_slots: int | None = None, **extra) -> moe_ep.EpConfig:
@@ -46,6 +45,68 @@ def expert_inputs(call: int, kind: str, shape, world: int, seed: int):
     return xs, ids, weights
 
 
+def stand_in_outputs(received: reference.RankExpertDispatch, rank: int) -> torch.Tensor:
+    """Stand-in experts of ``rank``: each received row's dequantised values times (rank + 1) *
+    (local expert + 1), in bf16 (``fast_reference.expert_pair_rows``): ``[num_pairs, hidden]``."""
+    local, _ = expert_row_index(received.tokens_per_expert, received.x.shape[0], 1)
+    return expert_pair_rows(received.x, received.x_scales, rank, local)
+
+
+def expert_major(rows: torch.Tensor, tokens_per_expert: torch.Tensor, slots: int, hidden: int) -> torch.Tensor:
+    """``rows`` (expert after expert) as combine's ``y``: ``[experts_per_rank, slots, hidden]`` bf16,
+    expert e's rows at ``[e, 0:tokens_per_expert[e]]`` and NaN past them (combine never reads them).
+    A count above ``slots`` (an overflowing call, an error) keeps its first ``slots`` rows."""
+    experts = len(tokens_per_expert)
+    y = torch.full((experts, slots, hidden), float("nan"), dtype=torch.bfloat16)
+    start = 0
+    for e, count in enumerate(tokens_per_expert.tolist()):
+        kept = min(count, slots)
+        y[e, :kept] = rows[start:start + kept]
+        start += count
+    return y
+
+
+def check_expert_dispatch(out: moe_ep.ExpertDispatchOutput, exp: reference.RankExpertDispatch, name: str) -> int:
+    """Every valid row of every expert bit-exact (x, x_scales, src, topk_weights) and the counts;
+    returns the pairs received."""
+    suffix = f", {name}" if name else ""
+    assert_equal(f"tokens_per_expert{suffix}", exp.tokens_per_expert, out.tokens_per_expert.cpu())
+    for e in range(len(exp.tokens_per_expert)):
+        n, rows = int(exp.tokens_per_expert[e]), exp.rows(e)
+        assert_equal(f"x of expert {e}{suffix}", exp.x[rows].view(torch.uint8), out.x[e, :n].cpu().view(torch.uint8))
+        if exp.x_scales is not None:
+            assert_equal(f"x_scales of expert {e}{suffix}", exp.x_scales[rows], out.x_scales[e, :n].cpu())
+        assert_equal(f"src of expert {e}{suffix}", exp.src[rows], out.src[e, :n].cpu())
+        assert_equal(f"topk_weights of expert {e}{suffix}", exp.topk_weights[rows], out.topk_weights[e, :n].cpu())
+    return int(exp.tokens_per_expert.sum())
+
+
+def check_expert_untouched(out: moe_ep.ExpertDispatchOutput, tokens_per_expert: torch.Tensor) -> None:
+    """Rows past each expert's count still hold ``poison``'s values (no stray writes)."""
+    slots = out.x.shape[1]
+    past = torch.arange(slots)[None, :] >= tokens_per_expert.long()[:, None]  # [experts_per_rank, slots]
+    rows = {"x": (out.x.cpu().view(torch.uint8) == x_poison(out.x.dtype)).all(dim=2),
+            "src": (out.src.cpu() == POISON_INT).all(dim=2), "topk_weights": out.topk_weights.cpu().isnan()}
+    if out.x_scales is not None:
+        rows["x_scales"] = out.x_scales.cpu().isnan().all(dim=2)
+    for name, poisoned in rows.items():
+        stray = (past & ~poisoned).nonzero()[:5].tolist()
+        assert not stray, f"{name} written past an expert's count, at (expert, row) {stray}"
+
+
+def output_bytes(out: moe_ep.ExpertDispatchOutput, tokens_per_expert: torch.Tensor, z: torch.Tensor) -> dict:
+    """CPU copies of every output of an expert-layout call: the valid rows of each expert, the
+    counts, the handle's pairs (what its combine reads) and the combine's result."""
+    tensors = {"tokens_per_expert": out.tokens_per_expert, "pair_ids": out.handle.pair_ids,
+               "pair_weights": out.handle.pair_weights, "combine": z}
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        tensors.update({f"x[{e}]": out.x[e, :n], f"src[{e}]": out.src[e, :n],
+                        f"topk_weights[{e}]": out.topk_weights[e, :n]})
+        if out.x_scales is not None:
+            tensors[f"x_scales[{e}]"] = out.x_scales[e, :n]
+    return {name: t.cpu().contiguous().reshape(-1).view(torch.uint8).clone() for name, t in tensors.items()}
+
+
 class ExpertCall:
     """One call's inputs on this rank and what the reference says every output must be."""
 
@@ -62,20 +123,8 @@ class ExpertCall:
         self.weights = weights[me].to(ctx.device)
         expected = reference.dispatch_expert(xs, ids, weights, cfg.num_experts, cfg.dispatch_dtype)
         self.expected = expected[me]
-        # Stand-in experts: the row's dequantised values times (rank + 1) * (expert + 1).
-        ys = []
-        for d, received in enumerate(expected):
-            x = received.x.float() if received.x_scales is None else reference.dequantize_fp8(received.x,
-                                                                                            received.x_scales)
-            scale = torch.repeat_interleave(torch.arange(1, len(received.tokens_per_expert) + 1, dtype=torch.float32),
-                                            received.tokens_per_expert.long())
-            ys.append((x * (d + 1) * scale[:, None]).to(torch.bfloat16))
-        slots = cfg.slots(world)
-        y = torch.full((buf.experts_per_rank, slots, cfg.hidden), float("nan"), dtype=torch.bfloat16)
-        for e in range(buf.experts_per_rank):  # rows past each expert's count stay NaN: never read
-            rows = ys[me][self.expected.rows(e)][:slots]  # (a call that overflows the slots is an error)
-            y[e, :len(rows)] = rows
-        self.y = y.to(ctx.device)
+        ys = [stand_in_outputs(received, d) for d, received in enumerate(expected)]
+        self.y = expert_major(ys[me], self.expected.tokens_per_expert, cfg.slots(world), cfg.hidden).to(ctx.device)
         self.weighted = weighted
         self.z_expected = reference.combine_expert(ys, expected, ids, weights, weighted)[me]
 
@@ -84,18 +133,7 @@ class ExpertCall:
 
     def check_dispatch(self, out: moe_ep.ExpertDispatchOutput) -> int:
         """Every valid row of every expert bit-exact; returns the rows received."""
-        exp = self.expected
-        assert_equal(f"tokens_per_expert of {self.name}", exp.tokens_per_expert, out.tokens_per_expert.cpu())
-        for e in range(len(exp.tokens_per_expert)):
-            n, rows = int(exp.tokens_per_expert[e]), exp.rows(e)
-            assert_equal(f"x of expert {e}, {self.name}", exp.x[rows].view(torch.uint8),
-                         out.x[e, :n].cpu().view(torch.uint8))
-            if exp.x_scales is not None:
-                assert_equal(f"x_scales of expert {e}, {self.name}", exp.x_scales[rows], out.x_scales[e, :n].cpu())
-            assert_equal(f"src of expert {e}, {self.name}", exp.src[rows], out.src[e, :n].cpu())
-            assert_equal(f"topk_weights of expert {e}, {self.name}", exp.topk_weights[rows],
-                         out.topk_weights[e, :n].cpu())
-        return int(exp.tokens_per_expert.sum())
+        return check_expert_dispatch(out, self.expected, self.name)
 
     def combine(self, buf, handle, hook: bool = False):
         return buf.combine(self.y, handle, weighted=self.weighted, return_recv_hook=hook)
@@ -107,7 +145,7 @@ class ExpertCall:
 def poison(out: moe_ep.ExpertDispatchOutput) -> None:
     """The output views set to values no dispatch writes: the call that reuses them must rewrite
     every valid row."""
-    out.x.view(torch.uint8).fill_(0xFF)
+    out.x.view(torch.uint8).fill_(x_poison(out.x.dtype))
     if out.x_scales is not None:
         out.x_scales.fill_(float("nan"))
     out.topk_weights.fill_(float("nan"))

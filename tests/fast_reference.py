@@ -7,8 +7,8 @@ kernels, would set the pace. Here every rank's inputs of a call are one concaten
 (``Batch``, rows in rank order, then token order: the order a rank receives them in), and one rank
 selects its rows at once. ``test_soak.py::test_fast_reference_matches_reference`` checks every
 function here against ``moe_ep.reference`` bit for bit; the soak's stand-in experts
-(``expert_rows``) are elementwise, so a source rank recomputes exactly what each destination
-sends back.
+(``expert_rows``, and ``expert_pair_rows`` for the expert layout) are elementwise, so a source rank
+recomputes exactly what each destination sends back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ep_cases import hot_expert
 from moe_ep import reference
 
 
@@ -75,6 +76,11 @@ def routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size:
     elif kind == "duplicates":
         ids = randint(num_experts, (num_tokens, topk))
         ids[:, -1] = ids[:, 0]
+    elif kind == "one_expert":
+        hot = hot_expert(target, num_experts, world_size)
+        others = rand(num_tokens, num_experts - 1).argsort(dim=1)[:, :topk - 1]  # distinct, hot skipped below
+        ids = torch.cat([torch.full((num_tokens, 1), hot, device=device), others + (others >= hot).long()], dim=1)
+        ids = ids.gather(1, rand(num_tokens, topk).argsort(dim=1))
     else:
         raise ValueError(kind)
     ids = ids.contiguous()
@@ -134,6 +140,62 @@ def expected_combine(batch: Batch, values, scales, num_experts: int, rank: int,
         if node != rank // per_node:
             node_acc = node_acc.to(torch.bfloat16).float()
         acc = acc + node_acc
+    return acc.to(torch.bfloat16)
+
+
+def expected_dispatch_expert(batch: Batch, values, scales, num_experts: int,
+                             rank: int) -> reference.RankExpertDispatch:
+    """``reference.dispatch_expert(...)[rank]`` from the batch and its ``payload``: the pairs of
+    this rank's experts, by local expert, then (source rank, token, k), the batch's own order."""
+    world_size = len(batch.tokens)
+    per_rank = num_experts // world_size
+    ids = batch.topk_ids
+    here = (ids >= rank * per_rank) & (ids < (rank + 1) * per_rank)  # [N, topk]
+    row, k = here.nonzero(as_tuple=True)  # in (source rank, token, k) order
+    local = ids[row, k] - rank * per_rank
+    order = torch.sort(local, stable=True).indices
+    row, k, local = row[order], k[order], local[order]
+    src = torch.stack([batch.source[row], batch.index[row]], dim=1).int()
+    return reference.RankExpertDispatch(values[row], scales[row] if scales is not None else None, src,
+                                        batch.topk_weights[row, k].float(), k.int(), _count(local, per_rank))
+
+
+def expert_row_index(tokens_per_expert: torch.Tensor, num_rows: int, slots: int):
+    """For rows laid out expert after expert (``num_rows`` in all): (``[num_rows]`` local expert of
+    each, ``[num_rows]`` its row in ``[experts_per_rank * slots]``, the expert-major outputs)."""
+    counts = tokens_per_expert.long()
+    ends = torch.cumsum(counts, 0)
+    row = torch.arange(num_rows, device=counts.device)
+    local = torch.searchsorted(ends, row, right=True)  # (repeat_interleave is ~40x slower on CPU)
+    return local, local * slots + row - (ends - counts)[local]
+
+
+def expert_pair_rows(values: torch.Tensor, scales, rank: int, local_experts: torch.Tensor) -> torch.Tensor:
+    """The stand-in for expert ``local_experts[i]`` of ``rank`` on row i: bf16(row * (rank + 1) *
+    (local expert + 1)), elementwise (float32 products, left to right)."""
+    x = values.float() if scales is None else reference.dequantize_fp8(values, scales)
+    return (x * (rank + 1) * (local_experts + 1).float()[:, None]).to(torch.bfloat16)
+
+
+def expected_combine_expert(batch: Batch, values, scales, num_experts: int, rank: int,
+                            weighted: bool) -> torch.Tensor:
+    """``reference.combine_expert(ys, ...)[rank]`` when every rank d sends back, for each pair, the
+    ``expert_pair_rows`` of its row: over k in order, the float32 sum of (w *) each pair's row."""
+    world_size = len(batch.tokens)
+    per_rank = num_experts // world_size
+    mine = batch.rows(rank)
+    ids, weights = batch.topk_ids[mine], batch.topk_weights[mine].float()
+    values, scales = values[mine], scales[mine] if scales is not None else None
+    x = values.float() if scales is None else reference.dequantize_fp8(values, scales)
+    expert = ids.clamp(min=0)
+    rows = x[:, None, :] * (expert // per_rank + 1).float()[:, :, None] * (expert % per_rank + 1).float()[:, :, None]
+    parts = rows.to(torch.bfloat16).float()  # [n, topk, hidden]: what each pair's expert sends back
+    if weighted:
+        parts = parts * weights[:, :, None]
+    valid = ids >= 0
+    acc = torch.zeros_like(x)
+    for k in range(ids.shape[1]):  # in k order, as the kernel and the reference add
+        acc = torch.where(valid[:, k:k + 1], acc + parts[:, k], acc)
     return acc.to(torch.bfloat16)
 
 

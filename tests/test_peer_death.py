@@ -1,4 +1,5 @@
-"""A peer killed (SIGKILL) in the middle of a dispatch or a combine, on the LL and HT paths.
+"""A peer killed (SIGKILL) in the middle of a dispatch or a combine, on the LL and HT paths and in
+the expert layout (its calls with receive hooks, run right after each call).
 
 Every survivor must raise ``moe_ep.PeerTimeoutError`` naming the dead rank within about
 ``timeout_s`` (on CPU ranks: one wait spends its poll budget, counted), its Buffer must
@@ -10,11 +11,13 @@ program after another: the victim traces its own calls (``sys.settrace``) during
 and SIGKILLs itself when a program enters ``_signal_peers`` (moe_ep.transport.primitives) for
 the first time. That is deterministic: the victim has done the op's work up to its first
 signal (LL: every row stored into its peers' receive regions; HT dispatch: the stage kernel,
-and its layout announcement stored on every peer; combine: its rows sent back), and no peer
-has been told. On GPUs the kernels do not run as Python: the victim enqueues the op and kills
-itself as soon as the launch returns, while its kernel runs or waits, so how much of the op it
-finished is not fixed; a survivor then raises in that op or, if the victim's part of it landed,
-in the next one, which the test makes.
+and its layout announcement stored on every peer; expert-layout dispatch: its pair counts stored
+on every peer, so a survivor's send launch gives up waiting for them; combine: its rows sent
+back, and in the expert layout a survivor's hook gives up), and no peer has been told. On GPUs
+the kernels do not run as Python: the victim enqueues the op and kills itself as soon as the
+launch returns, while its kernel runs or waits, so how much of the op it finished is not fixed;
+a survivor then raises in that op or, if the victim's part of it landed, in the next one, which
+the test makes.
 """
 
 import os
@@ -54,6 +57,24 @@ def _die_at_first_signal() -> None:
     sys.settrace(tracer)
 
 
+def _dispatch(buf, inputs, layout: str):
+    """A dispatch; in the expert layout with a receive hook, called at once."""
+    if layout == "flat":
+        return buf.dispatch(*inputs)
+    out, hook = buf.dispatch(*inputs, layout="expert", return_recv_hook=True)
+    hook()
+    return out
+
+
+def _combine(buf, y, out, layout: str):
+    """A combine; in the expert layout weighted, with a receive hook, called at once."""
+    if layout == "flat":
+        return buf.combine(y, out.handle)
+    z, hook = buf.combine(y, out.handle, weighted=True, return_recv_hook=True)
+    hook()
+    return z
+
+
 def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
     """One good dispatch + combine, then the victim dies in the next ``op``; survivors report
     (peer, phase, message) of their error, the seconds to it, the polls of its waits, the error
@@ -62,31 +83,35 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
     from moe_ep import reference
 
     buf = moe_ep.Buffer(ctx.group, setup.config())
+    layout = setup.layouts[0]
     segments = _heap_segments() if ctx.device.type == "cpu" else []
     me, world = ctx.rank, ctx.world_size
     for seed in (1, 2):  # a whole pair first: the fatal call is not the Buffer's first (epochs, credits)
         call = Call(seed=seed, tokens=tuple(4 - r % 2 for r in range(world)))
         xs, ids, weights = call_inputs(setup, call)
-        expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)
-        y = torch.zeros(buf.capacity, setup.hidden, dtype=torch.bfloat16)
-        y[:expected[me].num_tokens] = expert_outputs(expected[me], me)
+        if layout == "flat":
+            expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)
+            y = torch.zeros(buf.capacity, setup.hidden, dtype=torch.bfloat16)
+            y[:expected[me].num_tokens] = expert_outputs(expected[me], me)
+        else:  # what the experts send back does not matter here
+            y = torch.randn(buf.experts_per_rank, buf.cfg.slots(world), setup.hidden).to(torch.bfloat16)
         inputs = (xs[me].to(ctx.device), ids[me].to(ctx.device), weights[me].to(ctx.device))
         y = y.to(ctx.device)
         if seed == 1:  # every op starts together: no legitimate wait nears the short timeout_s
             dist.barrier(group=ctx.group)
-            out = buf.dispatch(*inputs)
+            out = _dispatch(buf, inputs, layout)
             dist.barrier(group=ctx.group)
-            buf.combine(y, out.handle)
+            _combine(buf, y, out, layout)
             buf.check()
     dist.barrier(group=ctx.group)
     if me == victim:
         if op == "combine":
-            out = buf.dispatch(*inputs)
+            out = _dispatch(buf, inputs, layout)
         _die_at_first_signal()
         if op == "dispatch":
-            buf.dispatch(*inputs)
+            _dispatch(buf, inputs, layout)
         else:
-            buf.combine(y, out.handle)
+            _combine(buf, y, out, layout)
         if ctx.device.type != "cpu":
             os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError(f"the victim finished its {op}")
@@ -94,19 +119,19 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
     error = None
     start = time.monotonic()
     try:
-        out = buf.dispatch(*inputs)
+        out = _dispatch(buf, inputs, layout)
         if op == "combine" or ctx.device.type != "cpu":
-            buf.combine(y, out.handle)
+            _combine(buf, y, out, layout)
         buf.check()
         if ctx.device.type != "cpu":  # the victim's part of the op may have landed: the next call
-            buf.dispatch(*inputs)
+            _dispatch(buf, inputs, layout)
             buf.check()
     except moe_ep.PeerTimeoutError as err:
         error = (err.peer, err.phase, str(err))
     elapsed = time.monotonic() - start
     polls = (polls, buf.sync.max_polls) if polls is not None else None
     try:
-        buf.dispatch(*inputs)
+        _dispatch(buf, inputs, layout)
         refused = None
     except moe_ep.PeerTimeoutError as err:
         refused = str(err)
@@ -137,10 +162,9 @@ def _count_polls() -> list:
 
 
 def _params():
-    cases = [("cpu", 3, "ll", "dispatch"), ("cpu", 3, "ll", "combine"), ("cpu", 3, "ht", "dispatch"),
-             ("cpu", 3, "ht", "combine")]
+    cases = [("cpu", 3, path, op) for path in ("ll", "ht", "expert") for op in ("dispatch", "combine")]
     gpu = [pytest.param("cuda", 4, path, op, marks=pytest.mark.gpu)
-           for path in ("ll", "ht") for op in ("dispatch", "combine")]
+           for path in ("ll", "ht", "expert") for op in ("dispatch", "combine")]
     return [pytest.param(*c, id=f"{c[0]}{c[1]}-{c[2]}-{c[3]}") for c in cases] + gpu
 
 
@@ -155,7 +179,8 @@ def test_peer_killed_mid_call(device, world_size, path, op):
     shape = CPU_SHAPE if device == "cpu" else GPU_SHAPE
     setup = Setup(world_size=world_size, hidden=shape.hidden, experts_per_rank=shape.num_experts_per_rank,
                   topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank, dtype="float8_e4m3fn",
-                  mode=path, timeout_s=TIMEOUT_S)
+                  mode="ll" if path == "expert" else path, timeout_s=TIMEOUT_S,
+                  layouts=("expert",) if path == "expert" else ("flat",))
     pool = RankPool(world_size, device, share_device=GPU_SHARED and device == "cuda")
     results = pool.run(_killed_mid_call, setup, victim, op, timeout=300, may_die=(victim,))
     assert pool.closed

@@ -7,22 +7,28 @@
 
 Buffers (all made at the start, every call on one of them): one node in mode "auto" with
 crossover_tokens = max_tokens_per_rank / 2 (LL up to it, HT above, HT also with zero-copy
-outputs), and, on an even number of ranks, the same across two nodes (2 x 1 on two ranks, 2 x 2
-on four: the inter-node path's LL and HT variants). Each call draws, from a generator every rank
-seeds alike: the Buffer and the path (a token bound every rank passes as num_tokens_hint), a
-routing of ep_cases.FUZZ_ROUTINGS (uniform, all on one rank, each token on every rank, duplicate
-ids), -1 slots or not, the token counts under the bound, or full capacity (every rank sends the
-bound: with "all on one rank" or "every rank" a rank receives the path's full capacity), zero-copy
-or poisoned (out=) or fresh outputs, int32 or int64 ids, pre-quantised fp8 input, and now and then
-values in bf16's subnormal range; some calls no rank sends a token. The first ten calls take each
-Buffer, path, routing and option at least once (``FIRST``).
+outputs) and the expert layout beside the flat one (up to crossover_tokens tokens a rank; slots
+for the worst case of any routing, crossover_tokens x world x topk, as duplicate ids within a
+token may give an expert more pairs than the default), and, on an even number of ranks, the same
+across two nodes (flat only; 2 x 1 on two ranks, 2 x 2 on four: the inter-node path's LL and HT
+variants). Each call draws, from a generator every rank seeds alike: the Buffer and the path (a
+token bound every rank passes as num_tokens_hint) or, one call in four, the expert layout on the
+one-node Buffer (with or without receive hooks, weighted or unweighted combine; the oracle is
+computed while the sends are in flight); a routing of ep_cases.FUZZ_ROUTINGS (uniform, all on one
+rank, each token on every rank, duplicate ids, every token naming one expert), -1 slots or not,
+the token counts under the bound, or full capacity (every rank sends the bound: with "all on one
+rank" or "every rank" a rank receives the path's full capacity), zero-copy or poisoned (out=; the
+expert layout: poisoned combine out= and receive rows, checked untouched past each count when
+their half comes back) or fresh outputs, int32 or int64 ids, pre-quantised fp8 input, and now and
+then values in bf16's subnormal range; some calls no rank sends a token. The first twelve calls
+take each Buffer, path, layout, routing and option at least once (``FIRST``).
 
 Checks: tests/fast_reference.py computes this rank's expected outputs on its own device (checked
 against moe_ep.reference by test_fast_reference_matches_reference in CI), compared in a few device
 operations with one host round trip per op; a mismatch is re-checked with ep_cases' checks on the
 host for its message, recorded, and the run goes on, so one report lists them all (the test
 wants none; a hang ends in PeerTimeoutError or in the harness's timeout). The expert stand-in is
-bf16(row * (rank + 1)).
+bf16(row * (rank + 1)), in the expert layout bf16(row * (rank + 1) * (local expert + 1)).
 
 Length: MOE_EP_SOAK_CALLS pairs (default 200 on CPU ranks, 10000 on GPUs) or MOE_EP_SOAK_SECONDS
 (default 300), whichever comes first; the ranks agree on stopping every progress interval. Rank 0
@@ -34,8 +40,12 @@ costs two eager calls (150-400 us of host time each, README), about 190 small te
 for its inputs and the oracle (counted with torch's profiler at 4 ranks, 128 tokens each;
 moe_ep.reference needs 944 for the same pair, growing with the world size's square) and some 40
 for the checks, and 3 host round trips: about 2-4 ms, so 100,000 pairs in 4-7 minutes (set
-MOE_EP_SOAK_SECONDS above that). ``test_short_soak`` is the same loop, ten calls on two ranks,
-in normal CI.
+MOE_EP_SOAK_SECONDS above that). An expert-layout pair (one in four) costs about the same: two
+eager calls and their hooks, 3 host round trips, about 210-240 tensor operations for its inputs,
+oracle and checks (counted the same way, 64 tokens a rank), and on the device, after a poisoned
+call (one in three), a poison fill and a check of its half (bf16 at 64 experts x 2048 slots:
+1.9 GB written, 3.8 GB read, about 2 ms): about 3-5 ms. ``test_short_soak`` is the same loop,
+twelve calls on two ranks, in normal CI.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import expert_cases
 import fast_reference
 from ep_cases import (CPU_SHAPE, FUZZ_ROUTINGS, GPU_SHAPE, POISON_INT, check_dispatch, check_part_rows,
                       check_untouched, poison_rows, poisoned_dispatch_output, x_poison)
@@ -73,21 +84,27 @@ class Plan:
     """One call of the soak, the same on every rank."""
 
     buffer: int  # index into the Buffers
-    ll: bool  # the LL path (or the inter-node path's LL variant), else HT
+    ll: bool  # the LL path (or the inter-node path's LL variant), else HT; the expert layout: True
     kind: str  # routing, one of FUZZ_ROUTINGS
+    expert: bool = False  # the expert layout (Buffer 0)
+    hook: bool = False  # expert layout: receive hooks
+    weighted: bool = False  # expert layout: weighted combine
     masked: bool = False
     full: bool = False  # every rank sends the bound
     empty: bool = False  # no rank sends a token
     zero_copy: bool = False  # zero-copy outputs (HT on one node; every rank alike here)
-    poisoned: bool = False  # poisoned outputs passed as out=
+    poisoned: bool = False  # poisoned outputs passed as out= (the expert layout: see the module docstring)
     prequantized: bool = False
     subnormal: bool = False  # values in bf16's subnormal range
     ids_int32: bool = False
 
 
-# The first calls: each Buffer (1: across nodes, where there is such a Buffer), path, routing,
-# full capacity, an empty call, zero-copy, poisoned outputs, pre-quantised and subnormal input.
+# The first calls: each Buffer (1: across nodes, where there is such a Buffer), path, layout,
+# routing, full capacity, an empty call, zero-copy, poisoned outputs, pre-quantised and subnormal
+# input, receive hooks, weighted and unweighted combines.
 FIRST = [
+    dict(buffer=0, ll=True, kind="one_expert", full=True, expert=True, hook=True, weighted=True, poisoned=True),
+    dict(buffer=0, ll=True, kind="duplicates", masked=True, expert=True, prequantized=True, ids_int32=True),
     dict(buffer=0, ll=True, kind="uniform", poisoned=True),
     dict(buffer=0, ll=False, kind="one_rank", full=True, poisoned=True),
     dict(buffer=0, ll=False, kind="every_rank", full=True, zero_copy=True),
@@ -107,11 +124,16 @@ def _plan(call: int, pick: torch.Generator, buffers: int, fp8: bool) -> Plan:
 
     plan = Plan(buffer=draw(buffers), ll=bool(draw(2)), kind=FUZZ_ROUTINGS[draw(len(FUZZ_ROUTINGS))],
                 masked=draw(3) == 0, full=draw(6) == 0, empty=draw(20) == 0, zero_copy=bool(draw(2)),
-                poisoned=draw(3) == 0, prequantized=draw(4) == 0, subnormal=draw(10) == 0, ids_int32=bool(draw(2)))
+                poisoned=draw(3) == 0, prequantized=draw(4) == 0, subnormal=draw(10) == 0, ids_int32=bool(draw(2)),
+                expert=draw(4) == 0, hook=bool(draw(2)), weighted=bool(draw(2)))
     if call < len(FIRST):
         plan = Plan(**FIRST[call])
         plan.buffer %= buffers
     plan.prequantized &= fp8
+    if plan.expert:  # the one-node Buffer, up to crossover_tokens tokens a rank
+        plan.buffer, plan.ll = 0, True
+    plan.hook &= plan.expert
+    plan.weighted &= plan.expert
     # Zero-copy outputs: the HT path on one node (Buffer 0) only (other paths ignore the option),
     # never with out=.
     plan.zero_copy &= plan.buffer == 0 and not plan.ll and not plan.poisoned
@@ -129,13 +151,15 @@ def _soak(ctx, shape, dtype_name: str, calls: int, seconds: float, seed: int, ev
     most, crossover = shape.max_tokens_per_rank, shape.max_tokens_per_rank // 2
     base = dict(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk, max_tokens_per_rank=most,
                 dispatch_dtype=dtype, mode="auto", crossover_tokens=crossover)
-    configs = [moe_ep.EpConfig(**base)]
+    configs = [moe_ep.EpConfig(**base, layouts=("flat", "expert"), expert_slots=crossover * world * shape.topk)]
     if world % 2 == 0:
         configs.append(moe_ep.EpConfig(**base, gpus_per_node=world // 2))
     buffers = [moe_ep.Buffer(ctx.group, cfg) for cfg in configs]
     pick = torch.Generator().manual_seed(seed)  # the same draws on every rank
     data = torch.Generator(device=dev)
-    stats = {"mismatches": [], "mismatch_count": 0, "paths": {}, "kinds": {}, "full": 0, "received": 0}
+    expert = ExpertState()
+    stats = {"mismatches": [], "mismatch_count": 0, "paths": {}, "kinds": {}, "full": 0, "received": 0,
+             "weighted": 0}
     start = time.monotonic()
     call = 0
     try:
@@ -164,17 +188,19 @@ def _soak(ctx, shape, dtype_name: str, calls: int, seconds: float, seed: int, ev
                 tokens = [0] * world
             target = int(torch.randint(world, (1,), generator=pick))
             data.manual_seed(seed * 1_000_003 + call)
-            problems, received = _one_pair(ctx, buf, plan, tokens, bound, target, data)
+            problems, received = _one_pair(ctx, buf, plan, tokens, bound, target, data, expert)
             stats["received"] += received
-            path = "ll" if plan.ll else "ht"
+            path = "expert" if plan.expert else "ll" if plan.ll else "ht"
             where = f"call {call} ({'inter ' if buf.nodes > 1 else ''}{path}, {plan}, tokens {tokens})"
             stats["mismatch_count"] += bool(problems)
             if problems and len(stats["mismatches"]) < MAX_REPORTED:
                 stats["mismatches"].append(f"{where}: " + "; ".join(problems))
-            name = ("inter_" if buf.nodes > 1 else "") + path + ("_zero_copy" if plan.zero_copy else "")
+            name = ("inter_" if buf.nodes > 1 else "") + path + ("_zero_copy" if plan.zero_copy else "") + \
+                ("_hook" if plan.hook else "")
             stats["paths"][name] = stats["paths"].get(name, 0) + 1
             stats["kinds"][plan.kind] = stats["kinds"].get(plan.kind, 0) + 1
             stats["full"] += plan.full
+            stats["weighted"] += plan.weighted
             call += 1
         for buf in buffers:
             buf.check()
@@ -185,9 +211,21 @@ def _soak(ctx, shape, dtype_name: str, calls: int, seconds: float, seed: int, ev
     return stats
 
 
-def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data: torch.Generator) -> list:
+class ExpertState:
+    """What the soak keeps between expert-layout calls: combine's ``y`` (NaN but in the rows the
+    last call filled) and which halves of the receive regions were poisoned after their last use."""
+
+    def __init__(self):
+        self.y = None  # [experts_per_rank, slots, hidden] bf16
+        self.y_rows = None  # rows of y (flat index) the last call filled
+        self.poisoned = set()  # halves poisoned after their last use
+
+
+def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data: torch.Generator,
+              expert: ExpertState) -> list:
     """Dispatch and combine one call's inputs (made on the device from ``data``); returns this
-    rank's mismatches as text (none: every output right) and the rows it received."""
+    rank's mismatches as text (none: every output right) and the rows (expert layout: pairs) it
+    received."""
     from moe_ep import reference
 
     me, dev, cfg = ctx.rank, ctx.device, buf.cfg
@@ -202,6 +240,8 @@ def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data:
     if plan.prequantized:
         x, scales = reference.quantize_fp8(x, cfg.dispatch_dtype)
     batch = fast_reference.Batch(x, scales, ids, weights, tokens)
+    if plan.expert:
+        return _expert_pair(ctx, buf, plan, batch, bound, expert)
     values, value_scales = fast_reference.payload(batch, cfg.dispatch_dtype)
     expected = fast_reference.expected_dispatch(batch, values, value_scales, cfg.num_experts, me)
     x_in, ids_in, weights_in = batch.inputs(me)
@@ -243,6 +283,87 @@ def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data:
     return problems, rows
 
 
+def _expert_pair(ctx, buf, plan: Plan, batch, bound: int, state: ExpertState) -> list:
+    """One expert-layout dispatch + combine of ``batch``; the oracle is computed while the sends
+    are in flight (before the hooks, with ``plan.hook``). Returns (mismatches, pairs received)."""
+    me, dev, cfg = ctx.rank, ctx.device, buf.cfg
+    experts, slots = buf.experts_per_rank, cfg.slots(ctx.world_size)
+    x_in, ids_in, weights_in = batch.inputs(me)
+    made = buf.dispatch(x_in, ids_in.int() if plan.ids_int32 else ids_in, weights_in, num_tokens_hint=bound,
+                        layout="expert", return_recv_hook=plan.hook)
+    out, hook = made if plan.hook else (made, None)
+    values, value_scales = fast_reference.payload(batch, cfg.dispatch_dtype)
+    expected = fast_reference.expected_dispatch_expert(batch, values, value_scales, cfg.num_experts, me)
+    pairs = expected.x.shape[0]
+    local, rows = fast_reference.expert_row_index(expected.tokens_per_expert, pairs, slots)
+    if hook is not None:
+        hook()
+    half = out.handle.half
+    bad = [_differs(expected.tokens_per_expert, out.tokens_per_expert),
+           _differs(expected.x, out.x.reshape(experts * slots, cfg.hidden)[rows]),
+           _differs(expected.src, out.src.reshape(experts * slots, 2)[rows]),
+           _differs(expected.topk_weights, out.topk_weights.reshape(experts * slots)[rows])]
+    if expected.x_scales is not None:
+        bad.append(_differs(expected.x_scales, out.x_scales.reshape(experts * slots, cfg.num_scales)[rows]))
+    untouched = half in state.poisoned
+    if untouched:  # rows past each count still poisoned
+        bad.append(_written_past_counts(out, expected.tokens_per_expert))
+        state.poisoned.discard(half)
+    if state.y is None:
+        state.y = torch.full((experts, slots, cfg.hidden), float("nan"), dtype=torch.bfloat16, device=dev)
+    flat_y = state.y.view(experts * slots, cfg.hidden)
+    if state.y_rows is not None:
+        flat_y[state.y_rows] = float("nan")  # rows past each count stay NaN: combine must never read them
+    flat_y[rows] = fast_reference.expert_pair_rows(expected.x, expected.x_scales, me, local)
+    state.y_rows = rows
+    z_out = torch.full((batch.tokens[me], cfg.hidden), float("nan"), dtype=torch.bfloat16, device=dev) \
+        if plan.poisoned else None
+    made = buf.combine(state.y, out.handle, out=z_out, weighted=plan.weighted, return_recv_hook=plan.hook)
+    z, hook = made if plan.hook else (made, None)
+    z_expected = fast_reference.expected_combine_expert(batch, values, value_scales, cfg.num_experts, me,
+                                                        plan.weighted)
+    if hook is not None:
+        hook()
+    combine_bad = _differs(z_expected, z)
+    problems = []
+    if out.handle.path != "expert":
+        problems.append(f"took the {out.handle.path} path, expected expert")
+    if bool(torch.stack(bad).any()):
+        host = dataclasses.replace(expected, **{f.name: getattr(expected, f.name).cpu() if getattr(expected, f.name)
+                                                is not None else None for f in dataclasses.fields(expected)})
+        try:
+            expert_cases.check_expert_dispatch(out, host, "")
+            if untouched:
+                expert_cases.check_expert_untouched(out, host.tokens_per_expert)
+            problems.append("dispatch: the device comparison differed, the host checks did not")
+        except AssertionError as err:
+            problems.append(f"dispatch: {err}")
+    if bool(combine_bad):
+        try:
+            assert_equal("combine", z_expected.cpu(), z.cpu())
+            problems.append("combine: the device comparison differed, the host check did not")
+        except AssertionError as err:
+            problems.append(str(err))
+    if plan.poisoned:  # the call that reuses this half must rewrite every valid row and no other
+        expert_cases.poison(out)
+        state.poisoned.add(half)
+    return problems, pairs
+
+
+def _written_past_counts(out, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """A device bool: some row past an expert's count no longer holds ``expert_cases.poison``'s
+    values (row-wise reductions: no temporary the size of the payload)."""
+    slots = out.x.shape[1]
+    past = torch.arange(slots, device=out.x.device)[None, :] >= tokens_per_expert[:, None]  # [experts, slots]
+    payload = out.x.view(torch.uint8)
+    poison = x_poison(out.x.dtype)
+    kept = (payload.amin(dim=2) == poison) & (payload.amax(dim=2) == poison) & (out.src == POISON_INT).all(dim=2) \
+        & out.topk_weights.isnan()
+    if out.x_scales is not None:
+        kept &= out.x_scales.isnan().all(dim=2)
+    return (past & ~kept).any()
+
+
 def _differs(expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     """A device bool: shapes or bytes differ."""
     if expected.shape != got.shape or expected.dtype != got.dtype:
@@ -278,9 +399,9 @@ def _run_soak(ranks, dtype: str, calls: int, seconds: float) -> list[dict]:
     print(f"\n{ranks.device}{ranks.world_size} {dtype} hidden {shape.hidden}: {done} pairs checked on every rank, "
           f"{count} mismatches (a pair with a wrong output on a rank), in {took:.0f} s "
           f"({done / took:.1f} pairs/s, seed {SOAK_SEED}); paths {results[0]['paths']}, "
-          f"routings {results[0]['kinds']}, "
-          f"{results[0]['full']} at full capacity, rows received per rank {[r['received'] for r in results]}",
-          flush=True)
+          f"routings {results[0]['kinds']}, {results[0]['full']} at full capacity, "
+          f"{results[0]['weighted']} weighted expert-layout combines, rows (expert layout: pairs) received per "
+          f"rank {[r['received'] for r in results]}", flush=True)
     assert all(r["calls"] == done for r in results), [r["calls"] for r in results]
     assert done == calls or took > seconds, f"stopped after {done} calls for no reason"
     assert done > 0, "no call ran"
@@ -302,17 +423,20 @@ def test_soak(request, ranks, dtype):
 @pytest.mark.parametrize("ranks", [pytest.param(("cpu", 2), id="cpu2"),
                                    pytest.param(("cuda", 2), id="gpu2", marks=pytest.mark.gpu)], indirect=True)
 def test_short_soak(ranks):
-    """The soak loop's first ten calls (``FIRST``: every Buffer, path and routing, full capacity,
-    an empty call, zero-copy, pre-quantised and subnormal input), fp8."""
+    """The soak loop's first twelve calls (``FIRST``: every Buffer, path, layout and routing, full
+    capacity, an empty call, zero-copy, pre-quantised and subnormal input, receive hooks), fp8."""
     results = _run_soak(ranks, "float8_e4m3fn", len(FIRST), 600.0)
     assert results[0]["calls"] == len(FIRST)
-    assert set(results[0]["paths"]) == {"ll", "ht", "ht_zero_copy", "inter_ll", "inter_ht"}, results[0]["paths"]
+    assert set(results[0]["paths"]) == {"expert", "expert_hook", "ll", "ht", "ht_zero_copy", "inter_ll",
+                                        "inter_ht"}, results[0]["paths"]
 
 
 @pytest.mark.parametrize("world, gpus_per_node", [(2, None), (3, None), (4, 2), (4, 1)])
 def test_fast_reference_matches_reference(world, gpus_per_node):
     """tests/fast_reference.py against moe_ep.reference, bit for bit, on one process: every
-    routing with and without -1 slots, bf16, fp8 and pre-quantised fp8, empty and full ranks."""
+    routing with and without -1 slots, bf16, fp8 and pre-quantised fp8, empty and full ranks; the
+    flat layout's dispatch and combine, and the expert layout's (weighted and unweighted), with
+    the rows of each expert at their place in the [experts_per_rank, slots, hidden] outputs."""
     from moe_ep import reference
 
     experts_per_rank, topk, hidden = 3, 4, 256
@@ -346,3 +470,27 @@ def test_fast_reference_matches_reference(world, gpus_per_node):
                     assert_equal(f"case {case}, rank {r}: {f.name}", want, got)
             assert_equal(f"case {case}, rank {r}: combine", combined[r],
                          fast_reference.expected_combine(batch, values, value_scales, num_experts, r, gpus_per_node))
+        ids_of, weights_of = [p[1] for p in per_rank], [p[2] for p in per_rank]
+        pairs = reference.dispatch_expert([p[0] for p in per_rank], ids_of, weights_of, num_experts, dtype)
+        pair_ys = [expert_cases.stand_in_outputs(received, d) for d, received in enumerate(pairs)]
+        for weighted in (False, True):
+            combined = reference.combine_expert(pair_ys, pairs, ids_of, weights_of, weighted)
+            for r in range(world):
+                assert_equal(f"case {case}, rank {r}: combine_expert (weighted {weighted})", combined[r],
+                             fast_reference.expected_combine_expert(batch, values, value_scales, num_experts, r,
+                                                                    weighted))
+        for r in range(world):
+            fast = fast_reference.expected_dispatch_expert(batch, values, value_scales, num_experts, r)
+            for f in dataclasses.fields(fast):
+                want, got = getattr(pairs[r], f.name), getattr(fast, f.name)
+                if want is None or got is None:
+                    assert want is got, f"case {case}, rank {r}: expert layout {f.name}"
+                else:
+                    assert_equal(f"case {case}, rank {r}: expert layout {f.name}", want, got)
+            slots = int(fast.tokens_per_expert.max()) + 1  # the most pairs of an expert, and a row past them
+            local, index = fast_reference.expert_row_index(fast.tokens_per_expert, fast.x.shape[0], slots)
+            placed = torch.full((experts_per_rank * slots, hidden), float("nan"), dtype=torch.bfloat16)
+            placed[index] = fast_reference.expert_pair_rows(fast.x, fast.x_scales, r, local)
+            assert_equal(f"case {case}, rank {r}: expert-major rows",
+                         expert_cases.expert_major(pair_ys[r], pairs[r].tokens_per_expert, slots, hidden),
+                         placed.view(experts_per_rank, slots, hidden))
