@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     if args.smoke:
         device, worlds = "cpu", [2]
         args.tokens, args.hidden, args.num_experts, args.topk, args.iters, args.batch = "3", 256, 8, 2, 1, 1
+        args.dtypes = "fp8"  # (bf16 takes the same search: the smoke keeps CI's minutes)
         args.paths, args.gpus_per_node = "ll,ht,ht_zc,inter,expert", 1
     elif gpus < 2:
         raise SystemExit("tuning needs at least 2 GPUs (or --smoke for a CPU run)")

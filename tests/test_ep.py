@@ -24,8 +24,17 @@ CASES = [
 # (its staging quantises, or not, and lays the routing out); "auto" below.
 HT_CASES = ("fp8-uniform", "fp8-masked-ids", "fnuz-others-receive-nothing", "bf16-skewed-odd-hidden",
             "fp8-prequantized")
-PARAMS = [pytest.param("ll", *case[:3], id=f"ll-{case[3]}") for case in CASES] + \
-         [pytest.param("ht", *case[:3], id=f"ht-{case[3]}") for case in CASES if case[3] in HT_CASES]
+# In CI on more CPU ranks than two (conftest: cpu_worlds): one case of each path.
+WIDE = {"ll-fp8-uniform": (2, 3, 4), "ht-fp8-masked-ids": (2, 4), "inter": {"ll-fp8-masked-ids", "ht-bf16-skewed-odd-hidden"}}
+
+
+def _worlds(ident: str) -> tuple:
+    return (pytest.mark.cpu_worlds(*WIDE[ident]),) if ident in WIDE else ()
+
+
+PARAMS = [pytest.param("ll", *case[:3], id=f"ll-{case[3]}", marks=_worlds(f"ll-{case[3]}")) for case in CASES] + \
+         [pytest.param("ht", *case[:3], id=f"ht-{case[3]}", marks=_worlds(f"ht-{case[3]}"))
+          for case in CASES if case[3] in HT_CASES]
 
 
 @pytest.mark.parametrize("mode, kind, dtype, extra", PARAMS)
@@ -59,6 +68,7 @@ def test_auto_switches_between_paths(ranks):
     assert all(p == ["ll", "ht", "ll", "ht", "ll"] for p in paths), paths
 
 
+@pytest.mark.cpu_worlds(2, 4)  # one range on 2 ranks, 7 on 4
 def test_ht_combine_token_ranges(ranks):
     """The HT combine sums each rank's tokens in ht_parts ranges while later ranges are
     sent (the suite runs the default, 4): here one range (sums after all sends) on 2 ranks, and
@@ -84,7 +94,11 @@ PER_RANK_NODES_CASE = "fp8-masked-ids"  # its 4 x 1 layout takes the other trans
 
 
 @pytest.mark.parametrize("kind, dtype, extra, one_rank_per_node, transport, mode",
-                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, *INTER_CASES[c[3]], id=f"{INTER_CASES[c[3]][1]}-{c[3]}")
+                         [pytest.param(*c[:3], c[3] == PER_RANK_NODES_CASE, *INTER_CASES[c[3]],
+                                       id=f"{INTER_CASES[c[3]][1]}-{c[3]}",
+                                       # 2 x 2 and 4 x 1 on four CPU ranks in CI: an LL and an HT case
+                                       marks=(pytest.mark.cpu_worlds(2, 4),)
+                                       if f"{INTER_CASES[c[3]][1]}-{c[3]}" in WIDE["inter"] else ())
                           for c in CASES if c[3] in INTER_CASES])
 def test_internode_matches_reference(ranks, kind, dtype, extra, one_rank_per_node, transport, mode):
     """The inter-node path (proxy forwarding, per-node pre-summed combine) against the reference

@@ -11,28 +11,29 @@ from expert_cases import ExpertCall, expert_config, poison, run_expert_calls, ru
 
 CASES = [
     # dtype, routing, hooks, prequantized
-    pytest.param("float8_e4m3fn", "uniform", False, False, id="fp8-uniform"),
-    pytest.param("bfloat16", "masked", True, False, id="bf16-masked-ids-hooks"),
+    pytest.param("float8_e4m3fn", "uniform", False, False, id="fp8-uniform", marks=pytest.mark.cpu_worlds(2, 3, 4)),
+    pytest.param("bfloat16", "masked", True, False, id="bf16-masked-ids-hooks", marks=pytest.mark.cpu_worlds(2, 3, 4)),
     pytest.param("float8_e4m3fn", "duplicates", True, True, id="fp8-prequantized-duplicate-ids-hooks"),
-    pytest.param("bfloat16", "full_expert", False, False, id="bf16-full-expert"),
+    pytest.param("bfloat16", "full_expert", False, False, id="bf16-full-expert", marks=pytest.mark.cpu_worlds(2, 4)),
     pytest.param("float8_e4m3fn", "to_rank0", False, False, id="fp8-others-receive-nothing"),
     pytest.param("float8_e4m3fnuz", "masked", True, False, id="fnuz-masked-ids-hooks"),
 ]
 
 
 @pytest.mark.parametrize("dtype, kind, hooks, prequantized", CASES)
-def test_expert_layout_matches_reference(ranks_odd, dtype, kind, hooks, prequantized):
+def test_expert_layout_matches_reference(ranks, dtype, kind, hooks, prequantized):
     """Three dispatch + combine pairs on one Buffer (a rank sending nothing and one its maximum,
     weighted and unweighted combines, int32 and int64 ids), every row of every expert bit-exact,
     outputs poisoned between uses."""
-    shape = CPU_SHAPE if ranks_odd.device == "cpu" else GPU_SHAPE
-    received = ranks_odd.run(run_expert_calls, shape, dtype, kind, 3, hooks, prequantized)
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    received = ranks.run(run_expert_calls, shape, dtype, kind, 3, hooks, prequantized)
     if kind == "to_rank0":
         assert received[0] > 0 and not any(received[1:]), received
     else:
         assert all(r > 0 for r in received), received
 
 
+@pytest.mark.cpu_worlds(2, 4)
 def test_two_micro_batches_in_flight(ranks):
     """Dispatch A, dispatch B, hooks, combine A, combine B, hooks: twice on one Buffer."""
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE

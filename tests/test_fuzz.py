@@ -64,8 +64,8 @@ GPU_LIMITS = Limits(worlds=(2, 3, 4), fp8_hidden_blocks=56, bf16_hidden=7168, ex
 # CI: a fixed sequence of examples (derandomize), no deadline (a call takes seconds on CPU ranks),
 # no example database (nothing written into the tree). The soak profile draws afresh each run.
 # CI_EXAMPLES flat-layout cases and CI_EXPERT_EXAMPLES expert-layout ones.
-CI_EXAMPLES = int(os.environ.get("MOE_EP_FUZZ_CI_EXAMPLES", "20"))
-CI_EXPERT_EXAMPLES = int(os.environ.get("MOE_EP_FUZZ_CI_EXPERT_EXAMPLES", "12"))
+CI_EXAMPLES = int(os.environ.get("MOE_EP_FUZZ_CI_EXAMPLES", "12"))
+CI_EXPERT_EXAMPLES = int(os.environ.get("MOE_EP_FUZZ_CI_EXPERT_EXAMPLES", "8"))
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example,
           HealthCheck.filter_too_much]
 settings.register_profile("moe_ep-ci", max_examples=CI_EXAMPLES, derandomize=True, deadline=None, database=None,
@@ -187,7 +187,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 @settings(settings.get_profile("moe_ep-ci"))
 @given(data=st.data())
 def test_contract_fuzz(rank_pools, device, data):
-    """A bounded, derandomized sample of flat-layout cases (MOE_EP_FUZZ_CI_EXAMPLES, default 20)."""
+    """A bounded, derandomized sample of flat-layout cases (MOE_EP_FUZZ_CI_EXAMPLES, default 12)."""
     check_case(rank_pools, device, data.draw(cases(_limits(device), expert=False), label="case"))
 
 
@@ -196,7 +196,7 @@ def test_contract_fuzz(rank_pools, device, data):
 @given(data=st.data())
 def test_contract_fuzz_expert(rank_pools, device, data):
     """A bounded, derandomized sample of expert-layout cases (MOE_EP_FUZZ_CI_EXPERT_EXAMPLES,
-    default 12)."""
+    default 8)."""
     check_case(rank_pools, device, data.draw(cases(_limits(device), expert=True), label="case"))
 
 

@@ -90,6 +90,7 @@ def _barrier_orders_ranks(ctx, calls):
     return stamps
 
 
+@pytest.mark.cpu_worlds(2, 4)
 def test_barrier_waits_for_the_last_rank(ranks):
     calls = 4
     stamps = ranks.run(_barrier_orders_ranks, calls)
