@@ -7,6 +7,7 @@ here; kernels and the transport ask this module instead of testing vendors thems
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 
@@ -18,19 +19,62 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def use_interpreter_without_gpu() -> None:
-    """Run kernels through Triton's interpreter on a machine without a GPU.
+def use_interpreter() -> None:
+    """Interpret every ``@triton.jit`` defined from now on (``moe_ep.use_interpreter``): sets
+    ``TRITON_INTERPRET=1`` in ``os.environ`` (Triton's own switch, read when a function is
+    decorated; rank processes started later inherit it) and speeds the interpreter up.
 
-    Must run before any ``@triton.jit`` function is defined: Triton decides at decoration time
-    whether a function is compiled or interpreted. An explicit ``TRITON_INTERPRET`` wins.
-    """
-    if "TRITON_INTERPRET" not in os.environ and not gpu_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    if interpreting():
-        # The interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4
-        # allows it with this warning (numpy >= 2.4 refuses: see the Makefile's pin).
-        warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
-        _patch_language_once()
+    Raises ``RuntimeError`` if moe_ep's kernels were already defined compiled: Triton cannot
+    turn them into interpreted ones afterwards."""
+    if kernel_mode() in ("compiled", "mixed"):
+        raise RuntimeError(
+            "moe_ep.use_interpreter() came too late: moe_ep's kernels were already defined compiled "
+            "(moe_ep.Buffer or a moe_ep kernel module was imported first). Call it right after "
+            "`import moe_ep`, or set TRITON_INTERPRET=1 in the environment before starting Python")
+    os.environ["TRITON_INTERPRET"] = "1"
+    patch_interpreter()
+
+
+def kernel_mode() -> str | None:
+    """How moe_ep's kernels were defined in this process: "compiled", "interpreted" (Triton's
+    interpreter), "mixed", or None while no moe_ep module that defines kernels has been imported."""
+    import sys
+
+    modes = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "moe_ep" or name.startswith("moe_ep.")):
+            continue
+        for value in list(vars(module).values()):
+            kind = type(value).__name__
+            if kind in ("JITFunction", "InterpretedFunction") and type(value).__module__.startswith("triton."):
+                modes.add("interpreted" if kind == "InterpretedFunction" else "compiled")
+        if len(modes) == 2:
+            break
+    if len(modes) > 1:
+        return "mixed"
+    return modes.pop() if modes else None
+
+
+def require_interpreted_kernels(device: torch.device) -> None:
+    """Raise ``RuntimeError`` before any launch when kernels for a CPU ``device`` are compiled
+    (they run on the CPU only in Triton's interpreter)."""
+    mode = kernel_mode()
+    if torch.device(device).type == "cpu" and mode != "interpreted":
+        raise RuntimeError(
+            f"a Buffer on the CPU needs moe_ep's kernels in Triton's interpreter, but they are {mode}: "
+            "set TRITON_INTERPRET=1 in the environment before starting Python, or call "
+            "moe_ep.use_interpreter() right after `import moe_ep` (before moe_ep.Buffer is first used)")
+    if mode == "interpreted":
+        patch_interpreter()  # TRITON_INTERPRET set after `import moe_ep`: the speed-up still applies
+
+
+def patch_interpreter() -> None:
+    """Speed Triton's interpreter up for moe_ep's kernels (only where kernels are interpreted:
+    ``TRITON_INTERPRET=1`` in the environment, or ``use_interpreter``)."""
+    # The interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4 allows it
+    # with this warning (numpy >= 2.4 refuses: see pyproject's interpreter constraint).
+    warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
+    _patch_language_once()
 
 
 def _patch_language_once() -> None:

@@ -5,7 +5,6 @@ import torch
 import triton
 import triton.language as tl
 
-import moe_ep  # noqa: F401 (chooses the interpreter on a CPU-only machine)
 from moe_ep.kernels.numerics import _quantize_fp8, _to_bf16
 from rank_checks import assert_equal
 

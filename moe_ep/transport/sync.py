@@ -15,16 +15,8 @@ from __future__ import annotations
 import torch
 
 from moe_ep import _platform
+from moe_ep.transport.errors import PeerTimeoutError
 from moe_ep.transport.primitives import COUNTER_WORDS, PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS
-
-
-class PeerTimeoutError(RuntimeError):
-    """A wait for a peer rank gave up: the peer never arrived (or arrived too late)."""
-
-    def __init__(self, rank: int, peer: int, phase: str, epoch: int):
-        self.rank, self.peer, self.phase, self.epoch = rank, peer, phase, epoch
-        super().__init__(f"rank {rank}: timed out in {phase} waiting for rank {peer} "
-                         f"(call {epoch}); the Buffer cannot be used after this, create a new one")
 
 
 class SyncState:

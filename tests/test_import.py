@@ -1,0 +1,87 @@
+"""`import moe_ep` changes nothing global: Triton's interpreter only where asked for.
+
+A host program that imports moe_ep keeps its environment, Triton's interpreter and its own
+compiled kernels; moe_ep's kernels are defined on first use of a name that needs them.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+from moe_ep.testing import RankPool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_IMPORT_CHANGES_NOTHING = textwrap.dedent("""
+    import os, sys, warnings
+    import torch, triton, triton.runtime.interpreter as interpreter
+    from triton.runtime.jit import KernelInterface
+
+    def moe_ep_kernels():
+        return [f"{name}.{attr}" for name, module in list(sys.modules.items())
+                if name.split(".")[0] == "moe_ep" and module is not None
+                for attr, value in vars(module).items() if isinstance(value, KernelInterface)]
+
+    environ, filters, patch_lang = dict(os.environ), list(warnings.filters), interpreter._patch_lang
+    import moe_ep
+    # Names that need no kernel: the config, the reference, heap sizes, the error type, the version.
+    cfg = moe_ep.EpConfig(hidden=256, num_experts=8, topk=2, max_tokens_per_rank=4)
+    moe_ep.heap_bytes(cfg, 2), moe_ep.reference.dispatch, moe_ep.PeerTimeoutError, moe_ep.__version__
+    assert dict(os.environ) == environ, set(os.environ.items()) ^ set(environ.items())
+    assert warnings.filters == filters
+    assert interpreter._patch_lang is patch_lang
+    assert not triton.knobs.runtime.interpret
+    assert moe_ep_kernels() == [], moe_ep_kernels()
+
+    @triton.jit
+    def host_kernel(x):  # the host program's own kernel stays compiled
+        pass
+
+    assert type(host_kernel).__name__ == "JITFunction", type(host_kernel)
+    moe_ep.Buffer  # now moe_ep's kernels are defined, compiled (nobody asked for the interpreter)
+    kinds = {type(v).__name__ for name, module in list(sys.modules.items()) if name.split(".")[0] == "moe_ep"
+             for v in vars(module).values() if isinstance(v, KernelInterface)}
+    assert kinds == {"JITFunction"}, kinds
+    assert interpreter._patch_lang is patch_lang and not triton.knobs.runtime.interpret
+    # torch's _nvshmem_triton (imported by moe_ep.transport.shmem) sets its Inductor cache path.
+    assert {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} == \
+        {k: v for k, v in environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    print("ok")
+""")
+
+
+def test_import_changes_nothing_global(tmp_path):
+    script = tmp_path / "host_program.py"  # a file: Triton reads a @jit function's source
+    script.write_text(_IMPORT_CHANGES_NOTHING)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _segments():
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("moe_ep-"))
+
+
+def _use_interpreter_then_buffer(ctx):
+    assert "TRITON_INTERPRET" not in os.environ
+    import moe_ep
+
+    moe_ep.use_interpreter()
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    from ep_cases import CPU_SHAPE, run_calls
+
+    # Fresh random inputs, poisoned outputs, every row checked against the reference, twice.
+    return run_calls(ctx, "masked", "float8_e4m3fn", CPU_SHAPE, calls=2, mode="ll")
+
+
+def test_use_interpreter_then_buffer_works():
+    before = _segments()
+    with RankPool(2, env={"TRITON_INTERPRET": None}) as pool:
+        received = pool.run(_use_interpreter_then_buffer, timeout=300)
+    assert sum(received) > 0
+    assert _segments() == before
+
