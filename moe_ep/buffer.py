@@ -95,6 +95,7 @@ class Buffer:
             device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
                 torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
+        _platform.require_interpreted_kernels(self.device)  # before any allocation or launch
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)

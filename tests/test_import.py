@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
 from moe_ep.testing import RankPool
 
@@ -66,6 +67,27 @@ def _segments():
     return sorted(f for f in os.listdir("/dev/shm") if f.startswith("moe_ep-"))
 
 
+def _buffer_without_interpreter(ctx):
+    import torch
+
+    import moe_ep
+    from ep_cases import CPU_SHAPE
+
+    assert "TRITON_INTERPRET" not in os.environ
+    cfg = moe_ep.EpConfig(hidden=CPU_SHAPE.hidden, num_experts=CPU_SHAPE.num_experts_per_rank * ctx.world_size,
+                          topk=CPU_SHAPE.topk, max_tokens_per_rank=CPU_SHAPE.max_tokens_per_rank,
+                          dispatch_dtype=torch.float8_e4m3fn)
+    errors = []
+    with pytest.raises(RuntimeError, match=r"needs moe_ep's kernels in Triton's interpreter, but they are "
+                                           r"compiled: set TRITON_INTERPRET=1 .* moe_ep.use_interpreter\(\)") as e:
+        moe_ep.Buffer(ctx.group, cfg)
+    errors.append(str(e.value))
+    with pytest.raises(RuntimeError, match=r"use_interpreter\(\) came too late: .* already defined compiled") as e:
+        moe_ep.use_interpreter()
+    errors.append(str(e.value))
+    return errors
+
+
 def _use_interpreter_then_buffer(ctx):
     assert "TRITON_INTERPRET" not in os.environ
     import moe_ep
@@ -85,3 +107,10 @@ def test_use_interpreter_then_buffer_works():
     assert sum(received) > 0
     assert _segments() == before
 
+
+def test_cpu_buffer_with_compiled_kernels_raises():
+    before = _segments()
+    with RankPool(2, env={"TRITON_INTERPRET": None}) as pool:
+        errors = pool.run(_buffer_without_interpreter, timeout=300)
+    assert len(errors) == 2  # every rank raised, before allocating anything
+    assert _segments() == before
