@@ -38,8 +38,6 @@ def use_interpreter() -> None:
 def kernel_mode() -> str | None:
     """How moe_ep's kernels were defined in this process: "compiled", "interpreted" (Triton's
     interpreter), "mixed", or None while no moe_ep module that defines kernels has been imported."""
-    import sys
-
     modes = set()
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "moe_ep" or name.startswith("moe_ep.")):
