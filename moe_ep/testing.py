@@ -123,6 +123,7 @@ class RankPool:
         finally:
             _set_environ(saved)
         self.closed = False
+        self.pids = [p.pid for p in self._procs]  # of the rank processes, in rank order
         self._collect("start", start_timeout)
 
     def run(self, fn, *args, timeout: float = 300.0, **kwargs) -> list:
