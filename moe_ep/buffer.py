@@ -77,8 +77,8 @@ class Buffer:
                  check_inputs: bool = True, tuned: str | None = None):
         """``check_inputs``: also check expert-id values (one device-to-host copy per dispatch;
         skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked.
-        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones and $MOE_EP_TUNED,
-        or "off" for the defaults only (see ``moe_ep.tuning``)."""
+        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones, the user's and
+        $MOE_EP_TUNED, or "off" for the defaults only (see ``moe_ep.tuning``)."""
         self.group = group
         self.cfg = cfg
         self.rank = dist.get_rank(group)
@@ -254,6 +254,7 @@ class Buffer:
     def tune_key(self, path: str, num_tokens: int, zero_copy: bool = False) -> TuneKey:
         """The key of tuned tables for a ``path`` call of ``num_tokens`` tokens on this Buffer."""
         return TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
+                       num_experts=self.cfg.num_experts, topk=self.cfg.topk,
                        dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=token_bucket(num_tokens),
                        gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0, zero_copy=zero_copy)
 
