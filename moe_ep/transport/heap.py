@@ -214,9 +214,9 @@ class SymmetricHeap:
         try:
             try:
                 if named:
-                    path = os.path.join(directory, f"moe_ep-{_pid_namespace()}-{os.getpid()}-"
-                                                   f"{secrets.token_hex(6)}-r{self.rank}")
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                    name = f"moe_ep-{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(6)}-r{self.rank}"
+                    fd = os.open(os.path.join(directory, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                    path = os.path.join(directory, name)
                 else:
                     fd = os.memfd_create(f"moe_ep-r{self.rank}", os.MFD_CLOEXEC)
                 os.ftruncate(fd, self.nbytes)
