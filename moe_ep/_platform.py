@@ -7,6 +7,7 @@ here; kernels and the transport ask this module instead of testing vendors thems
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import warnings
@@ -31,6 +32,7 @@ def use_interpreter() -> None:
             "moe_ep.use_interpreter() came too late: moe_ep's kernels were already defined compiled "
             "(moe_ep.Buffer or a moe_ep kernel module was imported first). Call it right after "
             "`import moe_ep`, or set TRITON_INTERPRET=1 in the environment before starting Python")
+    check_interpreter()
     os.environ["TRITON_INTERPRET"] = "1"
     patch_interpreter()
 
@@ -63,14 +65,40 @@ def require_interpreted_kernels(device: torch.device) -> None:
             "set TRITON_INTERPRET=1 in the environment before starting Python, or call "
             "moe_ep.use_interpreter() right after `import moe_ep` (before moe_ep.Buffer is first used)")
     if mode == "interpreted":
+        check_interpreter()
         patch_interpreter()  # TRITON_INTERPRET set after `import moe_ep`: the speed-up still applies
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton ``triton_version``'s interpreter cannot run moe_ep's kernels beside numpy
+    ``numpy_version``, or None. Triton 3.6's interpreter converts 1-element arrays (loop bounds)
+    with int(), which numpy 2.4 refuses; Triton 3.7 squeezes them first (pyproject's ``cpu`` extra)."""
+    def major_minor(version: str) -> tuple[int, int]:
+        parts = re.findall(r"\d+", version)[:2]
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter needs numpy < 2.4 (it calls int() on 1-element "
+                f"arrays), this process has numpy {numpy_version}: pip install 'numpy<2.4' (moe_ep's `cpu` "
+                "extra), or Triton >= 3.7")
+    return None
+
+
+def check_interpreter() -> None:
+    """Raise ``RuntimeError`` if Triton's interpreter cannot run moe_ep's kernels here."""
+    import numpy
+    import triton
+
+    problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if problem is not None:
+        raise RuntimeError(problem)
 
 
 def patch_interpreter() -> None:
     """Speed Triton's interpreter up for moe_ep's kernels (only where kernels are interpreted:
     ``TRITON_INTERPRET=1`` in the environment, or ``use_interpreter``)."""
-    # The interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4 allows it
-    # with this warning (numpy >= 2.4 refuses: see pyproject's interpreter constraint).
+    # Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4
+    # allows it with this warning (numpy >= 2.4 refuses: see interpreter_problem).
     warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
     _patch_language_once()
 
