@@ -114,3 +114,23 @@ def test_cpu_buffer_with_compiled_kernels_raises():
         errors = pool.run(_buffer_without_interpreter, timeout=300)
     assert len(errors) == 2  # every rank raised, before allocating anything
     assert _segments() == before
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.3.5", False), ("3.6.0", "2.4.6", True), ("3.6.0+git4f3e", "2.4.0rc1", True),
+    ("3.7.0", "2.4.6", False), ("3.8.0", "2.4.6", False), ("3.9.0", "2.3.5", False)])
+def test_interpreter_numpy_constraint(triton_version, numpy_version, refused):
+    """Triton 3.6's interpreter with numpy >= 2.4 fails inside a kernel (int() of a 1-element
+    array); a CPU Buffer says so first. pyproject's `cpu` extra keeps numpy below 2.4."""
+    import importlib.util
+
+    from moe_ep._platform import interpreter_problem
+
+    spec = importlib.util.spec_from_file_location("requirements", os.path.join(ROOT, "scripts", "requirements.py"))
+    requirements = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(requirements)
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert "needs numpy < 2.4" in problem and "Triton >= 3.7" in problem, problem
+    assert requirements.requirements(["cpu"], False) == ["numpy<2.4"]
