@@ -25,24 +25,28 @@ def use_interpreter() -> None:
     ``TRITON_INTERPRET=1`` in ``os.environ`` (Triton's own switch, read when a function is
     decorated; rank processes started later inherit it) and speeds the interpreter up.
 
-    Raises ``RuntimeError`` if moe_ep's kernels were already defined compiled: Triton cannot
-    turn them into interpreted ones afterwards."""
+    Raises ``RuntimeError`` if moe_ep's kernels, or ``triton.language`` itself (whose standard
+    functions, ``tl.zeros`` among them, are ``@triton.jit`` too), were already defined compiled:
+    Triton cannot turn them into interpreted ones afterwards."""
     if kernel_mode() in ("compiled", "mixed"):
         raise RuntimeError(
-            "moe_ep.use_interpreter() came too late: moe_ep's kernels were already defined compiled "
-            "(moe_ep.Buffer or a moe_ep kernel module was imported first). Call it right after "
-            "`import moe_ep`, or set TRITON_INTERPRET=1 in the environment before starting Python")
+            "moe_ep.use_interpreter() came too late: moe_ep's kernels or triton.language were already "
+            "defined compiled (moe_ep.Buffer, a moe_ep kernel module or triton was imported first). Call it "
+            "right after `import moe_ep`, before anything imports triton, or set TRITON_INTERPRET=1 in the "
+            "environment before starting Python")
     check_interpreter()
     os.environ["TRITON_INTERPRET"] = "1"
     patch_interpreter()
 
 
 def kernel_mode() -> str | None:
-    """How moe_ep's kernels were defined in this process: "compiled", "interpreted" (Triton's
-    interpreter), "mixed", or None while no moe_ep module that defines kernels has been imported."""
+    """How the Triton functions moe_ep's kernels use were defined in this process: "compiled",
+    "interpreted" (Triton's interpreter), "mixed", or None while neither a moe_ep module that
+    defines kernels nor ``triton.language`` (its standard functions are ``@triton.jit``) is
+    imported."""
     modes = set()
     for name, module in list(sys.modules.items()):
-        if module is None or not (name == "moe_ep" or name.startswith("moe_ep.")):
+        if module is None or not (name.split(".")[0] == "moe_ep" or name == "triton.language.standard"):
             continue
         for value in list(vars(module).values()):
             kind = type(value).__name__
@@ -61,9 +65,10 @@ def require_interpreted_kernels(device: torch.device) -> None:
     mode = kernel_mode()
     if torch.device(device).type == "cpu" and mode != "interpreted":
         raise RuntimeError(
-            f"a Buffer on the CPU needs moe_ep's kernels in Triton's interpreter, but they are {mode}: "
-            "set TRITON_INTERPRET=1 in the environment before starting Python, or call "
-            "moe_ep.use_interpreter() right after `import moe_ep` (before moe_ep.Buffer is first used)")
+            f"a Buffer on the CPU needs moe_ep's kernels (and triton.language) in Triton's interpreter, but "
+            f"they are {mode}: set TRITON_INTERPRET=1 in the environment before starting Python, or call "
+            "moe_ep.use_interpreter() right after `import moe_ep` (before moe_ep.Buffer is first used and "
+            "before anything imports triton)")
     if mode == "interpreted":
         check_interpreter()
         patch_interpreter()  # TRITON_INTERPRET set after `import moe_ep`: the speed-up still applies
@@ -85,11 +90,11 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 
 def check_interpreter() -> None:
-    """Raise ``RuntimeError`` if Triton's interpreter cannot run moe_ep's kernels here."""
-    import numpy
-    import triton
+    """Raise ``RuntimeError`` if Triton's interpreter cannot run moe_ep's kernels here (reads the
+    installed versions without importing triton, which must come after TRITON_INTERPRET)."""
+    from importlib import metadata
 
-    problem = interpreter_problem(triton.__version__, numpy.__version__)
+    problem = interpreter_problem(metadata.version("triton"), metadata.version("numpy"))
     if problem is not None:
         raise RuntimeError(problem)
 
