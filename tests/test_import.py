@@ -35,6 +35,12 @@ _IMPORT_CHANGES_NOTHING = textwrap.dedent("""
     assert interpreter._patch_lang is patch_lang
     assert not triton.knobs.runtime.interpret
     assert moe_ep_kernels() == [], moe_ep_kernels()
+    try:  # triton.language's own @jit functions (tl.zeros...) were defined compiled above
+        moe_ep.use_interpreter()
+        raise AssertionError("use_interpreter() after `import triton` should raise")
+    except RuntimeError as err:
+        assert "came too late" in str(err) and "before anything imports triton" in str(err), err
+    assert dict(os.environ) == environ
 
     @triton.jit
     def host_kernel(x):  # the host program's own kernel stays compiled
@@ -63,10 +69,6 @@ def test_import_changes_nothing_global(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def _segments():
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("moe_ep-"))
-
-
 def _buffer_without_interpreter(ctx):
     import torch
 
@@ -77,10 +79,16 @@ def _buffer_without_interpreter(ctx):
     cfg = moe_ep.EpConfig(hidden=CPU_SHAPE.hidden, num_experts=CPU_SHAPE.num_experts_per_rank * ctx.world_size,
                           topk=CPU_SHAPE.topk, max_tokens_per_rank=CPU_SHAPE.max_tokens_per_rank,
                           dispatch_dtype=torch.float8_e4m3fn)
+    def mapped_segments():  # host heap segments mapped into this process
+        with open("/proc/self/maps") as maps:
+            return [line for line in maps if "memfd:moe_ep" in line or "/moe_ep-" in line]
+
     errors = []
-    with pytest.raises(RuntimeError, match=r"needs moe_ep's kernels in Triton's interpreter, but they are "
-                                           r"compiled: set TRITON_INTERPRET=1 .* moe_ep.use_interpreter\(\)") as e:
+    with pytest.raises(RuntimeError, match=r"needs moe_ep's kernels \(and triton.language\) in Triton's "
+                                           r"interpreter, but they are compiled: set TRITON_INTERPRET=1 .* "
+                                           r"moe_ep.use_interpreter\(\)") as e:
         moe_ep.Buffer(ctx.group, cfg)
+    assert mapped_segments() == []  # raised before allocating anything
     errors.append(str(e.value))
     with pytest.raises(RuntimeError, match=r"use_interpreter\(\) came too late: .* already defined compiled") as e:
         moe_ep.use_interpreter()
@@ -101,19 +109,15 @@ def _use_interpreter_then_buffer(ctx):
 
 
 def test_use_interpreter_then_buffer_works():
-    before = _segments()
     with RankPool(2, env={"TRITON_INTERPRET": None}) as pool:
         received = pool.run(_use_interpreter_then_buffer, timeout=300)
     assert sum(received) > 0
-    assert _segments() == before
 
 
 def test_cpu_buffer_with_compiled_kernels_raises():
-    before = _segments()
     with RankPool(2, env={"TRITON_INTERPRET": None}) as pool:
         errors = pool.run(_buffer_without_interpreter, timeout=300)
-    assert len(errors) == 2  # every rank raised, before allocating anything
-    assert _segments() == before
+    assert len(errors) == 2 and errors[0] == errors[1]  # every rank raised, alike
 
 
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [
