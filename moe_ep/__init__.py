@@ -17,22 +17,26 @@ import importlib
 from typing import TYPE_CHECKING
 
 from moe_ep import _platform
+from moe_ep._platform import native_fp8_dtype
 from moe_ep._version import __version__
 
 if TYPE_CHECKING:
     from moe_ep import reference
-    from moe_ep.buffer import Buffer, DispatchHandle, DispatchOutput
+    from moe_ep.buffer import Buffer
     from moe_ep.config import EpConfig
+    from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
     from moe_ep.regions import heap_bytes
-    from moe_ep.transport import PeerTimeoutError
+    from moe_ep.transport import BadCallError, PeerTimeoutError
 
 # Public name -> the module that defines it (imported on first access).
-_LAZY = {"Buffer": "moe_ep.buffer", "DispatchHandle": "moe_ep.buffer", "DispatchOutput": "moe_ep.buffer",
-         "EpConfig": "moe_ep.config", "PeerTimeoutError": "moe_ep.transport", "heap_bytes": "moe_ep.regions",
-         "reference": "moe_ep.reference"}
+_LAZY = {"BadCallError": "moe_ep.transport", "Buffer": "moe_ep.buffer", "DispatchHandle": "moe_ep.outputs",
+         "DispatchOutput": "moe_ep.outputs", "EpConfig": "moe_ep.config", "ExpertDispatchOutput": "moe_ep.outputs",
+         "ExpertHandle": "moe_ep.outputs", "PeerTimeoutError": "moe_ep.transport", "RecvHook": "moe_ep.outputs",
+         "heap_bytes": "moe_ep.regions", "reference": "moe_ep.reference"}
 
-__all__ = ["Buffer", "DispatchHandle", "DispatchOutput", "EpConfig", "PeerTimeoutError", "__version__", "heap_bytes",
-           "reference", "use_interpreter"]
+__all__ = ["BadCallError", "Buffer", "DispatchHandle", "DispatchOutput", "EpConfig", "ExpertDispatchOutput",
+           "ExpertHandle", "PeerTimeoutError", "RecvHook", "__version__", "heap_bytes", "native_fp8_dtype", "reference",
+           "use_interpreter"]
 
 if _platform.interpreting():  # asked for in the environment: the interpreter's speed-up too
     _platform.patch_interpreter()

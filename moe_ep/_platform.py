@@ -150,6 +150,49 @@ def vendor() -> str:
     return "amd" if torch.version.hip else "nvidia"
 
 
+def kernel_arg(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a Triton kernel argument. float8_e4m3fnuz (MI300X's fp8) is a Triton type on
+    AMD targets only: under the interpreter and on NVIDIA such a tensor travels as its bytes (a
+    uint8 view; the kernels store fp8 codes, see ``moe_ep.kernels.numerics``). Every other tensor,
+    and every tensor on AMD GPUs, as it is."""
+    if tensor.dtype == torch.float8_e4m3fnuz and vendor() != "amd":
+        return tensor.view(torch.uint8)
+    return tensor
+
+
+def kernel_dtype(dtype: torch.dtype):
+    """The Triton element type kernels store ``dtype`` as (the element type of ``kernel_arg`` of a
+    tensor of ``dtype``): float8_e4m3fnuz as bytes where Triton lacks it."""
+    import triton.language as tl
+
+    if dtype == torch.float8_e4m3fnuz:
+        return tl.float8e4b8 if vendor() == "amd" else tl.uint8
+    return {torch.bfloat16: tl.bfloat16, torch.float8_e4m3fn: tl.float8e4nv}[dtype]
+
+
+# AMD targets whose fp8 is float8_e4m3fnuz (MI300A/MI300X/MI325X are gfx942; gfx940 and gfx941 were
+# MI300's first steppings). gfx950 (MI355X) and later compute in OCP float8_e4m3fn, as NVIDIA does.
+_FNUZ_ARCHS = ("gfx940", "gfx941", "gfx942")
+
+
+def fp8_dtype_for_arch(arch: str) -> torch.dtype:
+    """The fp8 dtype of a compile target or ``gcnArchName`` ("gfx942:sramecc+:xnack-", "gfx950",
+    or an NVIDIA target): float8_e4m3fnuz on gfx940-gfx942, else float8_e4m3fn."""
+    return torch.float8_e4m3fnuz if str(arch).split(":")[0] in _FNUZ_ARCHS else torch.float8_e4m3fn
+
+
+def native_fp8_dtype(device=None) -> torch.dtype:
+    """The fp8 dtype the GPU's matrix units compute in, for ``EpConfig(dispatch_dtype=...)``:
+    torch.float8_e4m3fnuz on AMD gfx942 (MI300X), torch.float8_e4m3fn on AMD gfx950 (MI355X),
+    NVIDIA and the CPU. ``device``: a torch device, index or name; None: the current GPU, if any."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else torch.device("cpu")
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type != "cuda" or not torch.version.hip:
+        return torch.float8_e4m3fn
+    return fp8_dtype_for_arch(torch.cuda.get_device_properties(device).gcnArchName)
+
+
 def device_name(device: torch.device) -> str:
     """The name of the card (or 'cpu') that runs the kernels on ``device``."""
     if device.type == "cpu":
@@ -164,11 +207,24 @@ def yield_cpu() -> None:
 
 _POLL_PAUSE_S = 0.001
 
-# Nanoseconds a GPU wait sleeps between two polls of a flag (0, the default: none; read once at
-# import, so set it before moe_ep is imported). Waiting programs poll with system-scope atomics
-# while the programs they wait for run; in run 12 more waiters made those slower
-# (benchmarks/NOTES.md): pausing between polls is the experiment this enables.
-POLL_SLEEP_NS = int(os.environ.get("MOE_EP_POLL_SLEEP_NS", "0"))
+# Nanoseconds a GPU wait sleeps between two polls of a flag: $MOE_EP_POLL_SLEEP_NS where set (read
+# once at import, so set it before moe_ep is imported; 0: no sleep), else by compile target
+# (``poll_sleep_ns``). Waiting programs poll with system-scope atomics while the programs they wait
+# for run. NVIDIA: no sleep by default (in run 12 more waiters made the senders slower, and sleeps
+# are the experiment this enables: benchmarks/NOTES.md). AMD: AMD_POLL_SLEEP_NS by default, a
+# bounded pause (s_sleep 4, about 256 clocks) between polls, as mori's waits back off: it reports
+# that tight spins over xGMI can livelock. Not measured on an AMD GPU yet.
+POLL_SLEEP_NS_ENV = int(os.environ["MOE_EP_POLL_SLEEP_NS"]) if os.environ.get("MOE_EP_POLL_SLEEP_NS") else None
+AMD_POLL_SLEEP_NS = 128
+
+
+def poll_sleep_ns(arch, override: int | None = None) -> int:
+    """Nanoseconds between two polls on the compile target ``arch`` ("gfx942", "gfx950": AMD; else
+    NVIDIA): ``override`` (e.g. $MOE_EP_POLL_SLEEP_NS) when given, else AMD_POLL_SLEEP_NS on AMD and 0
+    on NVIDIA."""
+    if override is not None:
+        return max(0, override)
+    return AMD_POLL_SLEEP_NS if str(arch).startswith("gfx") else 0
 
 
 def poll_sleep_asm(arch: str, ns: int) -> tuple[str, str]:
@@ -178,6 +234,28 @@ def poll_sleep_asm(arch: str, ns: int) -> tuple[str, str]:
     if str(arch).startswith("gfx"):  # s_sleep N: about 64 * N clocks, ~32 ns at 2 GHz; N < 128
         return f"s_sleep {max(1, min(127, ns // 32))}\n s_mov_b32 $0, 0", "=s"
     return f"nanosleep.u32 {ns};\n mov.u32 $0, 0;", "=r"
+
+# AMD targets whose release sequences follow LLVM's GFX942 memory model (gfx950 shares it).
+_GFX942_MODEL = ("gfx940", "gfx941", "gfx942", "gfx950")
+# The cache write-back a release at each scope starts with there (system: sc0 sc1; agent: sc1).
+_WRITE_BACK = {"sys": "buffer_wbl2 sc0 sc1", "gpu": "buffer_wbl2 sc1"}
+
+
+def release_fence_asm(arch, scope: str) -> tuple[str, str] | None:
+    """(inline assembly, constraints) of the fence a release at ``scope`` ("sys" or "gpu") starts
+    with on the compile target ``arch``, writing 0 to one output; None where Triton's own release
+    atomics are kept (NVIDIA, and AMD targets outside the GFX942 memory model).
+
+    LLVM's AMDGPU memory model (GFX942, gfx950 alike): a release writes back the L2
+    (``buffer_wbl2``; sc0 sc1 for system scope, sc1 for agent scope), then waits for every earlier
+    memory operation, ``s_waitcnt vmcnt(0) lgkmcnt(0)``, before the releasing store or atomic.
+    The LLVM of Triton 3.6 omits the vmcnt(0) at most of moe_ep's sites (GPU_NOTES.md), so the
+    kernels issue this fence themselves and then a relaxed atomic
+    (``moe_ep.transport.primitives._release_sem``)."""
+    if str(arch).split(":")[0] not in _GFX942_MODEL:
+        return None
+    return f"{_WRITE_BACK[scope]}\n s_waitcnt vmcnt(0) lgkmcnt(0)\n s_mov_b32 $0, 0", "=s"
+
 
 # How many polls of a signal one second of waiting holds, by where the kernel runs. A wait is
 # bounded by a poll count (kernels have no portable clock), so the timeout is approximate: on a
@@ -189,6 +267,7 @@ _POLLS_PER_SECOND = {"nvidia": 2_000_000, "amd": 2_000_000, "cpu": 250}
 def max_polls(timeout_s: float) -> int:
     """Poll budget of one wait for a timeout of ``timeout_s`` seconds (fits an int32)."""
     per_second = _POLLS_PER_SECOND[vendor()]
-    if vendor() != "cpu" and POLL_SLEEP_NS:  # each poll also sleeps
-        per_second = int(1e9 / (1e9 / per_second + POLL_SLEEP_NS))
+    sleep_ns = poll_sleep_ns("gfx" if vendor() == "amd" else "", POLL_SLEEP_NS_ENV) if vendor() != "cpu" else 0
+    if sleep_ns:  # each poll also sleeps
+        per_second = int(1e9 / (1e9 / per_second + sleep_ns))
     return int(min(max(timeout_s, 0.0) * per_second, 2**31 - 1))

@@ -4,17 +4,17 @@
 construct it) and owns the per-rank device state. ``dispatch`` sends each token to the ranks
 that hold its experts; ``combine`` brings the expert outputs back and sums them. Shapes are
 static (capacity = max_tokens_per_rank * world_size rows) and counts stay on the device, so
-nothing on the path waits for the host except the optional expert-id range check
-(``check_inputs``). Every input is validated before any kernel is launched; a bad call raises
-``ValueError``/``TypeError`` and leaves the Buffer usable.
+nothing on the path waits for the host. Shapes, dtypes and devices are validated before any
+kernel is launched (``moe_ep.validation``); a bad call raises ``ValueError``/``TypeError`` and
+leaves the Buffer usable. Expert-id values are checked by the kernels (``BadCallError`` at the
+next check), or on the host too with ``check_inputs``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -22,61 +22,38 @@ import torch.distributed as dist
 from moe_ep import _platform
 from moe_ep.config import INTER_PATHS, EpConfig
 from moe_ep.kernels.combine import launch_combine
+from moe_ep.kernels.combine_expert import launch_combine_expert
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
+from moe_ep.kernels.dispatch_expert import PHASE_ALL, PHASE_RECV, PHASE_SEND, launch_dispatch_expert
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
-from moe_ep.regions import heap_regions
+from moe_ep.kernels.release_check import check_release_ordering
+from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
+from moe_ep.regions import heap_bytes, heap_regions
 from moe_ep.transport import SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
+from moe_ep.validation import check_dispatch, check_tensor
 
 log = logging.getLogger("moe_ep")
 
 
-@dataclass(frozen=True)
-class DispatchHandle:
-    """What combine needs from a dispatch (keep it until that combine is done)."""
-
-    src: torch.Tensor  # [capacity, 2] int32: (source rank, token index there) of each received row
-    num_recv_tokens: torch.Tensor  # [1] int32 (device): received rows, [0, num_recv_tokens) valid
-    send_mask: torch.Tensor  # [max_tokens_per_rank] int64: bit d set when this rank's token t went to rank d
-    num_tokens: int  # tokens this rank dispatched: rows of combine's output
-    path: str  # "ll", "ht", "inter" or "inter_ht": the path that dispatched
-    buffer_id: int  # id() of the Buffer that dispatched
-    # Inter-node path only (None otherwise): what this rank forwarded for each other node's rank
-    # with its local index, as that rank's proxy.
-    forwarded_token: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int32: token index there
-    forwarded_mask: Optional[torch.Tensor] = None  # [nodes, max_tokens_per_rank] int64: bit d = sent to rank d
-    forwarded_count: Optional[torch.Tensor] = None  # [nodes] int32: rows forwarded from each node
-    # HT path (one node): where each source's token ranges start among the received rows (the
-    # HT combine sends them back range by range): [world_size, ht_parts + 1] int32.
-    part_rows: Optional[torch.Tensor] = None
-
-
-@dataclass(frozen=True)
-class DispatchOutput:
-    """Received rows, laid out compactly in (source rank, token index) order."""
-
-    x: torch.Tensor  # [capacity, hidden] bf16, or float8_e4m3fn for fp8 dispatch
-    x_scales: Optional[torch.Tensor]  # [capacity, hidden // 128] float32 (None for bf16)
-    topk_ids: torch.Tensor  # [capacity, topk] int32: local expert index on this rank, -1 elsewhere
-    topk_weights: torch.Tensor  # [capacity, topk] float32: 0 where topk_ids is -1
-    src: torch.Tensor  # [capacity, 2] int32: (source rank, token index on that rank)
-    num_tokens: torch.Tensor  # [1] int32 (device): rows [0, num_tokens) are valid
-    tokens_per_expert: torch.Tensor  # [experts_per_rank] int32 (device)
-    handle: DispatchHandle  # what combine needs
-
-
 XInput = Union[torch.Tensor, tuple]
+EXPERT_PATH = "expert"  # the launch parameters' path name of the expert layout
 
 
 class Buffer:
-    """Dispatch and combine over ``group`` (gloo + CPU tensors, or nccl + GPUs) for ``cfg``."""
+    """Dispatch and combine over ``group`` for ``cfg``: on the current GPU (a nccl or gloo group), or
+    on CPU tensors when the kernels run in Triton's interpreter (a gloo group); ``device``
+    overrides."""
 
     def __init__(self, group: dist.ProcessGroup, cfg: EpConfig, device: torch.device | None = None,
-                 check_inputs: bool = True, tuned: str | None = None):
-        """``check_inputs``: also check expert-id values (one device-to-host copy per dispatch;
-        skipped while a CUDA graph is being captured). Shapes, dtypes and devices are always checked.
+                 check_inputs: bool = False, tuned: str | None = None):
+        """``check_inputs``: also check the expert-id values on the host before each dispatch (one
+        device-to-host copy: a synchronisation; skipped while a CUDA graph is being captured). The
+        kernels check them on the device in any case: an id outside [-1, num_experts) routes
+        nowhere and raises ``BadCallError`` at the next check (the next call, or ``check()``).
+        Shapes, dtypes and devices are always checked on the host.
         ``tuned``: a tuned-parameters JSON file to use besides the shipped ones, the user's and
         $MOE_EP_TUNED, or "off" for the defaults only (see ``moe_ep.tuning``)."""
         self.group = group
@@ -91,16 +68,25 @@ class Buffer:
         if self.world_size > 63 or slots > MAX_RANKS.value:
             raise ValueError(f"{self.world_size} ranks in {self.nodes} nodes exceed what one Buffer addresses "
                              f"(at most 63 ranks, and ranks + nodes <= {MAX_RANKS.value} across nodes)")
+        if "expert" in cfg.layouts and self.nodes > 1:
+            raise ValueError("the expert layout works on one node (EpConfig.gpus_per_node must be None or the "
+                             "world size)")
         if device is None:
-            device = torch.device("cpu") if dist.get_backend(group) == "gloo" else \
+            device = torch.device("cpu") if _platform.interpreting() or not _platform.gpu_available() else \
                 torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
         _platform.require_interpreted_kernels(self.device)  # before any allocation or launch
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
+        _check_ranks_agree(group, self.rank, self.world_size, cfg, self.device)  # before anything is allocated
+        if self.device.type == "cuda":  # AMD: refuse a Triton whose releases do not wait for the stores
+            check_release_ordering(self.device)
         self.heap = SymmetricHeap(group, heap_regions(cfg, self.world_size), self.device, cfg.backend)
-        self.sync = SyncState(self.rank, self.device, cfg.timeout_s)
+        self.sync = SyncState(self.rank, self.device, cfg.timeout_s, cfg.num_experts,
+                              cfg.slots(self.world_size) if cfg.expert_tokens else 0)
         self._on_gpu = self.device.type != "cpu"
+        self._expert = _ExpertState(self) if cfg.expert_tokens else None
+        self._ht_views = None  # the zero-copy HT outputs (views of the receive regions), made at first use
         if self.nodes > 1:  # the inter-node path's HT variant stages every token, with node slots
             self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.max_tokens_per_rank,
                                                self.nodes) if cfg.mode != "ll" else None
@@ -135,11 +121,12 @@ class Buffer:
 
     def dispatch(self, x: XInput, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  out: DispatchOutput | None = None, num_tokens_hint: int | None = None,
-                 zero_copy: bool = False) -> DispatchOutput:
+                 zero_copy: bool = False, layout: str = "flat", return_recv_hook: bool = False):
         """Send each token to the ranks that hold its experts.
 
-        x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank), or, for
-                      fp8 dispatch, a tuple ([num_tokens, hidden] float8_e4m3fn,
+        x             [num_tokens, hidden] bf16 (0 <= num_tokens <= max_tokens_per_rank; the expert
+                      layout: <= cfg.expert_tokens), or, for
+                      fp8 dispatch, a tuple ([num_tokens, hidden] fp8 of cfg.dispatch_dtype,
                       [num_tokens, hidden // 128] float32 scales) already quantised
         topk_ids      [num_tokens, topk] int32/int64 global expert ids; -1 means no expert
         topk_weights  [num_tokens, topk] float32
@@ -152,9 +139,30 @@ class Buffer:
                       sizes). src, num_tokens, tokens_per_expert and the handle stay this call's
                       own. Other paths return ordinary outputs. Not with ``out``. Each rank
                       chooses for itself (its peers may pass another value).
+        layout        "flat" (a DispatchOutput) or "expert" (an ExpertDispatchOutput: one row per
+                      (token, expert) pair in [experts_per_rank, slots, hidden], written in place by
+                      the senders; views of the Buffer's memory, valid until this rank's dispatch
+                      that reuses them, the call after next). Every rank passes the same layout.
+        return_recv_hook  (expert layout) return ``(output, hook)`` once the sends are issued; the
+                      output is valid after ``hook()`` (a ``RecvHook``), which must run before this
+                      rank's dispatch after next. Other work may run in between.
         Returns a DispatchOutput; its rows [0, num_tokens) are valid.
         """
-        x, x_scales = self._check_dispatch(x, topk_ids, topk_weights)
+        if layout not in self.cfg.layouts:
+            raise ValueError(f"layout {layout!r} is not among this Buffer's EpConfig.layouts {self.cfg.layouts}")
+        if layout == "expert":
+            if out is not None or zero_copy:
+                raise ValueError("the expert layout's outputs are always views of the Buffer's receive regions: "
+                                 "it takes no out and no zero_copy")
+            x, x_scales = check_dispatch(self.cfg, self.device, x, topk_ids, topk_weights, self.check_inputs, layout)
+            self._check_not_own_memory(x, x_scales, topk_ids, topk_weights)
+            if num_tokens_hint is not None and num_tokens_hint < x.shape[0]:
+                raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {x.shape[0]} tokens")
+            return self._expert.dispatch(x, x_scales, topk_ids, topk_weights, return_recv_hook)
+        if return_recv_hook:
+            raise ValueError("return_recv_hook needs layout='expert'")
+        x, x_scales = check_dispatch(self.cfg, self.device, x, topk_ids, topk_weights, self.check_inputs)
+        self._check_not_own_memory(x, x_scales, topk_ids, topk_weights)
         num_tokens = x.shape[0]
         if num_tokens_hint is not None and num_tokens_hint < num_tokens:
             raise ValueError(f"num_tokens_hint ({num_tokens_hint}) is below this rank's {num_tokens} tokens")
@@ -166,13 +174,14 @@ class Buffer:
         """Dispatch checked inputs over ``path``, whose capacity holds them (see ``path``)."""
         num_tokens = x.shape[0]
         zero_copy = zero_copy and path == "ht"
-        if zero_copy:
-            out = self._new_dispatch_output(views=True)
-        elif out is None:
-            out = self.empty_dispatch_output()
+        if out is None:
+            out = self._new_dispatch_output(zero_copy, num_tokens, path)
         elif not isinstance(out, DispatchOutput) or out.handle.buffer_id != id(self):
             raise TypeError("out must be a DispatchOutput made by this Buffer")
-        out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path))
+        else:  # the tensors are rewritten: an earlier handle on them goes stale
+            out.handle.stamp[0] += 1
+            out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path,
+                                                                      generation=out.handle.stamp[0]))
         params = self.launch_params(path, num_tokens, zero_copy).dispatch
         if path in INTER_PATHS:
             launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
@@ -186,14 +195,15 @@ class Buffer:
 
     def empty_dispatch_output(self) -> DispatchOutput:
         """Freshly allocated (uninitialised) dispatch outputs."""
-        return self._new_dispatch_output(views=False)
+        return self._new_dispatch_output(False)
 
-    def _new_dispatch_output(self, views: bool) -> DispatchOutput:
-        """Dispatch outputs; with ``views`` x, x_scales, topk_ids and topk_weights are views of the
-        HT receive regions, which hold the rows in the outputs' layout (``moe_ep.regions``)."""
+    def _new_dispatch_output(self, views: bool, num_tokens: int = 0, path: str = "ll") -> DispatchOutput:
+        """Dispatch outputs (of a call of ``num_tokens`` tokens over ``path``); with ``views`` x,
+        x_scales, topk_ids and topk_weights are views of the HT receive regions, which hold the rows
+        in the outputs' layout (``moe_ep.regions``)."""
         cfg, cap, dev = self.cfg, self.capacity, self.device
         src = torch.empty(cap, 2, dtype=torch.int32, device=dev)
-        num_tokens = torch.empty(1, dtype=torch.int32, device=dev)
+        num_recv_tokens = torch.empty(1, dtype=torch.int32, device=dev)
         forwarded = {}
         if self.nodes > 1:
             forwarded = dict(
@@ -202,31 +212,56 @@ class Buffer:
                 forwarded_count=torch.empty(self.nodes, dtype=torch.int32, device=dev))
         part_rows = torch.empty(self.world_size, cfg.ht_parts + 1, dtype=torch.int32, device=dev) \
             if self.nodes == 1 and cfg.ht_tokens else None
-        handle = DispatchHandle(src=src, num_recv_tokens=num_tokens,
+        handle = DispatchHandle(src=src, num_recv_tokens=num_recv_tokens,
                                 send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
-                                num_tokens=0, path="ll", buffer_id=id(self), part_rows=part_rows, **forwarded)
-        fields = (("x", cfg.dispatch_dtype, cfg.hidden), ("scales", torch.float32, cfg.num_scales),
-                  ("topk_ids", torch.int32, cfg.topk), ("topk_weights", torch.float32, cfg.topk))
-        rows = {name: self.heap.view("ht_dispatch_" + name, dtype, (cap, width)) if views else
-                torch.empty(cap, width, dtype=dtype, device=dev) for name, dtype, width in fields}
+                                num_tokens=num_tokens, path=path, buffer_id=id(self), part_rows=part_rows, **forwarded)
+        if views:
+            if self._ht_views is None:  # the same memory every call: made once
+                self._ht_views = {name: self.heap.view("ht_dispatch_" + name, dtype, (cap, width))
+                                  for name, dtype, width in self._row_fields()}
+            rows = self._ht_views
+        else:
+            rows = {name: torch.empty(cap, width, dtype=dtype, device=dev) for name, dtype, width in self._row_fields()}
         return DispatchOutput(
-            x=rows["x"], x_scales=rows["scales"] if cfg.fp8 else None, topk_ids=rows["topk_ids"],
-            topk_weights=rows["topk_weights"], src=src, num_tokens=num_tokens,
+            x=rows["x"], x_scales=rows.get("scales"), topk_ids=rows["topk_ids"],
+            topk_weights=rows["topk_weights"], src=src, num_tokens=num_recv_tokens,
             tokens_per_expert=torch.empty(self.experts_per_rank, dtype=torch.int32, device=dev),
             handle=handle)
 
+    def _row_fields(self) -> tuple:
+        """(name, dtype, values per row) of the flat outputs' row tensors (scales for fp8 only)."""
+        cfg = self.cfg
+        fields = (("x", cfg.dispatch_dtype, cfg.hidden), ("topk_ids", torch.int32, cfg.topk),
+                  ("topk_weights", torch.float32, cfg.topk))
+        return fields + ((("scales", torch.float32, cfg.num_scales),) if cfg.fp8 else ())
+
     # -- combine --------------------------------------------------------------------------------
 
-    def combine(self, y: torch.Tensor, handle: DispatchHandle, out: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, handle, out: torch.Tensor | None = None, weighted: bool = False,
+                return_recv_hook: bool = False):
         """Send expert outputs back to their tokens' ranks and sum them there.
 
-        y       [capacity, hidden] bf16: per valid row of the dispatch, sum_k w_k * expert_k(row)
-                over this rank's experts (rows past num_tokens are never read)
-        handle  the ``handle`` of the DispatchOutput these rows came from
+        y       flat layout: [capacity, hidden] bf16, per valid row of the dispatch sum_k w_k *
+                expert_k(row) over this rank's experts (rows past num_tokens are never read);
+                expert layout: [experts_per_rank, slots, hidden] bf16, one row per pair (rows past
+                each expert's tokens_per_expert are never read)
+        handle  the ``handle`` of the dispatch output these rows came from
         out     optional [num_tokens, hidden] bf16 to write into
-        Returns [num_tokens, hidden] bf16, num_tokens being what this rank dispatched; each row is
-        the float32 sum, in rank order, of the rows sent back (zeros for a token with no expert).
+        weighted  (expert layout) multiply each pair's row by its weight before summing
+        return_recv_hook  (expert layout) return ``(result, hook)`` once the sends are issued; the
+                result is valid after ``hook()``, which must run before this rank's combine
+                after next
+        Returns [num_tokens, hidden] bf16, num_tokens being what this rank dispatched. Flat: each row
+        is the float32 sum, in rank order, of the rows sent back; expert: the float32 sum over the
+        token's k in order of (w_k *) its pairs' rows; zeros for a token with no expert.
         """
+        if isinstance(handle, ExpertHandle) and handle.buffer_id == id(self):
+            if out is not None:
+                check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden), self.device)
+            return self._expert.combine(y, handle, out, weighted, return_recv_hook)
+        if weighted or return_recv_hook:
+            raise ValueError("weighted and return_recv_hook combine the expert layout's outputs (a handle of "
+                             "dispatch(..., layout='expert'))")
         self._check_combine(y, handle, out)
         if out is None:
             out = torch.empty(handle.num_tokens, self.cfg.hidden, dtype=torch.bfloat16, device=self.device)
@@ -264,13 +299,17 @@ class Buffer:
 
     def warmup(self) -> None:
         """Compile every kernel this Buffer can launch (collective: all ranks call it): one
-        dispatch + combine per path and token bucket up to the path's capacity, before the first
-        timed or serving call."""
+        dispatch + combine per path (and layout) and token bucket up to the path's capacity, before
+        the first timed or serving call."""
         cfg = self.cfg
         if self.nodes > 1:  # LL variant up to the LL capacity, the HT variant (mode "ht"/"auto") up to all
             paths = [("inter", cfg.ll_tokens), ("inter_ht", cfg.max_tokens_per_rank if cfg.mode != "ll" else 0)]
-        else:
+        elif "flat" in cfg.layouts:
             paths = [("ll", cfg.ll_tokens), ("ht", cfg.ht_tokens)]
+        else:
+            paths = []
+        if cfg.expert_tokens:
+            paths.append((EXPERT_PATH, cfg.expert_tokens))
         for path, capacity in paths:
             bucket = 1
             while capacity and bucket <= token_bucket(capacity):
@@ -278,59 +317,47 @@ class Buffer:
                 x = torch.zeros(tokens, cfg.hidden, dtype=torch.bfloat16, device=self.device)
                 ids = torch.arange(tokens * cfg.topk, device=self.device).view(tokens, cfg.topk) % cfg.num_experts
                 w = torch.ones(tokens, cfg.topk, device=self.device)
-                out = self._dispatch(path, x, None, ids, w, None)
-                self.combine(torch.zeros(self.capacity, cfg.hidden, dtype=torch.bfloat16, device=self.device),
-                             out.handle)
-                if path == "ht":  # the zero-copy dispatch: a kernel variant of its own
-                    self._dispatch(path, x, None, ids, w, None, zero_copy=True)
+                if path == EXPERT_PATH:
+                    for hook in (False, True):  # one launch, and the send launch + its hook
+                        out = self.dispatch(x, ids, w, layout="expert", return_recv_hook=hook)
+                        if hook:
+                            out, receive = out
+                            receive()
+                        y = torch.zeros(out.x.shape, dtype=torch.bfloat16, device=self.device)
+                        for weighted in (False, True):
+                            z = self.combine(y, out.handle, weighted=weighted, return_recv_hook=hook)
+                            if hook:
+                                z[1]()
+                else:
+                    out = self._dispatch(path, x, None, ids, w, None)
+                    self.combine(torch.zeros(self.capacity, cfg.hidden, dtype=torch.bfloat16, device=self.device),
+                                 out.handle)
+                    if path == "ht":  # the zero-copy dispatch: a kernel variant of its own
+                        self._dispatch(path, x, None, ids, w, None, zero_copy=True)
                 bucket *= 2
         self.check()
 
     # -- checks ---------------------------------------------------------------------------------
 
-    def _check_tensor(self, name, t, dtypes, shape):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dtypes:
-            raise TypeError(f"{name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
-        if t.device != self.device:
-            raise ValueError(f"{name} is on {t.device}, this Buffer works on {self.device}")
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
-
-    def _check_dispatch(self, x, topk_ids, topk_weights):
-        cfg = self.cfg
-        x_scales = None
-        if isinstance(x, tuple):
-            if not cfg.fp8 or len(x) != 2:
-                raise TypeError("x may be a (float8_e4m3fn values, float32 scales) tuple only for fp8 dispatch")
-            x, x_scales = x
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"x must be a [num_tokens, {cfg.hidden}] tensor")
-        num_tokens = x.shape[0]
-        if num_tokens > cfg.max_tokens_per_rank:
-            raise ValueError(f"x has {num_tokens} tokens, more than max_tokens_per_rank={cfg.max_tokens_per_rank}")
-        x_dtypes = (torch.float8_e4m3fn,) if x_scales is not None else (torch.bfloat16,)
-        self._check_tensor("x", x, x_dtypes, (num_tokens, cfg.hidden))
-        if x_scales is not None:
-            self._check_tensor("x_scales", x_scales, (torch.float32,), (num_tokens, cfg.num_scales))
-        self._check_tensor("topk_ids", topk_ids, (torch.int32, torch.int64), (num_tokens, cfg.topk))
-        self._check_tensor("topk_weights", topk_weights, (torch.float32,), (num_tokens, cfg.topk))
-        capturing = self._on_gpu and torch.cuda.is_current_stream_capturing()
-        if self.check_inputs and num_tokens and not capturing:
-            low, high = int(topk_ids.min()), int(topk_ids.max())
-            if low < -1 or high >= cfg.num_experts:
-                raise ValueError(f"topk_ids must lie in [-1, {cfg.num_experts}); got values in [{low}, {high}]")
-        return x, x_scales
+    def _check_not_own_memory(self, *tensors) -> None:
+        """Refuse dispatch inputs that live in this Buffer's receive memory (zero-copy or expert-layout
+        outputs): peers overwrite it while the call reads it. Copy them first."""
+        start = self.heap.local.data_ptr()
+        end = start + self.heap.nbytes
+        for t in tensors:
+            if t is not None and t.numel() and start <= t.data_ptr() < end:
+                raise ValueError("a dispatch input is a view of this Buffer's receive memory (a zero_copy or expert-layout "
+                                 "output), which the peers overwrite during the call: pass a copy (.clone())")
 
     def _check_combine(self, y, handle, out):
         if not isinstance(handle, DispatchHandle) or handle.buffer_id != id(self):
             raise TypeError("handle must be the handle of a DispatchOutput of this Buffer")
-        self._check_tensor("y", y, (torch.bfloat16,), (self.capacity, self.cfg.hidden))
+        if handle.generation != handle.stamp[0]:
+            raise ValueError("stale handle: its DispatchOutput was passed as out= to a later dispatch, which overwrote "
+                             "what this handle refers to (combine a dispatch before reusing its outputs)")
+        check_tensor("y", y, (torch.bfloat16,), (self.capacity, self.cfg.hidden), self.device)
         if out is not None:
-            self._check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden))
+            check_tensor("out", out, (torch.bfloat16,), (handle.num_tokens, self.cfg.hidden), self.device)
 
     # -- life -----------------------------------------------------------------------------------
 
@@ -346,3 +373,106 @@ class Buffer:
             self.heap.barrier()
             self.heap.close()
             self.heap = None
+
+
+class _ExpertState:
+    """The expert layout of a Buffer: its output views, the host's alternation of the halves of its
+    double-buffered regions, and the hooks still to be called (see kernels/dispatch_expert.py)."""
+
+    def __init__(self, buf: Buffer):
+        self.buf = buf
+        cfg, world, dev = buf.cfg, buf.world_size, buf.device
+        experts, slots = buf.experts_per_rank, cfg.slots(world)
+        heap = buf.heap
+        self.tokens_per_expert = torch.zeros(2, experts, dtype=torch.int32, device=dev)
+        self.pair_ids = torch.empty(2, cfg.expert_tokens, cfg.topk, dtype=torch.int32, device=dev)
+        self.pair_weights = torch.empty(2, cfg.expert_tokens, cfg.topk, dtype=torch.float32, device=dev)
+        self.views = []  # per half: (x, x_scales, topk_weights, src) of the receive regions
+        for half in range(2):
+            x = heap.view("ex_dispatch_x", cfg.dispatch_dtype, (2, experts, slots, cfg.hidden))[half]
+            scales = heap.view("ex_dispatch_scales", torch.float32, (2, experts, slots, cfg.num_scales))[half] \
+                if cfg.fp8 else None
+            weights = heap.view("ex_dispatch_topk_weights", torch.float32, (2, experts, slots))[half]
+            src = heap.view("ex_dispatch_src", torch.int32, (2, experts, slots, 2))[half]
+            self.views.append((x, scales, weights, src))
+        self.dispatches = 0  # expert-layout dispatches issued (call c uses half c % 2)
+        self.combines = 0
+        self.pending = {"dispatch": set(), "combine": set()}  # calls whose hook is still to run
+
+    def _issue(self, op: str) -> int:
+        """The call number of a new ``op`` call; refuses it while the hook of the call before the
+        last is still to run (its half would be reused under it)."""
+        call = self.dispatches if op == "dispatch" else self.combines
+        late = [c for c in self.pending[op] if c <= call - 2]
+        if late:
+            raise RuntimeError(f"the receive hook of expert-layout {op} call {min(late)} has not run: call it before "
+                               f"issuing two more {op} calls (at most two may be in flight)")
+        return call
+
+    def _hook(self, op: str, call: int, launch) -> RecvHook:
+        self.pending[op].add(call)
+
+        def run():
+            self.pending[op].discard(call)
+            launch()
+        return RecvHook(run, lambda: None)
+
+    def dispatch(self, x, x_scales, topk_ids, topk_weights, hook: bool):
+        buf, cfg = self.buf, self.buf.cfg
+        call = self._issue("dispatch")
+        half = call % 2
+        num_tokens = x.shape[0]
+        handle = ExpertHandle(half=half, call=call, num_tokens=num_tokens, tokens_per_expert=self.tokens_per_expert[half],
+                              pair_ids=self.pair_ids[half, :num_tokens], pair_weights=self.pair_weights[half, :num_tokens],
+                              buffer_id=id(buf))
+        rows, scales, weights, src = self.views[half]
+        out = ExpertDispatchOutput(x=rows, x_scales=scales, topk_weights=weights, src=src,
+                                   tokens_per_expert=handle.tokens_per_expert, handle=handle)
+        params = buf.launch_params(EXPERT_PATH, num_tokens).dispatch
+
+        def launch(phase):
+            launch_dispatch_expert(buf.heap, buf.sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, half,
+                                   phase.value)
+        launch(PHASE_SEND if hook else PHASE_ALL)
+        self.dispatches += 1
+        return (out, self._hook("dispatch", call, lambda: launch(PHASE_RECV))) if hook else out
+
+    def combine(self, y, handle: ExpertHandle, out, weighted: bool, hook: bool):
+        buf, cfg = self.buf, self.buf.cfg
+        if self.dispatches > handle.call + 2:
+            raise ValueError(f"stale handle: expert-layout dispatch call {handle.call} was overwritten by call "
+                             f"{handle.call + 2} (combine a dispatch before issuing two more)")
+        if handle.call in self.pending["dispatch"]:
+            raise RuntimeError("combine before the dispatch's receive hook ran: call the hook first")
+        check_tensor("y", y, (torch.bfloat16,), (buf.experts_per_rank, cfg.slots(buf.world_size), cfg.hidden),
+                     buf.device)
+        call = self._issue("combine")
+        half = call % 2
+        if out is None:
+            out = torch.empty(handle.num_tokens, cfg.hidden, dtype=torch.bfloat16, device=buf.device)
+        params = buf.launch_params(EXPERT_PATH, handle.num_tokens).combine
+
+        def launch(phase):
+            launch_combine_expert(buf.heap, buf.sync, cfg, params, y, handle, out, half, weighted, phase.value)
+        launch(PHASE_SEND if hook else PHASE_ALL)
+        self.combines += 1
+        return (out, self._hook("combine", call, lambda: launch(PHASE_RECV))) if hook else out
+
+
+def _check_ranks_agree(group, rank: int, world_size: int, cfg: EpConfig, device: torch.device) -> None:
+    """Every rank of ``group`` builds its Buffer with the same configuration and heap layout (one
+    all-gather); otherwise every rank raises the same ValueError naming what differs, before any
+    allocation (a rank with another hidden size would wait for the others in the first call)."""
+    import moe_ep
+
+    mine = {f"EpConfig.{f.name}": str(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    mine.update({"world size": str(world_size), "heap bytes": str(heap_bytes(cfg, world_size)),
+                 "device type": device.type, "moe_ep version": getattr(moe_ep, "__version__", "")})
+    every: list = [None] * world_size
+    dist.all_gather_object(every, mine, group=group)
+    differ = [name for name in mine if len({e[name] for e in every}) > 1]
+    if differ:
+        detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {e[name]}" for r, e in enumerate(every))
+                           for name in differ)
+        raise ValueError(f"rank {rank}: the ranks of this Buffer's group disagree on {', '.join(differ)} "
+                         f"({detail}); every rank must build its Buffer alike")

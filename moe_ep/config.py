@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-DISPATCH_DTYPES = (torch.bfloat16, torch.float8_e4m3fn)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)  # OCP fp8 (NVIDIA, MI355X); MI300X's fp8
+DISPATCH_DTYPES = (torch.bfloat16,) + FP8_DTYPES
 MODES = ("auto", "ll", "ht")
 INTER_TRANSPORTS = ("auto", "peer", "put")
 INTER_PATHS = ("inter", "inter_ht")  # the inter-node path's LL and HT variants
+LAYOUTS = ("flat", "expert")  # dispatch output layouts (see EpConfig.layouts)
 QUANT_BLOCK = 128  # values per fp8 scale
 DEFAULT_LL_MAX_TOKENS = 256  # LL capacity per rank in "auto" mode
 # "auto" takes LL up to this many tokens per rank (the count all ranks share), HT above.
@@ -30,9 +32,12 @@ class EpConfig:
     num_experts          experts over all ranks; rank r holds [r*E/R, (r+1)*E/R)
     topk                 experts per token (ids of -1 mean "no expert")
     max_tokens_per_rank  most tokens one rank may dispatch in one call
-    dispatch_dtype       torch.bfloat16, or torch.float8_e4m3fn (1x128 float32 block scales)
+    dispatch_dtype       torch.bfloat16, or fp8 with 1x128 float32 block scales: torch.float8_e4m3fn
+                         (NVIDIA, MI355X) or torch.float8_e4m3fnuz (MI300X; ``moe_ep.native_fp8_dtype()``
+                         gives the device's)
     mode                 "ll" (low latency), "ht" (high throughput) or "auto" (the scheduler picks)
-    backend              symmetric-heap backend ("host", "cuda", "nvshmem"); None picks by device
+    backend              symmetric-heap backend ("host", "cuda", "hip", "nvshmem"); None picks by device
+                         ("hip" on ROCm GPUs: moe_ep.transport.heap)
     timeout_s            how long a kernel waits for a peer before reporting a timeout
     gpus_per_node        ranks per node (consecutive ranks form a node); None: all on one node
     ll_max_tokens        "auto": the most tokens per rank the LL path takes (its heap grows with it)
@@ -46,6 +51,13 @@ class EpConfig:
                          range once sent, and a receiver lays it out while later ranges are still
                          being sent; the combine sums each range as soon as every rank has sent
                          its rows back (1: no overlap)
+    layouts              the dispatch output layouts this Buffer serves (each has heap regions of its
+                         own): "flat" ([capacity, hidden] rows in source order, the default) and/or
+                         "expert" (``dispatch(..., layout="expert")``: [experts_per_rank, slots, hidden],
+                         one row per (token, expert) pair, written in place by the senders; LL-sized
+                         batches: up to ``expert_tokens`` tokens per rank; one node only)
+    expert_slots         rows per local expert in the "expert" layout (None: the worst case,
+                         expert_tokens * world size); a call that would overflow them is an error
     """
 
     hidden: int
@@ -61,6 +73,8 @@ class EpConfig:
     crossover_tokens: int = DEFAULT_CROSSOVER_TOKENS
     inter_transport: str = "auto"
     ht_parts: int = DEFAULT_HT_PARTS
+    layouts: tuple = ("flat",)
+    expert_slots: int | None = None
 
     def __post_init__(self):
         for name in ("hidden", "num_experts", "topk", "max_tokens_per_rank", "ll_max_tokens", "crossover_tokens",
@@ -84,10 +98,15 @@ class EpConfig:
             raise ValueError(f"EpConfig.ht_parts must be at most {MAX_HT_PARTS}, got {self.ht_parts}")
         if not self.timeout_s > 0:
             raise ValueError(f"EpConfig.timeout_s must be positive, got {self.timeout_s}")
+        if isinstance(self.layouts, str) or not self.layouts or any(lay not in LAYOUTS for lay in self.layouts):
+            raise ValueError(f"EpConfig.layouts must be a non-empty tuple of {LAYOUTS}, got {self.layouts!r}")
+        object.__setattr__(self, "layouts", tuple(dict.fromkeys(self.layouts)))
+        if self.expert_slots is not None and (not isinstance(self.expert_slots, int) or self.expert_slots < 1):
+            raise ValueError(f"EpConfig.expert_slots must be a positive int or None, got {self.expert_slots!r}")
 
     @property
     def fp8(self) -> bool:
-        return self.dispatch_dtype == torch.float8_e4m3fn
+        return self.dispatch_dtype in FP8_DTYPES
 
     @property
     def inter_puts(self) -> bool:
@@ -121,6 +140,18 @@ class EpConfig:
         if self.mode == "ll" or (self.mode == "auto" and self.max_tokens_per_rank <= self.ll_tokens):
             return 0
         return self.max_tokens_per_rank
+
+    @property
+    def expert_tokens(self) -> int:
+        """Tokens per rank the "expert" layout takes (0: not among ``layouts``): the LL capacity
+        (decode-sized batches), or max_tokens_per_rank in mode "ht"."""
+        if "expert" not in self.layouts:
+            return 0
+        return self.ll_tokens or self.max_tokens_per_rank
+
+    def slots(self, world_size: int) -> int:
+        """Rows per local expert of the "expert" layout's outputs."""
+        return self.expert_slots or self.expert_tokens * world_size
 
     @staticmethod
     def path_options(path: str, gpus_per_node: int | None = None) -> dict:

@@ -20,7 +20,7 @@ def _rank_main(ctx, hidden, num_experts, topk, tokens, dtype_name, calls):
     import moe_ep
     from moe_ep import reference
 
-    dtype = getattr(torch, dtype_name)
+    dtype = moe_ep.native_fp8_dtype(ctx.device) if dtype_name == "fp8" else getattr(torch, dtype_name)
     world = ctx.world_size
     cfg = moe_ep.EpConfig(hidden=hidden, num_experts=num_experts, topk=topk, max_tokens_per_rank=tokens,
                           dispatch_dtype=dtype)
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     else:
         hidden, experts_per_rank, topk = 256, 4, 3
         where = f"{args.ranks} CPU processes (Triton interpreter, shared-memory heap)"
-    dtype_name = "float8_e4m3fn" if args.dtype == "fp8" else "bfloat16"
+    dtype_name = "fp8" if args.dtype == "fp8" else "bfloat16"  # fp8: the GPU's own (moe_ep.native_fp8_dtype)
     print(f"moe_ep demo: {where}; hidden {hidden}, {experts_per_rank * args.ranks} experts, top-{topk}, "
           f"{args.dtype} dispatch, {args.tokens} tokens per rank, {args.calls} calls")
     reports = run_ranks(_rank_main, args.ranks, hidden, experts_per_rank * args.ranks, topk, args.tokens,

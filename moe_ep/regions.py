@@ -52,6 +52,27 @@ a call's puts complete within it):
   node_stage_x             [N, M, H] bfloat16             [n, t]: this rank's node sum for rank (n, my local)
   inter_stage_signal       [N] int64                      the count or epoch word being put to node n
 
+The "expert" layout (``EpConfig.layouts``; kernels/dispatch_expert.py, kernels/combine_expert.py;
+M_x = ``cfg.expert_tokens``, E_l = experts per rank, S_x = ``cfg.slots(R)`` rows per expert; half h
+of each region is chosen by the host, alternating call by call, see the kernels' protocol):
+
+  ex_dispatch_x            [2, E_l, S_x, H] dispatch dtype  [h, e, :n_e]: one row per (token, k) pair
+                                                          whose expert is local expert e (written by the
+                                                          pair's source rank); the dispatch's outputs
+  ex_dispatch_scales       [2, E_l, S_x, S] float32       as ex_dispatch_x (fp8 only)
+  ex_dispatch_src          [2, E_l, S_x, 2] int32         as ex_dispatch_x: (source rank, token index)
+  ex_dispatch_topk_weights [2, E_l, S_x] float32          as ex_dispatch_x: the pair's weight
+  ex_dispatch_topk_slot    [2, E_l, S_x] int32            as ex_dispatch_x: the pair's k (for the combine)
+  ex_dispatch_counts       [2, R, E] int32                row [h, s]: rank s (its pairs per global expert)
+  ex_dispatch_count_signal [2, R] int32                   slot [h, s]: rank s (epoch, after its counts)
+  ex_dispatch_signal       [2, R] int32                   slot [h, s]: rank s (epoch, after its rows)
+  ex_combine_x             [2, M_x, K, H] bfloat16        [c, t, k]: the output of pair (t, k) of this rank's
+                                                          token t (written by the rank of its expert)
+  ex_combine_signal        [2, R] int32                   slot [c, d]: rank d (epoch, after its rows)
+  ex_combine_credit        [R] int32                      slot d: rank d (last combine epoch it summed)
+DeepSeek-V3 shape, fp8, R = 4, 128 tokens: 2 * 64 * 512 rows of 7.4 KB, about 485 MB (a worst-case
+``expert_slots``; DeepEP's low-latency buffers are of the same order). ``expert_slots`` bounds it.
+
 B = 2 for LL (double buffer: call e uses half e % 2, no handshake; see kernels/dispatch.py) and
 1 for HT (one buffer with credits: the big path keeps one copy). Bytes per rank ~=
 R * (2 * M_ll + M_ht) * (H * (b + 2) + 4 * S + 8 * K + 4): linear in R, in each capacity and in H.
@@ -132,6 +153,28 @@ def _internode_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     return sizes
 
 
+def _expert_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
+    if not cfg.expert_tokens:
+        return []
+    experts = cfg.experts_per_rank(world_size)
+    pairs = 2 * experts * cfg.slots(world_size)  # both halves
+    value_bytes = 1 if cfg.fp8 else 2
+    flags = 2 * 4 * world_size
+    return [
+        ("ex_dispatch_x", pairs * cfg.hidden * value_bytes),
+        ("ex_dispatch_scales", pairs * cfg.num_scales * 4),
+        ("ex_dispatch_src", pairs * 2 * 4),
+        ("ex_dispatch_topk_weights", pairs * 4),
+        ("ex_dispatch_topk_slot", pairs * 4),
+        ("ex_dispatch_counts", flags * cfg.num_experts),
+        ("ex_dispatch_count_signal", flags),
+        ("ex_dispatch_signal", flags),
+        ("ex_combine_x", 2 * cfg.expert_tokens * cfg.topk * cfg.hidden * 2),
+        ("ex_combine_signal", flags),
+        ("ex_combine_credit", 4 * world_size),
+    ]
+
+
 def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     """(name, bytes) of every region of one rank's arena, in order. Across nodes both variants
     of the inter-node path (LL, HT) use the double-buffered LL regions at the full capacity."""
@@ -139,9 +182,11 @@ def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
         return ([("barrier_flags", 4 * world_size)]
                 + _path_regions("ll", cfg, world_size, cfg.max_tokens_per_rank, halves=2, credits=False)
                 + _internode_regions(cfg, world_size))
+    flat = "flat" in cfg.layouts
     return ([("barrier_flags", 4 * world_size)]
-            + _path_regions("ll", cfg, world_size, cfg.ll_tokens, halves=2, credits=False)
-            + _path_regions("ht", cfg, world_size, cfg.ht_tokens, halves=1, credits=True))
+            + _path_regions("ll", cfg, world_size, cfg.ll_tokens if flat else 0, halves=2, credits=False)
+            + _path_regions("ht", cfg, world_size, cfg.ht_tokens if flat else 0, halves=1, credits=True)
+            + _expert_regions(cfg, world_size))
 
 
 def heap_bytes(cfg: EpConfig, world_size: int) -> int:

@@ -1,7 +1,9 @@
 """Run a function on N ranks as real processes: the multi-rank harness of tests and demos.
 
 ``RankPool(world_size, device)`` spawns one process per rank, each with a torch.distributed
-group (gloo over CPU tensors, with Triton's interpreter; nccl over one GPU per rank), and keeps
+group (gloo over CPU tensors, with Triton's interpreter; nccl over one GPU per rank; or, with
+``share_device``, every rank on GPU 0 over gloo — correctness on real GPU memory with fewer GPUs
+than ranks, slowly: the ranks' kernels share one GPU), and keeps
 them for many ``run(fn, *args)`` calls. ``fn(ctx, *args)`` runs on every rank; ``run`` returns
 the per-rank results, re-raises the first failure with its rank and traceback, and kills every
 process when the time runs out instead of hanging. After a failure the pool is closed (its
@@ -52,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, device_type: str, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, device_type: str, port: int, tasks, results, share_device: bool = False) -> None:
     if device_type == "cpu":
         torch.set_num_threads(1)
         device = torch.device("cpu")
@@ -61,13 +63,13 @@ def _worker(rank: int, world_size: int, device_type: str, port: int, tasks, resu
         # The ranks share the host's cores: torch's default (all of them in every process)
         # oversubscribes them world_size times, and the CPU-side references of the tests crawl.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        device = torch.device(device_type, rank)
+        device = torch.device(device_type, 0 if share_device else rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "gloo" if share_device else "nccl"  # NCCL refuses two ranks on one GPU
     try:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size,
-                                device_id=device if device.type != "cpu" else None)
+                                device_id=device if backend == "nccl" else None)
         ctx = RankContext(rank, world_size, device, dist.group.WORLD)
         results.put(("ready", rank, None))
     except BaseException:
@@ -96,11 +98,11 @@ def _set_environ(values: dict[str, str | None]) -> None:
 class RankPool:
     """``world_size`` rank processes on ``device`` ('cpu' or 'cuda'), reused across runs."""
 
-    def __init__(self, world_size: int, device: str = "cpu", start_timeout: float = 300.0,
+    def __init__(self, world_size: int, device: str = "cpu", start_timeout: float = 300.0, share_device: bool = False,
                  env: dict[str, str | None] | None = None):
         """``env``: environment variables the rank processes start with, over the defaults
         (CPU: ``TRITON_INTERPRET=1``); None removes one."""
-        if device != "cpu" and torch.cuda.device_count() < world_size:
+        if device != "cpu" and not share_device and torch.cuda.device_count() < world_size:
             raise RuntimeError(f"{world_size} ranks need {world_size} GPUs; "
                                f"{torch.cuda.device_count()} are visible")
         self.world_size = world_size
@@ -110,7 +112,7 @@ class RankPool:
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
         self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, world_size, device, port, self._tasks[r], self._results))
+                                   args=(r, world_size, device, port, self._tasks[r], self._results, share_device))
                        for r in range(world_size)]
         # Children inherit the environment when started: CPU ranks must interpret kernels before
         # anything (the pickled function's module, say) imports a kernel module.

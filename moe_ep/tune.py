@@ -32,6 +32,7 @@ from moe_ep.config import INTER_PATHS
 from moe_ep.tuning import OFF
 
 ZERO_COPY_PATH = "ht_zc"  # --paths name of the HT dispatch with zero_copy=True (entries keyed zero_copy)
+EXPERT_PATH = "expert"  # --paths name of the expert-major LL layout (Buffer.dispatch(layout="expert"))
 
 
 def candidates(family: str, path: str, default, on_gpu: bool) -> list:
@@ -47,6 +48,10 @@ def candidates(family: str, path: str, default, on_gpu: bool) -> list:
         grid = {"send_programs": (264, 528), "forward_parts": (16, 32, 64), "recv_parts": (16, 32)} \
             if family == "dispatch" else \
             {"send_programs": (528, 1056), "proxy_programs": (128, 256), "reduce_programs": (264, 1056)}
+    elif path == EXPERT_PATH:  # the expert layout: LL-sized, a pair's row stored by its token's program(s)
+        grid = {"send_programs": (32, 64, 128, 256), "token_parts": (1, 4), "num_warps": (4, 8)} \
+            if family == "dispatch" else \
+            {"send_programs": (32, 64, 128, 264), "reduce_programs": (32, 64, 128), "num_warps": (4, 8), "rows": (1, 2)}
     elif family == "dispatch":  # token_parts > 1 splits each token's row over programs, in 1024-value chunks
         grid = {"send_programs": (32, 64, 128, 256, 512) if path == "ll" else (132, 264, 528, 1056),
                 "recv_parts": (8, 16, 32), "num_warps": (4, 8), "token_parts": (1, 4)}
@@ -112,12 +117,16 @@ def _tune_rank(ctx, opts):
         path = "ht" if zero_copy else search_path
         if path in INTER_PATHS and world // opts["gpus_per_node"] < 2:
             continue  # one node: no inter-node path at this world size
-        dtype = torch.float8_e4m3fn if dtype_name == "fp8" else torch.bfloat16
+        dtype = moe_ep.native_fp8_dtype(dev) if dtype_name == "fp8" else torch.bfloat16
+        expert = path == EXPERT_PATH
+        layout = {"mode": "ll", "layouts": ("expert",)} if expert else \
+            moe_ep.EpConfig.path_options(path, opts["gpus_per_node"])
         cfg = moe_ep.EpConfig(hidden=opts["hidden"], num_experts=opts["num_experts"], topk=opts["topk"],
-                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype,
-                              **moe_ep.EpConfig.path_options(path, opts["gpus_per_node"]))
+                              max_tokens_per_rank=max(opts["tokens"]), dispatch_dtype=dtype, **layout)
         buf = moe_ep.Buffer(ctx.group, cfg, check_inputs=False, tuned=OFF)  # the defaults, not a shipped table
-        y = torch.zeros(buf.capacity, cfg.hidden, dtype=torch.bfloat16, device=dev)
+        y = torch.zeros(buf.experts_per_rank, cfg.slots(world), cfg.hidden, dtype=torch.bfloat16, device=dev) \
+            if expert else torch.zeros(buf.capacity, cfg.hidden, dtype=torch.bfloat16, device=dev)
+        call_kwargs = {"layout": "expert"} if expert else {"zero_copy": zero_copy}
         for num_tokens in opts["tokens"]:
             gen = torch.Generator(device=dev).manual_seed(7 + rank)
             x = torch.randn(num_tokens, cfg.hidden, generator=gen, device=dev).to(torch.bfloat16)
@@ -128,11 +137,11 @@ def _tune_rank(ctx, opts):
 
             def dispatch_call(i):
                 barrier()
-                held["out"] = buf.dispatch(x, ids, w, zero_copy=zero_copy)
+                held["out"] = buf.dispatch(x, ids, w, **call_kwargs)
 
             def combine_call(i):
                 barrier()
-                buf.combine(y, held["out"].handle)
+                buf.combine(y, held["out"].handle, weighted=expert)
 
             def timed(cands, enqueue, make_choice):
                 out = []
@@ -178,9 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--worlds", default=None, help="world sizes (default: 2..all GPUs, powers of two)")
     p.add_argument("--tokens", default="1,8,32,128,256,512,1024,2048,4096", help="token buckets to tune")
     p.add_argument("--dtypes", default="fp8,bf16")
-    p.add_argument("--paths", default="ll,ht,ht_zc",
-                   help="ll, ht, ht_zc (the HT dispatch with zero_copy=True), and inter / inter_ht (need "
-                        "--gpus-per-node)")
+    p.add_argument("--paths", default="ll,ht,ht_zc,expert",
+                   help="ll, ht, ht_zc (the HT dispatch with zero_copy=True), expert (the expert-major LL layout), "
+                        "and inter / inter_ht (need --gpus-per-node)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="the inter path: ranks form simulated nodes of this many ranks")
     p.add_argument("--hidden", type=int, default=7168)
@@ -197,7 +206,7 @@ def main(argv=None) -> int:
     if args.smoke:
         device, worlds = "cpu", [2]
         args.tokens, args.hidden, args.num_experts, args.topk, args.iters, args.batch = "3", 256, 8, 2, 1, 1
-        args.paths, args.gpus_per_node = "ll,ht,ht_zc,inter", 1
+        args.paths, args.gpus_per_node = "ll,ht,ht_zc,inter,expert", 1
     elif gpus < 2:
         raise SystemExit("tuning needs at least 2 GPUs (or --smoke for a CPU run)")
     else:

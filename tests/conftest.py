@@ -11,11 +11,15 @@ from moe_ep.testing import RankPool
 # (8 processes on few cores). GPU rank counts: 2, 4 and 8 where that many GPUs are visible.
 CPU_WORLD_SIZES = tuple(int(w) for w in os.environ.get("MOE_EP_CPU_WORLDS", "2,4").split(","))
 GPU_WORLD_SIZES = (2, 4, 8)
+# MOE_EP_GPU_SHARED=1: the GPU cases on however many GPUs there are, every rank on GPU 0 (a gloo
+# group, torch symmetric memory mapping one device into each rank): correctness on real GPU memory
+# ordering where fewer GPUs than ranks are lent; timings mean nothing there.
+GPU_SHARED = os.environ.get("MOE_EP_GPU_SHARED") == "1"
 _pools: dict[tuple[str, int], RankPool] = {}
 
 
-def _rank_params():
-    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in CPU_WORLD_SIZES]
+def _rank_params(cpu_worlds=CPU_WORLD_SIZES):
+    params = [pytest.param(("cpu", w), id=f"cpu{w}") for w in cpu_worlds]
     params += [pytest.param(("cuda", w), id=f"gpu{w}", marks=pytest.mark.gpu) for w in GPU_WORLD_SIZES]
     return params
 
@@ -24,12 +28,22 @@ def _rank_params():
 def ranks(request) -> RankPool:
     """A pool of rank processes ('cpu' under the interpreter, or one GPU each), kept between
     tests and replaced after a failure. ``ranks.run(fn, *args)`` runs ``fn(ctx, *args)`` on all."""
+    return _pool(request)
+
+
+@pytest.fixture(params=_rank_params(tuple(sorted(set(CPU_WORLD_SIZES) | {3}))))
+def ranks_odd(request) -> RankPool:
+    """``ranks`` on 3 CPU ranks too (an odd world: expert and rank counts that are no powers of two)."""
+    return _pool(request)
+
+
+def _pool(request) -> RankPool:
     device, world_size = request.param
-    if device == "cuda" and torch.cuda.device_count() < world_size:
+    if device == "cuda" and torch.cuda.device_count() < world_size and not GPU_SHARED:
         pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
     pool = _pools.get((device, world_size))
     if pool is None or pool.closed:
-        pool = _pools[(device, world_size)] = RankPool(world_size, device)
+        pool = _pools[(device, world_size)] = RankPool(world_size, device, share_device=GPU_SHARED and device == "cuda")
     return pool
 
 

@@ -84,9 +84,15 @@ def poisoned_dispatch_output(buf: moe_ep.Buffer) -> moe_ep.DispatchOutput:
     return out
 
 
+def x_poison(dtype: torch.dtype) -> int:
+    """The byte that fills poisoned payload rows: NaN, which no dispatch of finite inputs writes
+    (0xFF in bf16 and float8_e4m3fn; 0x80, the only NaN of float8_e4m3fnuz, whose 0xFF is -240)."""
+    return 0x80 if dtype == torch.float8_e4m3fnuz else 0xFF
+
+
 def poison_rows(out: moe_ep.DispatchOutput) -> None:
     """Every output row and count of ``out`` set to values no dispatch writes."""
-    out.x.view(torch.uint8).fill_(0xFF)  # NaN in bf16 and in fp8 e4m3fn
+    out.x.view(torch.uint8).fill_(x_poison(out.x.dtype))
     if out.x_scales is not None:
         out.x_scales.fill_(float("nan"))
     out.topk_ids.fill_(POISON_INT)
@@ -133,7 +139,7 @@ def check_dispatch(out: moe_ep.DispatchOutput, exp: reference.RankDispatch, capa
 
 def check_untouched(out: moe_ep.DispatchOutput, n: int) -> None:
     """Rows past num_tokens still hold the poison (no stray writes)."""
-    assert bool((out.x[n:].view(torch.uint8) == 0xFF).all()), "x written past num_tokens"
+    assert bool((out.x[n:].view(torch.uint8) == x_poison(out.x.dtype)).all()), "x written past num_tokens"
     assert bool((out.topk_ids[n:] == POISON_INT).all()), "topk_ids written past num_tokens"
     assert bool((out.src[n:] == POISON_INT).all()), "src written past num_tokens"
 
@@ -180,7 +186,7 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
             xs, ids, weights = make_inputs(call, kind, dataclasses.replace(shape, max_tokens_per_rank=hint)
                                            if hint else shape, world, seed)
             if prequantized:
-                xs = [reference.quantize_fp8(x) for x in xs]
+                xs = [reference.quantize_fp8(x, dtype) for x in xs]
             expected = reference.dispatch(xs, ids, weights, num_experts, dtype)
             me = ctx.rank
             x_in = tuple(t.to(ctx.device) for t in xs[me]) if prequantized else xs[me].to(ctx.device)
@@ -220,3 +226,11 @@ def run_calls(ctx, kind: str, dtype_name: str, shape: Shape, calls: int, prequan
     finally:
         buf.close()
     return paths if hints else received
+
+
+def inputs_on_rank(ctx, buf, call: int, shape, kind: str = "uniform", seed: int = 0):
+    """This rank's (x, topk_ids, topk_weights) of a call on its device, and its reference dispatch."""
+    xs, ids, weights = make_inputs(call, kind, shape, ctx.world_size, seed)
+    expected = reference.dispatch(xs, ids, weights, buf.cfg.num_experts, buf.cfg.dispatch_dtype)[ctx.rank]
+    me = ctx.rank
+    return (xs[me].to(ctx.device), ids[me].to(ctx.device), weights[me].to(ctx.device)), expected

@@ -29,12 +29,18 @@ def _bad_calls_then_good_one(ctx, shape):
                                                  torch.zeros(shape.max_tokens_per_rank + 1, k, dtype=torch.int64, device=dev),
                                                  torch.zeros(shape.max_tokens_per_rank + 1, k, device=dev)),
                             ValueError, "max_tokens_per_rank"),
-        "expert id too large": (lambda: buf.dispatch(x, ids.clone().fill_(num_experts), w), ValueError, r"\[-1, "),
-        "expert id below -1": (lambda: buf.dispatch(x, ids.clone().fill_(-2), w), ValueError, r"\[-1, "),
+        # Checked by the kernels (no host synchronisation): raised at the next check, a BadCallError
+        "expert id too large": (lambda: (buf.dispatch(x, ids.clone().fill_(num_experts), w), buf.check()),
+                                moe_ep.BadCallError, rf"\[-1, {num_experts}\); got {num_experts} \(token 0\)"),
+        "expert id below -1": (lambda: (buf.dispatch(x, ids.clone().fill_(-2), w), buf.check()), moe_ep.BadCallError,
+                               r"\[-1, .*got -2"),
         "ids float": (lambda: buf.dispatch(x, ids.float(), w), TypeError, "topk_ids must be"),
         "ids wrong topk": (lambda: buf.dispatch(x, ids[:, :1].contiguous(), w), ValueError, "topk_ids must have shape"),
         "weights bf16": (lambda: buf.dispatch(x, ids, w.bfloat16()), TypeError, "topk_weights must be"),
         "fp8 tuple of one": (lambda: buf.dispatch((x,), ids, w), TypeError, "tuple"),
+        "fp8 of the other format": (lambda: buf.dispatch(tuple(t.to(dev) for t in reference.quantize_fp8(
+                                        x.cpu(), torch.float8_e4m3fnuz)), ids, w),
+                                    TypeError, "x must be torch.float8_e4m3fn"),
         "scales wrong shape": (lambda: buf.dispatch((x.to(torch.float8_e4m3fn), torch.ones(t, 1, device=dev)), ids, w),
                                ValueError, "x_scales must have shape"),
         "hint below the tokens": (lambda: buf.dispatch(x, ids, w, num_tokens_hint=t - 1), ValueError, "num_tokens_hint"),
@@ -95,3 +101,142 @@ def test_heap_bytes_grow_linearly():
     four = moe_ep.heap_bytes(dataclasses.replace(cfg, max_tokens_per_rank=512), 4)
     assert 3.9 < four / one < 4.01
     assert 22_000_000 < one < 22_600_000  # the figure moe_ep/regions.py documents
+
+
+def _device_checks_ids(ctx, shape, path: str, dtype_name: str):
+    """Without check_inputs, rank 1 dispatches one id equal to num_experts and one of -2: the call
+    runs on every rank with those ids routed nowhere (results as the reference's with -1 there,
+    tokens_per_expert included), rank 1 gets BadCallError naming the first bad id at its check,
+    the others none; the next call is right everywhere."""
+    from ep_cases import check_dispatch as check_flat, expert_outputs
+    from expert_cases import ExpertCall, expert_config
+    from moe_ep import reference
+    from rank_checks import assert_equal
+
+    world, me, dev = ctx.world_size, ctx.rank, ctx.device
+    expert = path == "expert"
+    if expert:
+        cfg = expert_config(ctx, shape, dtype_name)
+    else:
+        cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * world, topk=shape.topk,
+                              max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=getattr(torch, dtype_name),
+                              **moe_ep.EpConfig.path_options(path, world // 2))
+    buf = moe_ep.Buffer(ctx.group, cfg)
+    try:
+        for call in range(2):
+            xs, ids, weights = make_inputs(call, "uniform", shape, world, seed=23)
+            if call == 0:  # rank 1 sends its maximum (make_inputs: rank (call + 1) % R)
+                ids[1][0, 1] = cfg.num_experts
+                ids[1][2, 0] = -2
+            clean = [torch.where((i >= 0) & (i < cfg.num_experts), i, -1) for i in ids]
+            x, i, w = xs[me].to(dev), ids[me].to(dev), weights[me].to(dev)
+            out = buf.dispatch(x, i, w, layout="expert") if expert else buf.dispatch(x, i, w)
+            raised = None
+            try:
+                buf.check()
+            except moe_ep.BadCallError as err:
+                raised = str(err)
+            if call == 0 and me == 1:
+                assert raised and f"got {cfg.num_experts} (token 0)" in raised, raised
+            else:
+                assert raised is None, raised
+            if expert:
+                exp = reference.dispatch_expert(xs, clean, weights, cfg.num_experts, cfg.dispatch_dtype)
+                c = ExpertCall.__new__(ExpertCall)  # its checks only, on these inputs
+                c.name, c.expected = f"call {call}", exp[me]
+                c.check_dispatch(out)
+                continue
+            exp = reference.dispatch(xs, clean, weights, cfg.num_experts, cfg.dispatch_dtype)
+            check_flat(out, exp[me], buf.capacity)
+            ys = [expert_outputs(exp[r], r) for r in range(world)]
+            y = torch.zeros(buf.capacity, shape.hidden, dtype=torch.bfloat16)
+            y[:exp[me].num_tokens] = ys[me]
+            z = buf.combine(y.to(dev), out.handle)
+            gpus = cfg.gpus_per_node if path.startswith("inter") else None
+            assert_equal("combine", reference.combine(ys, exp, [len(i) for i in ids], gpus)[me], z.cpu())
+        buf.check()
+    finally:
+        buf.close()
+    return True
+
+
+@pytest.mark.parametrize("path", ["ll", "ht", "inter", "inter_ht", "expert"])
+def test_kernels_check_expert_ids(ranks, path):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    assert all(ranks.run(_device_checks_ids, shape, path, "float8_e4m3fn"))
+
+
+def _disagreeing_buffers(ctx, shape):
+    """Ranks that build their Buffers differently each get the same ValueError naming the field,
+    before anything is allocated (no hang in a barrier, no shared memory left); then alike, it works."""
+    import dataclasses
+    import glob
+
+    base = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * ctx.world_size,
+                           topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank)
+    before = set(glob.glob("/dev/shm/moe_ep-*"))
+    messages = {}
+    for name, other in (("hidden", shape.hidden + 128), ("num_experts", 2 * base.num_experts), ("topk", 1),
+                        ("mode", "ht"), ("max_tokens_per_rank", shape.max_tokens_per_rank + 1)):
+        cfg = dataclasses.replace(base, **{name: other}) if ctx.rank == 1 else base
+        with pytest.raises(ValueError, match=f"disagree on EpConfig.{name}") as err:
+            moe_ep.Buffer(ctx.group, cfg)
+        messages[name] = str(err.value).split(": ", 1)[1]  # (after "rank r: ")
+    assert set(glob.glob("/dev/shm/moe_ep-*")) <= before, "a refused Buffer left shared memory behind"
+    moe_ep.Buffer(ctx.group, base).close()
+    return messages
+
+
+def test_ranks_that_disagree_are_refused(ranks):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    messages = ranks.run(_disagreeing_buffers, shape)
+    assert all(m == messages[0] for m in messages), messages  # every rank says the same
+    assert f"rank 0 {shape.hidden}, rank 1 {shape.hidden + 128}" in messages[0]["hidden"], messages[0]["hidden"]
+
+
+def _stale_and_own_memory(ctx, shape):
+    """A handle whose outputs a later dispatch rewrote (out=), and dispatch inputs that are views of
+    the Buffer's own receive memory, are refused before any launch; the Buffer stays usable."""
+    from ep_cases import check_dispatch
+    from expert_cases import expert_config
+    from moe_ep import reference
+
+    cfg = expert_config(ctx, shape, "bfloat16")
+    buf = moe_ep.Buffer(ctx.group, moe_ep.EpConfig(**{**cfg.__dict__, "mode": "auto", "crossover_tokens": 4}))
+    try:
+        # Three tokens on every rank (every rank then refuses the same calls).
+        gens = [torch.Generator().manual_seed(r) for r in range(ctx.world_size)]
+        xs = [torch.randn(3, shape.hidden, generator=g).to(torch.bfloat16) for g in gens]
+        all_ids = [torch.stack([torch.randperm(cfg.num_experts, generator=g)[:shape.topk] for _ in range(3)])
+                   for g in gens]
+        ws = [torch.rand(3, shape.topk, generator=g) for g in gens]
+        expected = reference.dispatch(xs, all_ids, ws, cfg.num_experts, cfg.dispatch_dtype)[ctx.rank]
+        x, ids, w = (t[ctx.rank].to(ctx.device) for t in (xs, all_ids, ws))
+        out = buf.empty_dispatch_output()
+        first = buf.dispatch(x, ids, w, out=out)
+        second = buf.dispatch(x, ids, w, out=first)
+        y = torch.zeros(buf.capacity, shape.hidden, dtype=torch.bfloat16, device=ctx.device)
+        with pytest.raises(ValueError, match="stale handle"):
+            buf.combine(y, first.handle)
+        buf.combine(y, second.handle)
+        check_dispatch(second, expected, buf.capacity)
+        views = buf.dispatch(x, ids, w, zero_copy=True, num_tokens_hint=shape.max_tokens_per_rank)
+        assert views.handle.path == "ht"
+        with pytest.raises(ValueError, match="view of this Buffer's receive memory"):
+            buf.dispatch(views.x[:x.shape[0]], ids, w)
+        buf.combine(y, views.handle)
+        pairs = buf.dispatch(x, ids, w, layout="expert")
+        with pytest.raises(ValueError, match="view of this Buffer's receive memory"):
+            buf.dispatch(pairs.x[0, :3], ids, w, layout="expert")
+        buf.combine(torch.zeros(pairs.x.shape, dtype=torch.bfloat16, device=ctx.device), pairs.handle)
+        again = buf.dispatch(pairs.x[0, :3].clone(), ids, w)  # a copy is fine
+        buf.combine(y, again.handle)
+        buf.check()
+    finally:
+        buf.close()
+    return True
+
+
+def test_stale_handles_and_own_memory_are_refused(ranks):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    assert all(ranks.run(_stale_and_own_memory, shape))

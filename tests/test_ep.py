@@ -12,14 +12,17 @@ CASES = [
     ("uniform", "float8_e4m3fn", {}, "fp8-uniform"),
     ("masked", "float8_e4m3fn", {}, "fp8-masked-ids"),
     ("one_rank", "bfloat16", {}, "bf16-experts-on-one-rank"),
-    ("to_rank0", "float8_e4m3fn", {}, "fp8-others-receive-nothing"),
+    # MI300X's fp8 (float8_e4m3fnuz) here, quantised by the kernels on every path (LL, HT, and the
+    # inter-node HT variant's stage kernel); already quantised on LL below.
+    ("to_rank0", "float8_e4m3fnuz", {}, "fnuz-others-receive-nothing"),
     ("skewed", "bfloat16", {"hidden_cpu": 200, "hidden_gpu": 7000}, "bf16-skewed-odd-hidden"),
     ("uniform", "bfloat16", {"topk": 1}, "bf16-topk1"),
     ("masked", "float8_e4m3fn", {"prequantized": True}, "fp8-prequantized"),
+    ("uniform", "float8_e4m3fnuz", {"prequantized": True}, "fnuz-prequantized"),
 ]
 # Every case on the LL path (mode "ll"); the HT path (mode "ht") on the cases that differ for it
 # (its staging quantises, or not, and lays the routing out); "auto" below.
-HT_CASES = ("fp8-uniform", "fp8-masked-ids", "fp8-others-receive-nothing", "bf16-skewed-odd-hidden",
+HT_CASES = ("fp8-uniform", "fp8-masked-ids", "fnuz-others-receive-nothing", "bf16-skewed-odd-hidden",
             "fp8-prequantized")
 PARAMS = [pytest.param("ll", *case[:3], id=f"ll-{case[3]}") for case in CASES] + \
          [pytest.param("ht", *case[:3], id=f"ht-{case[3]}") for case in CASES if case[3] in HT_CASES]
@@ -74,9 +77,9 @@ def test_ht_combine_token_ranges(ranks):
 # through peer pointers here) or "peer" (stored straight into the proxy's arena); and the
 # variant: mode "ll" (each send program routes and quantises) or "ht" (the stage kernel first).
 INTER_CASES = {"bf16-uniform": ("peer", "ht"), "fp8-uniform": ("put", "ll"), "fp8-masked-ids": ("peer", "ll"),
-               "bf16-experts-on-one-rank": ("put", "ll"), "fp8-others-receive-nothing": ("put", "ht"),
+               "bf16-experts-on-one-rank": ("put", "ll"), "fnuz-others-receive-nothing": ("put", "ht"),
                "bf16-skewed-odd-hidden": ("put", "ht"), "bf16-topk1": ("peer", "ll"),
-               "fp8-prequantized": ("peer", "ht")}  # every case of the intra-node suite
+               "fp8-prequantized": ("peer", "ht")}  # every case of the intra-node suite but fnuz-prequantized
 PER_RANK_NODES_CASE = "fp8-masked-ids"  # its 4 x 1 layout takes the other transport: both see N > 2
 
 

@@ -17,13 +17,13 @@ from rank_checks import assert_equal
 TIMEOUT_S = 2.0
 
 
-def _buffer(ctx, shape, dtype_name: str, timeout_s: float = 60.0, **extra):
+def _buffer(ctx, shape, dtype_name: str, timeout_s: float = 60.0, check_inputs: bool = False, **extra):
     import moe_ep
 
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * ctx.world_size,
                           topk=shape.topk, max_tokens_per_rank=shape.max_tokens_per_rank,
                           dispatch_dtype=getattr(torch, dtype_name), timeout_s=timeout_s, **extra)
-    return moe_ep.Buffer(ctx.group, cfg)
+    return moe_ep.Buffer(ctx.group, cfg, check_inputs=check_inputs)
 
 
 class _Call:
@@ -140,8 +140,9 @@ def test_rank_that_stops_calling_is_named(device, world_size, op):
 # -- (b) bad input leaves the Buffer correct ----------------------------------------------------
 
 def _bad_input_then_correct(ctx, shape, dtype_name: str):
-    """Refused calls launch nothing: afterwards (and in between) results match the reference."""
-    buf = _buffer(ctx, shape, dtype_name)
+    """Refused calls launch nothing: afterwards (and in between) results match the reference.
+    (Expert ids checked on the host: ``check_inputs``; the kernels' own check: test_bad_input.py.)"""
+    buf = _buffer(ctx, shape, dtype_name, check_inputs=True)
     num_experts = buf.cfg.num_experts
     dev = ctx.device
     try:

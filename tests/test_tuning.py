@@ -221,7 +221,8 @@ def test_tuner_writes_a_table_the_buffer_uses(tmp_path, monkeypatch):
     entries = data["entries"]
     assert data["format_version"] == "2.0"
     assert {(e["dispatch_dtype"], e["path"], e["zero_copy"]) for e in entries} == {
-        (d, p, zc) for d in ("fp8", "bf16") for p, zc in (("ll", False), ("ht", False), ("ht", True), ("inter", False))}
+        (d, p, zc) for d in ("fp8", "bf16")
+        for p, zc in (("ll", False), ("ht", False), ("ht", True), ("inter", False), ("expert", False))}
     assert all((e["combine"] is None) == e["zero_copy"] for e in entries)
     assert all(e["gpus_per_node"] == (1 if e["path"] == "inter" else 0) for e in entries)
     assert all((e["num_experts"], e["topk"]) == (8, 2) for e in entries)
@@ -250,9 +251,10 @@ def _warmup_then_call(ctx):
     shape = dataclasses.replace(CPU_SHAPE, max_tokens_per_rank=3)
     num_experts = shape.num_experts_per_rank * ctx.world_size
     cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk, max_tokens_per_rank=3,
-                          dispatch_dtype=torch.float8_e4m3fn, mode="auto", crossover_tokens=2)
+                          dispatch_dtype=torch.float8_e4m3fn, mode="auto", crossover_tokens=2,
+                          layouts=("flat", "expert"))
     buf = moe_ep.Buffer(ctx.group, cfg)
-    buf.warmup()  # LL buckets 1, 2 and HT buckets 1, 2, 4 (holding 3 tokens)
+    buf.warmup()  # LL and expert-layout buckets 1, 2 and HT buckets 1, 2, 4 (holding 3 tokens)
     chosen = sorted(buf._choices)
     xs, ids, ws = make_inputs(0, "uniform", shape, ctx.world_size, seed=4)
     expected = reference.dispatch(xs, ids, ws, num_experts, torch.float8_e4m3fn)[ctx.rank]
@@ -267,5 +269,6 @@ def _warmup_then_call(ctx):
 
 def test_warmup_covers_every_bucket_then_calls_work(ranks):
     chosen = ranks.run(_warmup_then_call)
-    assert all(c == [("ht", b, zc) for b in (1, 2, 4) for zc in (False, True)] + [("ll", 1, False), ("ll", 2, False)]
+    assert all(c == [("expert", 1, False), ("expert", 2, False)]
+               + [("ht", b, zc) for b in (1, 2, 4) for zc in (False, True)] + [("ll", 1, False), ("ll", 2, False)]
                for c in chosen), chosen

@@ -9,6 +9,7 @@ calls need no reset and a captured graph replays correctly.
 import triton
 import triton.language as tl
 
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import _barrier, _finish_launch, _launch_epoch
 
@@ -21,6 +22,7 @@ def _barrier_kernel(peer_bases_ptr, flags_offset, counters_ptr, status_ptr, rank
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, 1)
 
 
+_launch_barrier = Launcher(_barrier_kernel)
 register(_barrier_kernel,
          {"peer_bases_ptr": "*i64", "flags_offset": "i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           "rank": "i32", "world_size": "i32", "max_polls": "i32"},
@@ -34,7 +36,7 @@ def barrier_region_bytes(world_size: int) -> int:
 def launch_barrier(heap, sync, region: str = "barrier_flags") -> None:
     """Block every rank of ``heap``'s group until all have launched it (device-side)."""
     sync.before_launch()
-    _barrier_kernel[(1,)](
+    _launch_barrier((1,),
         peer_bases_ptr=heap.peer_bases, flags_offset=heap.offset(region),
         counters_ptr=sync.counters("barrier"), status_ptr=sync.status, rank=heap.rank,
         world_size=heap.world_size, max_polls=sync.max_polls,

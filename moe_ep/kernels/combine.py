@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.numerics import _to_bf16
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _row,
@@ -136,6 +137,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
+_launch_combine = Launcher(_combine_kernel)
 register(_combine_kernel,
          {**{name: "i32" for name in ("send_programs", "reduce_programs", "num_programs",
                                       "reduce_delay")},
@@ -154,24 +156,28 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
     ([handle.num_tokens, hidden] bf16) over the ``path`` ("ll" or "ht") of the dispatch.
     Inputs are validated by the caller (``Buffer``). HT: the programs of ``params`` are split
     evenly over the ``cfg.ht_parts`` token ranges."""
-    ht = path == "ht"
-    parts = cfg.ht_parts if ht else 1
-    prefix = f"{path}_combine_"
-    send_programs = max(1, params.send_programs // parts)
-    reduce_programs = max(1, params.reduce_programs // parts)
-    num_programs = parts * (send_programs + reduce_programs)
+    def make():
+        ht = path == "ht"
+        parts = cfg.ht_parts if ht else 1
+        prefix = f"{path}_combine_"
+        send_programs = max(1, params.send_programs // parts)
+        reduce_programs = max(1, params.reduce_programs // parts)
+        return dict(
+            peer_bases_ptr=heap.peer_bases, x_offset=heap.offset(prefix + "x"),
+            signal_offset=heap.offset(prefix + "signal"), credit_offset=heap.offset(prefix + "credit") if ht else 0,
+            counters_ptr=sync.counters(f"combine_{path}"), status_ptr=sync.status, rank=heap.rank,
+            world_size=heap.world_size, max_tokens=cfg.ht_tokens if ht else cfg.ll_tokens, max_polls=sync.max_polls,
+            HIDDEN=cfg.hidden, CREDITS=ht, send_programs=send_programs, reduce_programs=reduce_programs,
+            num_programs=parts * (send_programs + reduce_programs),
+            reduce_delay=params.reduce_delay if parts > 1 else 1, BLOCK_H=params.block_h,
+            BLOCK_R=triton.next_power_of_2(heap.world_size),
+            ALIGNED=cfg.hidden % 8 == 0, ROWS=params.rows, PARTS=parts,  # bf16 rows of 16-byte multiples
+            num_warps=params.num_warps)
+
+    static = static_args(heap, ("combine", id(sync), cfg, params, path), make)
     sync.before_launch()
-    _combine_kernel[(num_programs,)](
-        y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens, send_mask_ptr=handle.send_mask,
-        part_rows_ptr=handle.part_rows if ht else handle.src, out_ptr=out, peer_bases_ptr=heap.peer_bases,
-        x_offset=heap.offset(prefix + "x"), signal_offset=heap.offset(prefix + "signal"),
-        credit_offset=heap.offset(prefix + "credit") if ht else 0,
-        counters_ptr=sync.counters(f"combine_{path}"), status_ptr=sync.status, rank=heap.rank,
-        world_size=heap.world_size, num_tokens=handle.num_tokens,
-        max_tokens=cfg.ht_tokens if ht else cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden,
-        CREDITS=ht, send_programs=send_programs, reduce_programs=reduce_programs,
-        num_programs=num_programs, reduce_delay=params.reduce_delay if parts > 1 else 1, BLOCK_H=params.block_h,
-        BLOCK_R=triton.next_power_of_2(heap.world_size),
-        ALIGNED=cfg.hidden % 8 == 0, ROWS=params.rows, PARTS=parts,  # bf16 rows of 16-byte multiples
-        num_warps=params.num_warps)
+    _launch_combine(
+        (static["num_programs"],), **static, y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens,
+        send_mask_ptr=handle.send_mask, part_rows_ptr=handle.part_rows if path == "ht" else handle.src, out_ptr=out,
+        num_tokens=handle.num_tokens)
     sync.after_launch()

@@ -40,10 +40,13 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.numerics import _quantize_fp8
+from moe_ep import _platform
+from moe_ep.kernels.launch import Launcher, static_args
+from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _quantize_fp8, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
-from moe_ep.transport.primitives import (PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span, _finish_launch,
-                                         _launch_epoch, _mask_if, _peer_ptr, _row, _signal_peers, _wait_peers)
+from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span,
+                                         _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
+                                         _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -53,13 +56,38 @@ def _bits(mask_r, offs_r):
 
 
 @triton.jit
+def _valid_ids(ids, num_experts):
+    """Expert ids with every id outside [0, num_experts) set to -1 (none): the kernels route no
+    pair of an id out of range (the program that checks the ids records it: ``_check_ids``)."""
+    return tl.where((ids >= 0) & (ids < num_experts), ids, -1)
+
+
+@triton.jit
+def _check_ids(topk_ids_ptr, start, num_tokens, num_experts, status_ptr, epoch, offs_k, mask_k, TOPK: tl.constexpr,
+               BLOCK_T: tl.constexpr):
+    """Record the first id of tokens ``[start, start + BLOCK_T)`` outside [-1, num_experts) as a bad
+    call (``moe_ep.BadCallError`` at the host's next check), with its token."""
+    offs_t = start + tl.arange(0, BLOCK_T)
+    mask = (offs_t < num_tokens)[:, None] & mask_k[None, :]
+    ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :], mask=mask, other=-1)
+    bad = mask & ((ids < -1) | (ids >= num_experts))  # [BLOCK_T, BLOCK_K]
+    if tl.max(bad.to(tl.int32)) > 0:
+        at = offs_t[:, None] * TOPK + offs_k[None, :]  # [BLOCK_T, BLOCK_K] position of each id
+        first = tl.min(tl.where(bad, at, 2**31 - 1))
+        value = tl.sum(tl.where(at == first, ids, 0)).to(tl.int32)  # (int64 ids: the low 32 bits)
+        _record_input_error(status_ptr, INPUT_BAD_EXPERT_ID, value, first // TOPK, epoch)
+
+
+@triton.jit
 def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: tl.constexpr,
-                 EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr):
+                 EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr, num_experts):
     """Tokens ``[start, start + BLOCK_T)``: returns (offs_t, ids [BLOCK_T, BLOCK_K] int32 with -1
-    past the end, is_dst [BLOCK_T, BLOCK_R] int32: 1 where a rank holds one of the token's experts)."""
+    past the end and for ids outside [0, num_experts), is_dst [BLOCK_T, BLOCK_R] int32: 1 where a
+    rank holds one of the token's experts)."""
     offs_t = start + tl.arange(0, BLOCK_T)
     ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
                   mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
+    ids = _valid_ids(ids, num_experts)
     dst = tl.where(ids >= 0, ids // EXPERTS_PER_RANK, -1)
     is_dst = tl.max((dst[:, :, None] == offs_r[None, None, :]).to(tl.int32), axis=1)
     return offs_t, ids, is_dst
@@ -67,7 +95,7 @@ def _route_block(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: 
 
 @triton.jit
 def _route_counts(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK: tl.constexpr,
-                  EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr):
+                  EXPERTS_PER_RANK: tl.constexpr, BLOCK_T: tl.constexpr, num_experts):
     """``_route_block``'s is_dst for tokens ``[start, min(start + BLOCK_T, num_tokens))``, for sums
     over large blocks: a token's destinations as one OR-reduced word (no [BLOCK_T, BLOCK_K,
     BLOCK_R] tile). (Not for a tl.cumsum: Triton 3.6 fails to lower a scan over this layout
@@ -75,6 +103,7 @@ def _route_counts(topk_ids_ptr, start, num_tokens, offs_r, offs_k, mask_k, TOPK:
     offs_t = start + tl.arange(0, BLOCK_T)
     ids = tl.load(topk_ids_ptr + offs_t[:, None] * TOPK + offs_k[None, :],
                   mask=(offs_t < num_tokens)[:, None] & mask_k[None, :], other=-1).to(tl.int32)
+    ids = _valid_ids(ids, num_experts)
     one_hot = tl.where(ids >= 0, tl.full(ids.shape, 1, tl.int64) << (tl.maximum(ids, 0) // EXPERTS_PER_RANK), 0)
     bits = tl.reduce(one_hot, 1, _bit_or)  # [BLOCK_T] int64: bit d set where rank d holds an expert
     return ((bits[:, None] >> offs_r[None, :].to(tl.int64)) & 1).to(tl.int32)
@@ -164,10 +193,11 @@ def _store_range_rows(range_rows_ptr, first, offs_t, is_dst, carry, last_block, 
 
 @triton.jit(do_not_specialize=("num_tokens",))
 def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_ptr, slots_ptr, counts_ptr,
-                           block_hist_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr, rank,
-                           world_size, num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
+                           block_hist_ptr, send_mask_ptr, node_slots_ptr, node_counts_ptr, range_rows_ptr,
+                           counters_ptr, status_ptr, rank, world_size, num_tokens, HIDDEN: tl.constexpr, TOPK: tl.constexpr,
                            EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr,
-                           GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, RANGES: tl.constexpr,
+                           FP8_FORMAT: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
+                           RANGES: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
                            BLOCK_Q: tl.constexpr, BLOCK_SCAN: tl.constexpr):
@@ -180,8 +210,12 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
     and, last block, node_counts [N]; RANGES > 0: range_rows [R, RANGES + 1] int32, row d holding
     where each of the RANGES token ranges starts among the rows bound for rank d, then their
     count — ``_store_range_rows``); every program quantises tokens t % num_programs == pid
-    into staging_x [T, HIDDEN] fp8 and staging_scales [T, NUM_SCALES] float32 (when QUANTIZE)."""
+    into staging_x [T, HIDDEN] fp8 of FP8_FORMAT and staging_scales [T, NUM_SCALES] float32 (when
+    QUANTIZE). Ids outside [-1, num_experts) route nowhere and are recorded as a bad call of the
+    dispatch that follows (``counters``: that dispatch's, read only here)."""
     pid = tl.program_id(0)
+    epoch = _launch_epoch(counters_ptr)  # the coming dispatch's
+    num_experts = EXPERTS_PER_RANK * world_size
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
     offs_n = tl.arange(0, BLOCK_N)
@@ -197,12 +231,14 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
         # is T / BLOCK_SCAN steps, not T / BLOCK_T.
         for start in range(0, block * BLOCK_T, BLOCK_SCAN):
             is_dst = _route_counts(topk_ids_ptr, start, block * BLOCK_T, offs_r, offs_k, mask_k, TOPK,
-                                   EXPERTS_PER_RANK, BLOCK_SCAN)
+                                   EXPERTS_PER_RANK, BLOCK_SCAN, num_experts)
             carry += tl.sum(is_dst, axis=0)
             if NUM_NODES > 1:
                 node_carry += tl.sum(_nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES), axis=0)
+        _check_ids(topk_ids_ptr, block * BLOCK_T, num_tokens, num_experts, status_ptr, epoch, offs_k, mask_k, TOPK,
+                   BLOCK_T)
         offs_t, ids, is_dst = _route_block(topk_ids_ptr, block * BLOCK_T, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                           EXPERTS_PER_RANK, BLOCK_T)
+                                           EXPERTS_PER_RANK, BLOCK_T, num_experts)
         slots = tl.cumsum(is_dst, axis=0) - is_dst + carry[None, :]  # [BLOCK_T, BLOCK_R]
         mask_t = offs_t < num_tokens
         tl.store(slots_ptr + offs_t[:, None] * world_size + offs_r[None, :], tl.where(is_dst > 0, slots, -1),
@@ -233,7 +269,8 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
             for start in range(0, HIDDEN, BLOCK_H):
                 mask_h = start + offs_h < HIDDEN
                 q, scales = _quantize_fp8(tl.load(x_ptr + row * HIDDEN + start + offs_h, mask=mask_h,
-                                                  other=0.0).to(tl.float32), BLOCK_H)
+                                                  other=0.0).to(tl.float32), BLOCK_H, FP8_FORMAT,
+                                          staging_x_ptr.dtype.element_ty)
                 tl.store(staging_x_ptr + row * HIDDEN + start + offs_h, q, mask=mask_h)
                 tl.store(staging_scales_ptr + row * NUM_SCALES + start // 128 + offs_s, scales,
                          mask=start // 128 + offs_s < NUM_SCALES)
@@ -241,11 +278,12 @@ def _dispatch_stage_kernel(x_ptr, topk_ids_ptr, staging_x_ptr, staging_scales_pt
 
 @triton.jit
 def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM_SCALES: tl.constexpr,
-                      QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
+                      QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                      BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """Values ``[start, start + BLOCK_H)`` of row ``row`` of x, as sent: ``(values [BLOCK_H],
     scales [BLOCK_H // 128] (fp8 only), offs_h, mask_h, offs_s, mask_s)``; quantised here when
-    QUANTIZE, loaded with their scales when X_FP8 (already fp8). ALIGNED: rows of x are
-    16-byte multiples at 16-aligned addresses."""
+    QUANTIZE (into FP8_FORMAT codes of type OUT_DTYPE), loaded with their scales when X_FP8
+    (already fp8). ALIGNED: rows of x are 16-byte multiples at 16-aligned addresses."""
     offs_h = start + tl.arange(0, BLOCK_H)
     mask_h = offs_h < HIDDEN
     offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)
@@ -254,7 +292,7 @@ def _load_token_chunk(x_ptr, x_scales_ptr, row, start, HIDDEN: tl.constexpr, NUM
     ptr_x = _row(x_ptr, row, HIDDEN, ALIGNED)  # x_ptr may be a peer's (an inter-node forward)
     if QUANTIZE:
         values, scales = _quantize_fp8(tl.load(ptr_x + offs_h, mask=mask_h, other=0.0).to(tl.float32),
-                                       BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
+                                       BLOCK_H, FP8_FORMAT, OUT_DTYPE)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
     else:
         values = tl.load(ptr_x + offs_h, mask=mask_h)
         if X_FP8:
@@ -267,7 +305,7 @@ def _send_token(t, load_row, row_base, is_dst, slot, ids, x_ptr, x_scales_ptr, t
                 peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                 world_size, experts_per_rank, offs_r, mask_r, offs_k, mask_k, part, parts,
                 HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, OUT_DTYPE: tl.constexpr,
                 BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr, WRITE_SEND_MASK: tl.constexpr):
     """Store token t (its payload and weights at row ``load_row`` of ``x_ptr``, ``x_scales_ptr``,
     ``topk_weights_ptr``; global expert ids ``ids``) into row ``row_base[d] + slot[d]`` of every
@@ -295,7 +333,8 @@ def _send_token(t, load_row, row_base, is_dst, slot, ids, x_ptr, x_scales_ptr, t
     # Payload, BLOCK_H values at a time: loaded (and quantised) once, stored to each destination.
     for start in range(part * BLOCK_H, HIDDEN, parts * BLOCK_H):
         values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
-            x_ptr, x_scales_ptr, load_row, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H, ALIGNED)
+            x_ptr, x_scales_ptr, load_row, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE, BLOCK_H,
+            ALIGNED)
         for d in range(0, world_size):
             if tl.sum(tl.where(offs_r == d, mask_d.to(tl.int32), 0), axis=0) > 0:
                 row_d = tl.sum(tl.where(offs_r == d, row, 0), axis=0)
@@ -413,8 +452,9 @@ def _dispatch_kernel(
         count_offset, expert_counts_offset, signal_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
-        NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, send_programs, token_parts,
-        recv_parts, num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
+        NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr,
+        send_programs, token_parts, recv_parts, num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr,
         ALIGNED: tl.constexpr):
     # x [num_tokens, HIDDEN] bf16, or fp8 with x_scales [num_tokens, NUM_SCALES] when X_FP8
@@ -436,8 +476,11 @@ def _dispatch_kernel(
         counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
         hist = tl.zeros([BLOCK_ALL_E], tl.int32)  # (token, k) pairs per global expert
         for chunk in range(0, num_tokens, BLOCK_T):
+            if pid == 0:
+                _check_ids(topk_ids_ptr, chunk, num_tokens, EXPERTS_PER_RANK * world_size, status_ptr, epoch, offs_k,
+                           mask_k, TOPK, BLOCK_T)
             offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                               EXPERTS_PER_RANK, BLOCK_T)
+                                               EXPERTS_PER_RANK, BLOCK_T, EXPERTS_PER_RANK * world_size)
             slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]  # [BLOCK_T, BLOCK_R]
             first = chunk + (lane - chunk % lanes + lanes) % lanes
             for t in range(first, tl.minimum(chunk + BLOCK_T, num_tokens), lanes):
@@ -447,7 +490,7 @@ def _dispatch_kernel(
                             x_ptr, x_scales_ptr, topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset,
                             scales_offset, ids_offset, weights_offset, src_offset, world_size, EXPERTS_PER_RANK,
                             offs_r, mask_r, offs_k, mask_k, part, token_parts, HIDDEN, TOPK, NUM_SCALES, QUANTIZE,
-                            X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, True)
+                            X_FP8, FP8_FORMAT, OUT_DTYPE, BLOCK_H, ALIGNED, True)
             counts += tl.sum(is_dst, axis=0)
             hist += _expert_histogram(ids, BLOCK_ALL_E)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r, mask_r, send_programs)
@@ -465,6 +508,7 @@ def _dispatch_kernel(
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
             "expert_counts_offset", "signal_offset")
+_launch_dispatch = Launcher(_dispatch_kernel)
 register(_dispatch_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
@@ -475,22 +519,29 @@ register(_dispatch_kernel,
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
-          "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64,
-          "BLOCK_ALL_E": 256, "ALIGNED": True})
+          "FP8_FORMAT": E4M3FN.value, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8,
+          "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
+# MI300X's fp8 (float8_e4m3fnuz): the rows' element type and the quantiser's format.
+register(_dispatch_kernel, {**KERNELS[-1].signature, "out_x_ptr": "*fp8e4b8"},
+         {**KERNELS[-1].constexprs, "FP8_FORMAT": E4M3FNUZ.value})
 # int32 expert ids (callers pass either): their own compilation, which once hit a Triton lowering bug.
-register(_dispatch_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"}, KERNELS[-1].constexprs)
+register(_dispatch_kernel, {**KERNELS[-2].signature, "topk_ids_ptr": "*i32"}, KERNELS[-2].constexprs)
+_launch_dispatch_stage = Launcher(_dispatch_stage_kernel)
 register(_dispatch_stage_kernel,
          {"x_ptr": "*bf16", "topk_ids_ptr": "*i64", "staging_x_ptr": "*fp8e4nv", "staging_scales_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "block_hist_ptr": "*i32", "send_mask_ptr": "*i64",
-          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "range_rows_ptr": "*i32", "rank": "i32",
-          "world_size": "i32", "num_tokens": "i32"},
-         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "GPUS_PER_NODE": 4,
-          "NUM_NODES": 1, "RANGES": 4, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8,
+          "node_slots_ptr": "*i32", "node_counts_ptr": "*i32", "range_rows_ptr": "*i32", "counters_ptr": "*i32",
+          "status_ptr": "*i32", "rank": "i32", "world_size": "i32", "num_tokens": "i32"},
+         {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True,
+          "FP8_FORMAT": E4M3FN.value, "GPUS_PER_NODE": 4, "NUM_NODES": 1, "RANGES": 4, "BLOCK_T": 128, "BLOCK_H": 8192,
+          "BLOCK_R": 4, "BLOCK_N": 1, "BLOCK_K": 8,
           "BLOCK_ALL_E": 256, "BLOCK_Q": 8, "BLOCK_SCAN": 1024})
 register(_dispatch_stage_kernel, {**KERNELS[-1].signature, "topk_ids_ptr": "*i32"}, KERNELS[-1].constexprs)
 # Across nodes (the inter-node path's HT variant): node slots, no token ranges.
 register(_dispatch_stage_kernel, KERNELS[-1].signature,
          {**KERNELS[-1].constexprs, "GPUS_PER_NODE": 2, "NUM_NODES": 2, "BLOCK_N": 2, "RANGES": 0, "BLOCK_Q": 1})
+register(_dispatch_stage_kernel, {**KERNELS[-1].signature, "staging_x_ptr": "*fp8e4b8"},
+         {**KERNELS[-1].constexprs, "FP8_FORMAT": E4M3FNUZ.value})  # MI300X's fp8
 
 
 @dataclass
@@ -505,6 +556,7 @@ class HtStaging:
     #                          among the rows bound for each rank, then their count
     num_experts: int
     hidden: int
+    fp8_dtype: torch.dtype  # the dispatch's fp8 (float8_e4m3fn or float8_e4m3fnuz)
     _block_hist: dict = field(default_factory=dict)  # block_t -> [cdiv(tokens, block_t), num_experts] int32
     _fp8: tuple = ()  # see fp8_rows
 
@@ -516,15 +568,16 @@ class HtStaging:
                          node_counts=torch.empty(nodes, dtype=torch.int32, device=device),
                          range_rows=torch.empty(world_size if nodes == 1 else 0, cfg.ht_parts + 1, dtype=torch.int32,
                                                 device=device),
-                         num_experts=cfg.num_experts, hidden=cfg.hidden)
+                         num_experts=cfg.num_experts, hidden=cfg.hidden,
+                         fp8_dtype=cfg.dispatch_dtype if cfg.fp8 else torch.float8_e4m3fn)
 
     def fp8_rows(self) -> tuple:
-        """``([tokens, hidden] float8_e4m3fn, [tokens, hidden // 128] float32)``: every token
+        """``([tokens, hidden] fp8, [tokens, hidden // 128] float32)``: every token
         quantised by the stage kernel, when it quantises (the inter-node HT variant, or
         ``DispatchParams.send_quantize`` off); allocated at the first such call, never otherwise."""
         if not self._fp8:
             rows, device = self.slots.shape[0], self.slots.device
-            self._fp8 = (torch.empty(rows, self.hidden, dtype=torch.float8_e4m3fn, device=device),
+            self._fp8 = (torch.empty(rows, self.hidden, dtype=self.fp8_dtype, device=device),
                          torch.empty(rows, self.hidden // 128, dtype=torch.float32, device=device))
         return self._fp8
 
@@ -546,32 +599,42 @@ def rows_aligned(cfg, x, out) -> bool:
 
 
 def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_mask, nodes: int,
-                 quantize: bool = True):
+                 quantize: bool = True, op: str = "dispatch_ht"):
     """The HT stage kernel over this rank's tokens into ``staging`` (``HtStaging``; on one node
     also the rows of each of the ``cfg.ht_parts`` token ranges) and ``send_mask``; returns the
     rows to send, ``(x, x_scales)``: the staged fp8 rows when it quantised them (bf16 input to an
     fp8 dispatch, unless not ``quantize``), else the inputs."""
-    world = heap.world_size
     num_tokens = x.shape[0]
     quantize = quantize and cfg.fp8 and x_scales is None
-    counts = staging.counts
-    ranges = cfg.ht_parts if nodes == 1 else 0
-    staged_x, staged_scales = staging.fp8_rows() if quantize else (x, counts)
+
+    def make():
+        world = heap.world_size
+        counts = staging.counts
+        ranges = cfg.ht_parts if nodes == 1 else 0
+        staged_x, staged_scales = staging.fp8_rows() if quantize else (None, counts)
+        return dict(
+            staging_x_ptr=None if staged_x is None else _platform.kernel_arg(staged_x),
+            staging_scales_ptr=staged_scales, slots_ptr=staging.slots, counts_ptr=counts,
+            block_hist_ptr=staging.block_hist(params.block_t),
+            node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
+            range_rows_ptr=staging.range_rows if ranges else counts, counters_ptr=sync.counters(op),
+            status_ptr=sync.status, rank=heap.rank, world_size=world, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+            EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
+            FP8_FORMAT=fp8_format(cfg.dispatch_dtype), GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, RANGES=ranges,
+            BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_R=triton.next_power_of_2(world),
+            BLOCK_N=triton.next_power_of_2(nodes), BLOCK_K=triton.next_power_of_2(cfg.topk),
+            BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), BLOCK_Q=triton.next_power_of_2(ranges + 1),
+            BLOCK_SCAN=max(params.block_scan, params.block_t), num_warps=params.num_warps)
+
+    static = static_args(heap, ("stage", id(sync), id(staging), cfg, params, nodes, quantize, op), make)
+    x_arg = _platform.kernel_arg(x)
+    if not quantize:  # (the kernel stages nothing: any pointer will do)
+        static = {**static, "staging_x_ptr": x_arg}
     sync.before_launch()
-    _dispatch_stage_kernel[(max(params.stage_programs, 1),)](
-        x_ptr=x, topk_ids_ptr=topk_ids, staging_x_ptr=staged_x, staging_scales_ptr=staged_scales,
-        slots_ptr=staging.slots, counts_ptr=counts,
-        block_hist_ptr=staging.block_hist(params.block_t), send_mask_ptr=send_mask,
-        node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
-        range_rows_ptr=staging.range_rows if ranges else counts,
-        rank=heap.rank, world_size=world, num_tokens=num_tokens, HIDDEN=cfg.hidden, TOPK=cfg.topk,
-        EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales, QUANTIZE=quantize,
-        GPUS_PER_NODE=world // nodes, NUM_NODES=nodes, RANGES=ranges, BLOCK_T=params.block_t, BLOCK_H=params.block_h,
-        BLOCK_R=triton.next_power_of_2(world), BLOCK_N=triton.next_power_of_2(nodes),
-        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts),
-        BLOCK_Q=triton.next_power_of_2(ranges + 1), BLOCK_SCAN=max(params.block_scan, params.block_t),
-        num_warps=params.num_warps)
+    _launch_dispatch_stage((max(params.stage_programs, 1),), **static, x_ptr=x_arg, topk_ids_ptr=topk_ids,
+                           send_mask_ptr=send_mask, num_tokens=num_tokens)
     if quantize:
+        staged_x, staged_scales = staging.fp8_rows()
         return staged_x[:num_tokens], staged_scales[:num_tokens]
     return x, x_scales
 
@@ -583,26 +646,33 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
     Inputs are validated by the caller (``Buffer``). The HT path: ``kernels.dispatch_ht``.
     """
-    world = heap.world_size
-    num_programs = params.send_programs + world * params.recv_parts + 1
+    prequantized = x_scales is not None
+
+    def make():
+        world = heap.world_size
+        return dict(
+            peer_bases_ptr=heap.peer_bases,
+            **{f"{name}_offset": heap.offset("ll_dispatch_" + region) for name, region in _LL_REGIONS},
+            counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+            max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
+            EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
+            QUANTIZE=cfg.fp8 and not prequantized, X_FP8=prequantized, FP8_FORMAT=fp8_format(cfg.dispatch_dtype),
+            send_programs=params.send_programs, token_parts=params.token_parts, recv_parts=params.recv_parts,
+            num_programs=params.send_programs + world * params.recv_parts + 1, BLOCK_T=params.block_t,
+            BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world),
+            BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
+            BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), num_warps=params.num_warps)
+
+    static = static_args(heap, ("dispatch_ll", id(sync), cfg, params, prequantized), make)
     sync.before_launch()
-    _dispatch_kernel[(num_programs,)](
-        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
-        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
-        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+    _launch_dispatch(
+        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+        x_scales_ptr=x_scales if prequantized else out.topk_weights, topk_ids_ptr=topk_ids,
+        topk_weights_ptr=topk_weights, out_x_ptr=_platform.kernel_arg(out.x),
+        out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
-        **{f"{name}_offset": heap.offset("ll_dispatch_" + region) for name, region in _LL_REGIONS},
-        counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_tokens=cfg.ll_tokens,
-        max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world),
-        NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None, X_FP8=x_scales is not None,
-        send_programs=params.send_programs, token_parts=params.token_parts, recv_parts=params.recv_parts,
-        num_programs=num_programs, BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
-        BLOCK_R=triton.next_power_of_2(world), ALIGNED=rows_aligned(cfg, x, out),
-        BLOCK_K=triton.next_power_of_2(cfg.topk), BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
-        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), num_warps=params.num_warps)
+        send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0], ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()
 
 

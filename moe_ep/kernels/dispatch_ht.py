@@ -48,8 +48,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moe_ep import _platform
 from moe_ep.kernels.dispatch import (_publish_expert_counts, _receive_rows, _send_lane, _send_token,
                                      _staged_histogram, _store_totals, _token_range, launch_stage, rows_aligned)
+from moe_ep.kernels.launch import Launcher, static_args
+from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _signal_peers,
@@ -88,7 +91,8 @@ def _dispatch_ht_kernel(
         status_ptr,
         rank, world_size, num_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, send_programs, token_parts, recv_parts, num_programs, groups,
+        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, send_programs, token_parts,
+        recv_parts, num_programs, groups,
         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_ALL_E: tl.constexpr, ALIGNED: tl.constexpr,
         RANGES: tl.constexpr, BLOCK_Q: tl.constexpr, ZERO_COPY: tl.constexpr):
@@ -129,8 +133,8 @@ def _dispatch_ht_kernel(
                 _send_token(t, t, row_base, (slot >= 0).to(tl.int32), slot, ids, x_ptr, x_scales_ptr,
                             topk_weights_ptr, send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset,
                             weights_offset, src_offset, world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k,
-                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H,
-                            ALIGNED, False)
+                            part, token_parts, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE,
+                            BLOCK_H, ALIGNED, False)
             # One arrival counter per group (lane 0), then the signal of each of the group's ranges
             # to every rank: a receiver grouping the ranges otherwise (its own send_groups, or a
             # zero-copy call beside a copy-out one) waits for the last range of each of its groups.
@@ -178,6 +182,7 @@ def _dispatch_ht_kernel(
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "ranges_offset",
             "counts_offset", "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
+_launch_dispatch_ht = Launcher(_dispatch_ht_kernel)
 register(_dispatch_ht_kernel,
          {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "groups")},
           "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
@@ -189,13 +194,15 @@ register(_dispatch_ht_kernel,
           **{name: "i64" for name in _OFFSETS},
           **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_polls")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": False, "X_FP8": True,
-          "BLOCK_T": 128,
+          "FP8_FORMAT": E4M3FN.value, "BLOCK_T": 128,
           "BLOCK_H": 8192,
           "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True,
           "RANGES": 4, "BLOCK_Q": 8, "ZERO_COPY": False})
 register(_dispatch_ht_kernel, KERNELS[-1].signature, {**KERNELS[-1].constexprs, "ZERO_COPY": True})
 register(_dispatch_ht_kernel, {**KERNELS[-1].signature, "x_ptr": "*bf16"},
          {**KERNELS[-1].constexprs, "QUANTIZE": True, "X_FP8": False})  # DispatchParams.send_quantize
+register(_dispatch_ht_kernel, {**KERNELS[-1].signature, "out_x_ptr": "*fp8e4b8"},
+         {**KERNELS[-1].constexprs, "FP8_FORMAT": E4M3FNUZ.value})  # MI300X's fp8
 
 
 # (kernel argument, region name) of the HT dispatch's regions, after "ht_dispatch_"
@@ -215,33 +222,42 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
     Inputs are validated by the caller (``Buffer``).
     """
-    world = heap.world_size
     quantize = params.send_quantize and cfg.fp8 and x_scales is None  # in the send programs, not the stage
     x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, out.handle.send_mask, 1,
                                not quantize)
-    num_programs = params.send_programs + world * params.recv_parts + 1
-    # Groups let the receive copy of early ranges overlap later sends; with zero copy there is no
-    # copy to overlap, and each group only adds signals (run 14: 313 -> 303 us with one).
-    groups = 1 if zero_copy else min(params.send_groups, cfg.ht_parts)
+    prequantized = x_scales is not None
+
+    def make():
+        world = heap.world_size
+        return dict(
+            slots_ptr=staging.slots, block_hist_ptr=staging.block_hist(params.block_t),
+            range_rows_ptr=staging.range_rows, peer_bases_ptr=heap.peer_bases,
+            **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
+            counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+            max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world),
+            NUM_SCALES=cfg.num_scales, QUANTIZE=quantize, X_FP8=prequantized,
+            FP8_FORMAT=fp8_format(cfg.dispatch_dtype), send_programs=params.send_programs,
+            token_parts=params.token_parts, recv_parts=params.recv_parts,
+            num_programs=params.send_programs + world * params.recv_parts + 1,
+            # Groups let the receive copy of early ranges overlap later sends; with zero copy there is
+            # no copy to overlap, and each group only adds signals (run 14: 313 -> 303 us with one).
+            groups=1 if zero_copy else min(params.send_groups, cfg.ht_parts),
+            BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,
+            BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
+            BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
+            BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), RANGES=cfg.ht_parts,
+            BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), ZERO_COPY=zero_copy, num_warps=params.num_warps)
+
+    static = static_args(heap, ("dispatch_ht", id(sync), id(staging), cfg, params, quantize, prequantized, zero_copy),
+                         make)
     sync.before_launch()
-    _dispatch_ht_kernel[(num_programs,)](
-        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
-        topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=staging.slots,
-        block_hist_ptr=staging.block_hist(params.block_t), range_rows_ptr=staging.range_rows,
-        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+    _launch_dispatch_ht(
+        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+        x_scales_ptr=x_scales if prequantized else out.topk_weights, topk_ids_ptr=topk_ids,
+        topk_weights_ptr=topk_weights, out_x_ptr=_platform.kernel_arg(out.x),
+        out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, peer_bases_ptr=heap.peer_bases,
-        **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
-        counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status,
-        rank=heap.rank, world_size=world, num_tokens=x.shape[0], max_polls=sync.max_polls,
-        HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
-        QUANTIZE=quantize, X_FP8=x_scales is not None, send_programs=params.send_programs,
-        token_parts=params.token_parts, recv_parts=params.recv_parts, num_programs=num_programs, groups=groups,
-        BLOCK_T=params.block_t, BLOCK_H=params.block_h,
-        BLOCK_COPY=params.block_copy, BLOCK_R=triton.next_power_of_2(world), BLOCK_K=triton.next_power_of_2(cfg.topk),
-        BLOCK_E=triton.next_power_of_2(cfg.experts_per_rank(world)),
-        BLOCK_ALL_E=triton.next_power_of_2(cfg.num_experts), ALIGNED=rows_aligned(cfg, x, out),
-        RANGES=cfg.ht_parts, BLOCK_Q=triton.next_power_of_2(cfg.ht_parts + 1), ZERO_COPY=zero_copy,
-        num_warps=params.num_warps)
+        out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0],
+        ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()

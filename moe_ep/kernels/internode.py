@@ -47,10 +47,11 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.combine import _rotated
-from moe_ep.kernels.dispatch import (_announce_rows, _bits, _expert_histogram, _half_offsets, _load_token_chunk,
-                                     _nodes_hit, _receive_program, _route_block, _send_token, _staged_histogram,
+from moe_ep.kernels.dispatch import (_announce_rows, _bits, _check_ids, _expert_histogram, _half_offsets,
+                                     _load_token_chunk, _nodes_hit, _receive_program, _route_block, _send_token, _staged_histogram,
                                      launch_stage, rows_aligned)
-from moe_ep.kernels.numerics import _to_bf16
+from moe_ep import _platform
+from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _to_bf16, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport import shmem
 from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
@@ -63,7 +64,7 @@ from moe_ep.transport.shmem import _complete_puts, _put_row, _put_word
 def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, topk_weights_ptr, peer_bases_ptr,
                         ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset, max_tokens,
                         offs_k, mask_k, HIDDEN: tl.constexpr, TOPK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, OUT_DTYPE: tl.constexpr,
                         BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """Store token t (payload, scales, global expert ids, weights, index) into row
     ``[my_node, node_slot]`` of ``proxy``'s inter-node staging regions."""
@@ -77,7 +78,8 @@ def _put_token_to_proxy(t, node_slot, proxy, my_node, ids, x_ptr, x_scales_ptr, 
     ptr_s = _peer_ptr(peer_bases_ptr, proxy, iscales_offset, tl.float32) + row * NUM_SCALES
     for start in range(0, HIDDEN, BLOCK_H):
         values, scales, offs_h, mask_h, offs_s, mask_s = _load_token_chunk(
-            x_ptr, x_scales_ptr, t64, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, BLOCK_H, ALIGNED)
+            x_ptr, x_scales_ptr, t64, start, HIDDEN, NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE, BLOCK_H,
+            ALIGNED)
         tl.store(ptr_x + offs_h, values, mask=mask_h)
         if NUM_SCALES > 0:
             tl.store(ptr_s + offs_s, scales, mask=mask_s)
@@ -108,7 +110,7 @@ def _send_token_across(t, is_local, slot, node_t, node_slot_t, ids_t, x_ptr, x_s
                        sscales_offset, sids_offset, sweights_offset, ssrc_offset, rank, my_node, my_local,
                        world_size, max_tokens, offs_r, mask_r, offs_n, offs_k, mask_k, HIDDEN: tl.constexpr,
                        TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-                       QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, OUT_DTYPE: tl.constexpr,
                        GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr, PUT: tl.constexpr,
                        SHMEM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr, ALIGNED: tl.constexpr):
     """Token t of this rank: into row ``[rank, slot[d]]`` of each own-node rank d where
@@ -117,15 +119,15 @@ def _send_token_across(t, is_local, slot, node_t, node_slot_t, ids_t, x_ptr, x_s
     _send_token(t, t, rank * max_tokens, is_local, slot, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr,
                 send_mask_ptr, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
                 world_size, EXPERTS_PER_RANK, offs_r, mask_r, offs_k, mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES,
-                QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+                QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE, BLOCK_H, ALIGNED, False)
     for m in range(0, NUM_NODES):
         if tl.sum(tl.where(offs_n == m, node_t, 0), axis=0) > 0:
             slot_m = tl.sum(tl.where(offs_n == m, node_slot_t, 0), axis=0)
             if PUT:  # staged in the own arena (rows of node m), then put to the proxy
                 _put_token_to_proxy(t, slot_m, rank, m, ids_t, x_ptr, x_scales_ptr, topk_weights_ptr, peer_bases_ptr,
                                     sx_offset, sscales_offset, sids_offset, sweights_offset, ssrc_offset, max_tokens,
-                                    offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H,
-                                    ALIGNED)
+                                    offs_k, mask_k, HIDDEN, TOPK, NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE,
+                                    BLOCK_H, ALIGNED)
                 _put_staged_token(peer_bases_ptr, rank, m * GPUS_PER_NODE + my_local, m * max_tokens + slot_m,
                                   my_node * max_tokens + slot_m, sx_offset, sscales_offset, sids_offset,
                                   sweights_offset, ssrc_offset, ix_offset, iscales_offset, iids_offset,
@@ -135,7 +137,7 @@ def _send_token_across(t, is_local, slot, node_t, node_slot_t, ids_t, x_ptr, x_s
                 _put_token_to_proxy(t, slot_m, m * GPUS_PER_NODE + my_local, my_node, ids_t, x_ptr, x_scales_ptr,
                                     topk_weights_ptr, peer_bases_ptr, ix_offset, iscales_offset, iids_offset,
                                     iweights_offset, isrc_offset, max_tokens, offs_k, mask_k, HIDDEN, TOPK,
-                                    NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE, BLOCK_H, ALIGNED)
+                                    NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT, OUT_DTYPE, BLOCK_H, ALIGNED)
 
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
@@ -151,8 +153,8 @@ def _dispatch_internode_kernel(
         ssignal_offset, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
-        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, GPUS_PER_NODE: tl.constexpr, NUM_NODES: tl.constexpr,
-        PUT: tl.constexpr, SHMEM: tl.constexpr, STAGED: tl.constexpr,
+        QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, GPUS_PER_NODE: tl.constexpr,
+        NUM_NODES: tl.constexpr, PUT: tl.constexpr, SHMEM: tl.constexpr, STAGED: tl.constexpr,
         send_programs, forward_parts, recv_parts,
         num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_COPY: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -198,15 +200,18 @@ def _dispatch_internode_kernel(
                                    iscales_offset, iids_offset, iweights_offset, isrc_offset, sx_offset,
                                    sscales_offset, sids_offset, sweights_offset, ssrc_offset, rank, my_node, my_local,
                                    world_size, max_tokens, offs_r, mask_r, offs_n, offs_k, mask_k, HIDDEN, TOPK,
-                                   EXPERTS_PER_RANK, NUM_SCALES, False, X_FP8, OUT_DTYPE, GPUS_PER_NODE, NUM_NODES,
-                                   PUT, SHMEM, BLOCK_H, BLOCK_COPY, ALIGNED)
+                                   EXPERTS_PER_RANK, NUM_SCALES, False, X_FP8, FP8_FORMAT, OUT_DTYPE, GPUS_PER_NODE,
+                                   NUM_NODES, PUT, SHMEM, BLOCK_H, BLOCK_COPY, ALIGNED)
         else:  # every send program routes all tokens itself (one pass) and quantises its own
             counts = tl.zeros([BLOCK_R], tl.int32)  # earlier tokens bound for each own-node rank
             node_counts = tl.zeros([BLOCK_N], tl.int32)  # earlier tokens bound for each other node
             hist = tl.zeros([BLOCK_ALL_E], tl.int32)
             for chunk in range(0, num_tokens, BLOCK_T):
+                if pid == 0:
+                    _check_ids(topk_ids_ptr, chunk, num_tokens, EXPERTS_PER_RANK * world_size, status_ptr, epoch,
+                               offs_k, mask_k, TOPK, BLOCK_T)
                 offs_t, ids, is_dst = _route_block(topk_ids_ptr, chunk, num_tokens, offs_r, offs_k, mask_k, TOPK,
-                                                   EXPERTS_PER_RANK, BLOCK_T)
+                                                   EXPERTS_PER_RANK, BLOCK_T, EXPERTS_PER_RANK * world_size)
                 is_local = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R]
                 is_node = _nodes_hit(is_dst, offs_r, offs_n, my_node, GPUS_PER_NODE, NUM_NODES)  # [BLOCK_T, BLOCK_N]
                 slots = tl.cumsum(is_local, axis=0) - is_local + counts[None, :]
@@ -223,8 +228,8 @@ def _dispatch_internode_kernel(
                                        iscales_offset, iids_offset, iweights_offset, isrc_offset, sx_offset,
                                        sscales_offset, sids_offset, sweights_offset, ssrc_offset, rank, my_node,
                                        my_local, world_size, max_tokens, offs_r, mask_r, offs_n, offs_k, mask_k,
-                                       HIDDEN, TOPK, EXPERTS_PER_RANK, NUM_SCALES, QUANTIZE, X_FP8, OUT_DTYPE,
-                                       GPUS_PER_NODE, NUM_NODES, PUT, SHMEM, BLOCK_H, BLOCK_COPY, ALIGNED)
+                                       HIDDEN, TOPK, EXPERTS_PER_RANK, NUM_SCALES, QUANTIZE, X_FP8, FP8_FORMAT,
+                                       OUT_DTYPE, GPUS_PER_NODE, NUM_NODES, PUT, SHMEM, BLOCK_H, BLOCK_COPY, ALIGNED)
                 counts += tl.sum(is_local, axis=0)
                 node_counts += tl.sum(is_node, axis=0)
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
@@ -268,7 +273,7 @@ def _dispatch_internode_kernel(
             hist = tl.zeros([BLOCK_ALL_E], tl.int32)
             for chunk in range(0, staged, BLOCK_T):
                 offs_t, ids, is_dst = _route_block(base_ids, chunk, staged, offs_r, offs_k, mask_k, TOPK,
-                                                   EXPERTS_PER_RANK, BLOCK_T)
+                                                   EXPERTS_PER_RANK, BLOCK_T, EXPERTS_PER_RANK * world_size)
                 is_dst = tl.where(local_r[None, :], is_dst, 0)  # [BLOCK_T, BLOCK_R] own-node ranks only
                 slots = tl.cumsum(is_dst, axis=0) - is_dst + counts[None, :]
                 first = chunk + (part - chunk % forward_parts + forward_parts) % forward_parts
@@ -281,7 +286,7 @@ def _dispatch_internode_kernel(
                                 base_x, base_scales, base_weights, send_mask_ptr, peer_bases_ptr, x_offset,
                                 scales_offset, ids_offset, weights_offset, src_offset, world_size, EXPERTS_PER_RANK,
                                 offs_r, mask_r, offs_k, mask_k, 0, 1, HIDDEN, TOPK, NUM_SCALES, False,
-                                NUM_SCALES > 0, OUT_DTYPE, BLOCK_H, ALIGNED, False)
+                                NUM_SCALES > 0, FP8_FORMAT, OUT_DTYPE, BLOCK_H, ALIGNED, False)
                     tl.store(fwd_token_ptr + first_row + i, token)
                     tl.store(fwd_mask_ptr + first_row + i, _bits(dst_i > 0, offs_r))
                 counts += tl.sum(is_dst, axis=0)
@@ -441,6 +446,7 @@ register(_dispatch_internode_kernel,
                                       "icount_offset", "isignal_offset", "sx_offset", "sscales_offset",
                                       "sids_offset", "sweights_offset", "ssrc_offset", "ssignal_offset")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
+          "FP8_FORMAT": E4M3FN.value,
           "GPUS_PER_NODE": 2, "NUM_NODES": 2, "PUT": False, "SHMEM": False, "STAGED": False, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192,
           "BLOCK_R": 4, "BLOCK_N": 2, "BLOCK_K": 8, "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
 register(_combine_internode_kernel,
@@ -461,6 +467,9 @@ for _spec in (_DISPATCH_SPEC, _COMBINE_SPEC):
 # The HT variant's dispatch (staged, pre-quantised input), with puts.
 register(_dispatch_internode_kernel, _DISPATCH_SPEC.signature,
          {**_DISPATCH_SPEC.constexprs, "PUT": True, "STAGED": True, "QUANTIZE": False, "X_FP8": True})
+# MI300X's fp8 (float8_e4m3fnuz): the LL variant, which quantises.
+register(_dispatch_internode_kernel, {**_DISPATCH_SPEC.signature, "out_x_ptr": "*fp8e4b8"},
+         {**_DISPATCH_SPEC.constexprs, "FP8_FORMAT": E4M3FNUZ.value})
 
 
 def _stage_offsets(heap, cfg, names) -> list[int]:
@@ -494,7 +503,8 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
     handle = out.handle
     staged = staging is not None
     if staged:
-        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, handle.send_mask, nodes)
+        x, x_scales = launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, handle.send_mask, nodes,
+                                   op="dispatch_inter")
     layout = (staging.slots, staging.counts, staging.block_hist(params.block_t), staging.node_slots,
               staging.node_counts) if staged else (handle.send_mask,) * 5  # placeholders the LL variant never reads
     num_programs = params.send_programs + nodes * params.forward_parts + world * params.recv_parts + 1
@@ -502,10 +512,11 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
                                        "inter_stage_topk_weights", "inter_stage_src_token", "inter_stage_signal"))
     sync.before_launch()
     _launchable(_dispatch_internode_kernel, cfg)[(num_programs,)](
-        x_ptr=x, x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
+        x_ptr=_platform.kernel_arg(x), x_scales_ptr=x_scales if x_scales is not None else out.topk_weights,
         topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights, slots_ptr=layout[0], counts_ptr=layout[1],
         block_hist_ptr=layout[2], node_slots_ptr=layout[3], node_counts_ptr=layout[4],
-        out_x_ptr=out.x, out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
+        out_x_ptr=_platform.kernel_arg(out.x),
+        out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
         send_mask_ptr=handle.send_mask, fwd_token_ptr=handle.forwarded_token, fwd_mask_ptr=handle.forwarded_mask,
@@ -523,7 +534,8 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
         status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=x.shape[0],
         max_tokens=cfg.max_tokens_per_rank, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
         EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
-        X_FP8=x_scales is not None, GPUS_PER_NODE=per_node, NUM_NODES=nodes, PUT=cfg.inter_puts,
+        X_FP8=x_scales is not None, FP8_FORMAT=fp8_format(cfg.dispatch_dtype), GPUS_PER_NODE=per_node, NUM_NODES=nodes,
+        PUT=cfg.inter_puts,
         SHMEM=cfg.inter_shmem, STAGED=staged, send_programs=params.send_programs,
         forward_parts=params.forward_parts, recv_parts=params.recv_parts, num_programs=num_programs,
         BLOCK_T=params.block_t, BLOCK_H=params.block_h, BLOCK_COPY=params.block_copy,

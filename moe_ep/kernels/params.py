@@ -136,6 +136,11 @@ def default_dispatch(path: str, hidden: int, world_size: int, bucket: int, on_gp
         return DispatchParams(send_programs=max(1, min(bucket, 128)), recv_parts=max(2, 64 // world_size),
                               stage_programs=1, block_h=_row_block(hidden), block_t=128, block_copy=8192,
                               num_warps=8, forward_parts=16)
+    if path == "expert":  # LL-sized: each pair's row stored by the program of its token
+        parts = _LL_TOKEN_PARTS if dispatch_dtype == "fp8" and hidden >= _LL_TOKEN_PARTS * 1024 else 1
+        return DispatchParams(send_programs=min(256, max(32, parts * bucket)) // parts * parts, recv_parts=1,
+                              stage_programs=1, block_h=1024 if parts > 1 else _row_block(hidden), block_t=32,
+                              block_copy=8192, num_warps=8, token_parts=parts)
     if path == "ll":
         if dispatch_dtype == "fp8" and bucket <= 128 and hidden >= _LL_TOKEN_PARTS * 1024:  # 4 programs a token
             return DispatchParams(send_programs=min(256, max(32, _LL_TOKEN_PARTS * bucket)),
@@ -158,7 +163,7 @@ def default_combine(path: str, hidden: int, world_size: int, bucket: int, on_gpu
         return CombineParams(send_programs=_LL_LARGE_COMBINE_PROGRAMS,
                              reduce_programs=min(bucket, _LL_LARGE_COMBINE_PROGRAMS),
                              block_h=min(4096, _row_block(hidden)), num_warps=8)
-    if path in ("ll", "inter"):
+    if path in ("ll", "inter", "expert"):
         return CombineParams(send_programs=128, reduce_programs=max(1, min(bucket, 128)),
                              block_h=min(4096, _row_block(hidden)), num_warps=8, proxy_programs=64)
     if path == "ht" and bucket <= 128:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ep.kernels.launch import Launcher
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_COPY_CREDIT, PHASE_COPY_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch,
@@ -88,6 +89,7 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, NUM_PROGRAMS)
 
 
+_launch_peer_copy = Launcher(_peer_copy_kernel)
 register(_peer_copy_kernel,
          {"src_ptr": "*i32", "out_ptr": "*i32", "peer_bases_ptr": "*i64", "data_offset": "i64",
           "signal_offset": "i64", "credit_offset": "i64", "counters_ptr": "*i32", "status_ptr": "*i32",
@@ -120,7 +122,7 @@ def launch_peer_copy(heap, sync, src, out=None, parts: int = 4, block: int = 204
     world = heap.world_size
     sync.before_launch()
     num_programs = (1 if pull else 2) * world * parts
-    _peer_copy_kernel[(num_programs,)](
+    _launch_peer_copy((num_programs,),
         src_ptr=src, out_ptr=src if out is None else out, peer_bases_ptr=heap.peer_bases,
         data_offset=heap.offset("copy_data"), signal_offset=heap.offset("copy_signal"),
         credit_offset=heap.offset("copy_credit"), counters_ptr=sync.counters("peer_copy"),

@@ -9,7 +9,13 @@ tensor arguments back after a launch, which would race with peers' stores).
 Backends:
   host     CPU processes: one shared-memory segment per rank, mapped by every rank of the group
            (see "Host segments" below).
-  cuda     GPUs of one node: torch symmetric memory over CUDA IPC (HIP IPC on ROCm).
+  cuda     GPUs of one node: torch symmetric memory over CUDA IPC (HIP IPC on ROCm); the default
+           on NVIDIA. When ranks share a GPU (which torch symmetric memory refuses), one plain
+           allocation per rank mapped into the others with CUDA IPC handles
+           (``torch.UntypedStorage._share_cuda_``).
+  hip      AMD GPUs of one node: fine-grained (or uncached) device memory shared by HIP IPC, where
+           system-scope atomics stay system-scope (``moe_ep.transport.hip_heap``, which says what
+           was verified without an AMD GPU); the default on ROCm.
   nvshmem  torch symmetric memory on its NVSHMEM backend; only when asked for by name.
 
 Host segments. Each rank creates an anonymous ``memfd_create`` file (no name in /dev/shm, so
@@ -34,6 +40,7 @@ import logging
 import mmap
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -41,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 ALIGN = 256
-BACKENDS = ("host", "cuda", "nvshmem")
+BACKENDS = ("host", "cuda", "hip", "nvshmem")
 SHM_DIR = "/dev/shm"  # named host segments' directory unless $MOE_EP_SHM_DIR names another
 SHM_DIR_ENV = "MOE_EP_SHM_DIR"  # set: named host segments in that directory (no memfd)
 
@@ -73,9 +80,14 @@ def carve(sizes: Iterable[tuple[str, int]]) -> tuple[dict[str, Region], int]:
     return regions, max(offset, ALIGN)
 
 
-def default_backend(device: torch.device) -> str:
-    """The backend a group on ``device`` uses unless the config names one."""
-    return "host" if device.type == "cpu" else "cuda"
+def default_backend(device: torch.device, rocm: bool | None = None) -> str:
+    """The backend a group on ``device`` uses unless the config names one: "host" on the CPU, "hip"
+    on ROCm GPUs (``rocm``: whether torch is a ROCm build; None: ask torch), "cuda" elsewhere."""
+    if device.type == "cpu":
+        return "host"
+    if rocm is None:
+        rocm = bool(torch.version.hip)
+    return "hip" if rocm else "cuda"
 
 
 def _mb(nbytes: int) -> str:
@@ -161,6 +173,8 @@ class SymmetricHeap:
         self.host_segments: str | None = None  # host backend: "memfd", or the directory of named files
         if self.backend == "host":
             bases = self._map_host()
+        elif self.backend == "hip":
+            bases = self._map_hip()
         else:
             bases = self._map_symmetric_memory()
         # [world_size rounded up to a power of two] int64: every rank's arena address in this
@@ -281,8 +295,23 @@ class SymmetricHeap:
                         f"but {_mb(free)} are free: {_how_to_get(directory, needed)}")
         return None
 
+    def _map_hip(self) -> list[int]:
+        from moe_ep.transport.hip_heap import HipArena
+
+        with torch.cuda.device(self.device):  # HIP allocates on the current device
+            arena = HipArena(self.group, self.nbytes, self.device)
+        self._keep = [arena]
+        self._local_arena = arena.local
+        return list(arena.bases)
+
     def _map_symmetric_memory(self) -> list[int]:
         import torch.distributed._symmetric_memory as symm_mem
+
+        devices: list = [None] * self.world_size
+        dist.all_gather_object(devices, (socket.gethostname(), str(torch.cuda.get_device_properties(self.device).uuid)),
+                               group=self.group)
+        if self.backend == "cuda" and len(set(devices)) < self.world_size:
+            return self._map_shared_device()
 
         if self.backend == "nvshmem":
             symm_mem.set_backend("NVSHMEM")
@@ -294,6 +323,26 @@ class SymmetricHeap:
         self._keep = [arena, handle]
         self._local_arena = arena
         return [int(p) for p in handle.buffer_ptrs]
+
+    def _map_shared_device(self) -> list[int]:
+        """Ranks that share a GPU: each allocates its arena with torch's allocator and maps the
+        others' through CUDA IPC handles (``torch.multiprocessing``'s mechanism)."""
+        arena = torch.zeros(self.nbytes, dtype=torch.uint8, device=self.device)
+        handles: list = [None] * self.world_size
+        dist.all_gather_object(handles, arena.untyped_storage()._share_cuda_(), group=self.group)
+        storages, bases = [], []
+        for peer, handle in enumerate(handles):
+            if peer == self.rank:
+                bases.append(arena.data_ptr())
+                continue
+            storage = torch.UntypedStorage._new_shared_cuda(*handle)
+            storages.append(storage)
+            bases.append(storage.data_ptr())
+        torch.cuda.synchronize(self.device)
+        dist.barrier(group=self.group)
+        self._keep = [arena, storages]
+        self._local_arena = arena
+        return bases
 
     # -- regions ------------------------------------------------------------------------------
 
@@ -325,4 +374,6 @@ class SymmetricHeap:
                     m.close()
                 except BufferError:
                     pass  # a caller still holds a view; the map goes when that view does
+        if self.backend == "hip" and self._keep:
+            self._keep[0].close()
         self._keep = []

@@ -8,6 +8,9 @@ for NVIDIA and AMD and runs in Triton's interpreter across CPU processes.
 Ordering rules the kernels rely on:
 - data stores to a peer, then ``_signal`` (release, system scope) of a flag in that peer's
   arena; the peer ``_wait_*`` (acquire, system scope) on the flag before it reads the data;
+- every release (and acq_rel) atomic takes its ``sem`` from ``_release_sem``, which on AMD
+  targets issues the release fence itself (the LLVM of Triton 3.6 leaves out its wait for the
+  earlier stores) and leaves the atomic relaxed; NVIDIA's code is Triton's own;
 - every flag has one writer, so a flag is written with an exchange, never an add that two
   ranks could race on;
 - flags carry epochs (per-call sequence numbers kept on the device), so no flag is ever reset
@@ -22,10 +25,14 @@ from triton.language import core
 
 from moe_ep import _platform
 
-# Status words (int32, local to each rank): [code, peer, phase, epoch].
-STATUS_WORDS = 4
+# Status words (int32, local to each rank): [code, peer, phase, epoch] of a timeout, then
+# [code, value, detail, epoch] of a bad call (input the kernels refused, see ``_record_input_error``).
+STATUS_WORDS = 8
 STATUS_OK = tl.constexpr(0)
 STATUS_TIMEOUT = tl.constexpr(1)
+INPUT_STATUS = tl.constexpr(4)  # the first word of a bad call's record
+INPUT_BAD_EXPERT_ID = tl.constexpr(1)  # value: the id, detail: the token
+INPUT_SLOTS_OVERFLOW = tl.constexpr(2)  # value: the global expert, detail: its pairs this call
 # Phases a wait can time out in; the host turns them into words.
 PHASE_BARRIER = tl.constexpr(1)
 PHASE_DISPATCH_CREDIT = tl.constexpr(2)
@@ -34,6 +41,7 @@ PHASE_COMBINE_CREDIT = tl.constexpr(4)
 PHASE_COMBINE_RECV = tl.constexpr(5)
 PHASE_COPY_CREDIT = tl.constexpr(6)
 PHASE_COPY_RECV = tl.constexpr(7)
+PHASE_DISPATCH_COUNTS = tl.constexpr(8)
 PHASE_NAMES = {
     PHASE_BARRIER.value: "barrier",
     PHASE_DISPATCH_CREDIT.value: "dispatch (waiting for the peer to release its receive region)",
@@ -42,6 +50,7 @@ PHASE_NAMES = {
     PHASE_COMBINE_RECV.value: "combine (waiting for the peer's expert outputs)",
     PHASE_COPY_CREDIT.value: "peer copy (waiting for the peer to release its receive region)",
     PHASE_COPY_RECV.value: "peer copy (waiting for the peer's bytes)",
+    PHASE_DISPATCH_COUNTS.value: "dispatch (waiting for the peer's expert counts)",
 }
 
 
@@ -85,6 +94,38 @@ def _copy_span(src_ptr, dst_ptr, count, part, PARTS, BLOCK: tl.constexpr, ALIGNE
         tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
+if _platform.interpreting():
+    def _release_sem(sem, scope):
+        """Under the interpreter: ``sem`` itself (the interpreter orders every access)."""
+        return sem
+
+    def _fences_own_releases():
+        return False
+else:
+    @core.extern
+    def _fences_own_releases(_semantic=None):
+        """Whether the compile target's releases take ``_release_sem``'s own fence (AMD)."""
+        arch = getattr(_semantic.builder.options, "arch", "")
+        return core.constexpr(_platform.release_fence_asm(arch, "sys") is not None)
+
+    @core.extern
+    def _release_sem(sem, scope, _semantic=None):
+        """The ``sem`` of a release ("release" or "acq_rel") atomic at ``scope`` ("sys", "gpu"),
+        passed as its argument: ``tl.atomic_xchg(p, v, sem=_release_sem("release", "sys"), scope="sys")``.
+
+        On AMD targets of the GFX942 memory model it first emits the release fence in the compile
+        target's assembly (``_platform.release_fence_asm``: write-back, then a wait for every
+        earlier memory operation) and returns what is left for the atomic: "relaxed" for a
+        release, "acquire" for acq_rel. Elsewhere it emits nothing and returns ``sem``."""
+        sem, scope = core._unwrap_if_constexpr(sem), core._unwrap_if_constexpr(scope)
+        fence = _platform.release_fence_asm(getattr(_semantic.builder.options, "arch", ""), scope)
+        if fence is None:
+            return core.constexpr(sem)
+        core.inline_asm_elementwise(fence[0], fence[1], [], dtype=core.int32, is_pure=False, pack=1,
+                                    _semantic=_semantic)
+        return core.constexpr({"release": "relaxed", "acq_rel": "acquire"}[sem])
+
+
 @triton.jit
 def _mask_if(mask, cond):
     """``mask`` where the scalar ``cond`` holds, else all false. Never ``mask & cond``: Triton's
@@ -97,7 +138,7 @@ def _mask_if(mask, cond):
 @triton.jit
 def _signal(ptr, value):
     """Publish ``value`` at ``ptr`` after every earlier store of this program (release, sys)."""
-    tl.atomic_xchg(ptr, value, sem="release", scope="sys")
+    tl.atomic_xchg(ptr, value, sem=_release_sem("release", "sys"), scope="sys")
 
 
 @triton.jit
@@ -107,15 +148,21 @@ def _poll(ptrs, mask):
 
 
 @core.extern
-def _sleep_between_polls(_semantic=None):
-    """A GPU pause of ``_platform.POLL_SLEEP_NS`` nanoseconds, in the compile target's assembly."""
-    asm, constraints = _platform.poll_sleep_asm(getattr(_semantic.builder.options, "arch", ""),
-                                                _platform.POLL_SLEEP_NS)
+def _sleep_between_polls(override_ns, _semantic=None):
+    """A GPU pause between two polls, in the compile target's assembly: ``_platform.poll_sleep_ns``
+    nanoseconds for that target (``override_ns`` >= 0: that many instead), or nothing for 0."""
+    arch = getattr(_semantic.builder.options, "arch", "")
+    override_ns = core._unwrap_if_constexpr(override_ns)
+    ns = _platform.poll_sleep_ns(arch, override_ns if override_ns >= 0 else None)
+    if ns == 0:
+        return core.constexpr(0)
+    asm, constraints = _platform.poll_sleep_asm(arch, ns)
     return core.inline_asm_elementwise(asm, constraints, [], dtype=core.int32, is_pure=False, pack=1,
                                        _semantic=_semantic)
 
 
-_POLL_SLEEP_NS = tl.constexpr(_platform.POLL_SLEEP_NS)
+# $MOE_EP_POLL_SLEEP_NS (-1: unset), a global of the jit code so that it is part of Triton's cache key.
+_POLL_SLEEP_OVERRIDE = tl.constexpr(-1 if _platform.POLL_SLEEP_NS_ENV is None else _platform.POLL_SLEEP_NS_ENV)
 
 if _platform.interpreting():
     @triton.jit
@@ -126,9 +173,9 @@ if _platform.interpreting():
 else:
     @triton.jit
     def _pause():
-        """Between two polls on a GPU: nothing, or a sleep with $MOE_EP_POLL_SLEEP_NS."""
-        if _POLL_SLEEP_NS > 0:
-            _sleep_between_polls()
+        """Between two polls on a GPU: a bounded sleep on AMD, nothing on NVIDIA, unless
+        $MOE_EP_POLL_SLEEP_NS says otherwise (``_platform.poll_sleep_ns``)."""
+        _sleep_between_polls(_POLL_SLEEP_OVERRIDE)
 
 
 @triton.jit
@@ -152,11 +199,34 @@ def _wait_geq(ptrs, targets, mask, max_polls, BLOCK: tl.constexpr):
 
 @triton.jit
 def _record_timeout(status_ptr, peer, phase, epoch):
-    """Record in the local status words that a wait for ``peer`` timed out in ``phase``."""
-    if tl.atomic_cas(status_ptr, STATUS_OK, STATUS_TIMEOUT) == STATUS_OK:
+    """Record in the local status words that a wait for ``peer`` timed out in ``phase`` (the first
+    timeout of the launch: its program takes the code from OK to TIMEOUT)."""
+    if _fences_own_releases():  # Triton's AMD compare-and-swap is acq_rel whatever its sem: an exchange
+        first = tl.atomic_xchg(status_ptr, STATUS_TIMEOUT, sem="acquire", scope="gpu") == STATUS_OK
+    else:
+        first = tl.atomic_cas(status_ptr, STATUS_OK, STATUS_TIMEOUT) == STATUS_OK
+    if first:
         tl.store(status_ptr + 1, peer)
         tl.store(status_ptr + 2, phase)
         tl.store(status_ptr + 3, epoch)
+
+
+@triton.jit
+def _record_input_error(status_ptr, code, value, detail, epoch):
+    """Record in the local status words that this call got input the kernel refused (``code``:
+    INPUT_*; the first one of a call wins). The kernel carries on without it, so the ranks stay
+    in step; the host raises at its next check and the Buffer stays usable."""
+    if _fences_own_releases():  # Triton's AMD compare-and-swap is acq_rel whatever its sem: an exchange
+        earlier = tl.atomic_xchg(status_ptr + INPUT_STATUS, code, sem="acquire", scope="gpu")
+        first = earlier == STATUS_OK
+        if not first:  # put the first record's code back
+            tl.atomic_xchg(status_ptr + INPUT_STATUS, earlier, sem="relaxed", scope="gpu")
+    else:
+        first = tl.atomic_cas(status_ptr + INPUT_STATUS, STATUS_OK, code) == STATUS_OK
+    if first:
+        tl.store(status_ptr + INPUT_STATUS + 1, value)
+        tl.store(status_ptr + INPUT_STATUS + 2, detail)
+        tl.store(status_ptr + INPUT_STATUS + 3, epoch)
 
 
 @triton.jit
@@ -178,18 +248,20 @@ def _finish_launch(done_ptr, epoch_ptr, epoch, NUM_PROGRAMS: tl.constexpr):
 
     Every program read the epoch before it arrives here, so the last one may advance it.
     """
-    arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel", scope="gpu")
+    arrived = tl.atomic_add(done_ptr, 1, sem=_release_sem("acq_rel", "gpu"), scope="gpu")
     if arrived == NUM_PROGRAMS - 1:
         tl.atomic_xchg(done_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(epoch_ptr, epoch, sem="release", scope="gpu")
+        tl.atomic_xchg(epoch_ptr, epoch, sem=_release_sem("release", "gpu"), scope="gpu")
 
 
 # Per-op counters of a rank (local, int32): [epoch, programs finished, arrivals per peer on the
-# send side (MAX_RANKS), arrivals per peer on the receive side (MAX_RANKS)].
+# send side (MAX_RANKS), arrivals per peer on the receive side (MAX_RANKS), the epoch of the
+# last call that used each half of a host-alternated double buffer (2)].
 MAX_RANKS = tl.constexpr(64)
 SEND_ARRIVALS = tl.constexpr(2)
 RECV_ARRIVALS = tl.constexpr(2 + 64)
-COUNTER_WORDS = 2 + 2 * 64
+HALF_EPOCHS = tl.constexpr(2 + 2 * 64)
+COUNTER_WORDS = 2 + 2 * 64 + 2
 
 
 @triton.jit
@@ -198,7 +270,7 @@ def _arrive(counter_ptrs, mask, expected):
     ``expected`` (those counters are reset for the next call). Everything this program stored
     before is visible, at system scope, to whoever the last arriver then signals."""
     tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptrs, 1, mask=mask, sem="acq_rel", scope="sys")
+    arrived = tl.atomic_add(counter_ptrs, 1, mask=mask, sem=_release_sem("acq_rel", "sys"), scope="sys")
     last = mask & (arrived == expected - 1)
     # Every other program has arrived already, and the next use is the next launch: a plain store.
     tl.store(counter_ptrs, tl.zeros_like(arrived), mask=last)
@@ -210,7 +282,7 @@ def _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask, epoch):
     """Write ``epoch`` into slot ``rank`` of the ``[world_size]`` int32 flags of each masked peer."""
     ptrs = _peer_ptr(peer_bases_ptr, offs_r, flags_offset + rank * 4, tl.int32)
     tl.debug_barrier()
-    tl.atomic_xchg(ptrs, tl.zeros_like(offs_r) + epoch, mask=mask, sem="release", scope="sys")
+    tl.atomic_xchg(ptrs, tl.zeros_like(offs_r) + epoch, mask=mask, sem=_release_sem("release", "sys"), scope="sys")
 
 
 @triton.jit

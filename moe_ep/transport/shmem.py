@@ -22,7 +22,7 @@ import types
 import triton
 import triton.language as tl
 
-from moe_ep.transport.primitives import _copy_span, _peer_ptr, _row
+from moe_ep.transport.primitives import _copy_span, _peer_ptr, _release_sem, _row
 
 try:  # torch's bindings: _nvshmem_triton on CUDA builds, _rocshmem_triton on ROCm (torch >= 2.13)
     import torch
@@ -109,5 +109,5 @@ def _put_word(peer_bases_ptr, rank, pe, slot_offset, stage_offset, value, SHMEM:
         _lib.quiet()
     else:
         tl.debug_barrier()
-        tl.atomic_xchg(_peer_ptr(peer_bases_ptr, pe, slot_offset, tl.int64), value.to(tl.int64), sem="release",
-                       scope="sys")
+        tl.atomic_xchg(_peer_ptr(peer_bases_ptr, pe, slot_offset, tl.int64), value.to(tl.int64),
+                       sem=_release_sem("release", "sys"), scope="sys")

@@ -5,9 +5,16 @@ CUDA-graph replays need no host-side reset. When a wait times out, the kernel re
 peer it waited for in ``status``; the host turns that into a ``PeerTimeoutError``:
 - on the CPU (interpreter, synchronous) right after the launch;
 - on GPUs without a host synchronisation: after each launch the status is copied to pinned
-  memory asynchronously and the next call raises if that copy (finished by then) shows a
-  timeout; ``check(blocking=True)`` waits and looks now.
+  memory asynchronously (no event: an eager call's host time counts), and the next call raises
+  if that copy shows a timeout (the host reads the words whenever it looks; a copy not yet
+  landed shows the older state, and is seen at a later call); ``check(blocking=True)`` waits
+  and looks now.
 After a timeout the epochs of the ranks disagree, so the state refuses further calls.
+A bad call the kernels detect themselves (an expert id out of range, more (token, expert) pairs
+than an expert-layout expert has slots) is recorded the same way and raised as ``BadCallError``
+by ``check()`` or at the end of the next call (after its launch: every rank then made the same
+launches, and the kernels ran the bad call in step too, ignoring what they refused), so the
+state stays usable.
 """
 
 from __future__ import annotations
@@ -15,18 +22,20 @@ from __future__ import annotations
 import torch
 
 from moe_ep import _platform
-from moe_ep.transport.errors import PeerTimeoutError
-from moe_ep.transport.primitives import COUNTER_WORDS, PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS
+from moe_ep.transport.errors import BadCallError, PeerTimeoutError
+from moe_ep.transport.primitives import (COUNTER_WORDS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW, INPUT_STATUS,
+                                         PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS)
 
 
 class SyncState:
     """Epoch counters per op and the status words of one rank, on ``device``."""
 
     OPS = ("barrier", "dispatch_ll", "dispatch_ht", "dispatch_inter", "combine_ll", "combine_ht", "combine_inter",
-           "peer_copy")
+           "peer_copy", "dispatch_expert", "combine_expert")
 
-    def __init__(self, rank: int, device: torch.device, timeout_s: float):
+    def __init__(self, rank: int, device: torch.device, timeout_s: float, num_experts: int = 0, slots: int = 0):
         self.rank = rank
+        self.num_experts, self.slots = num_experts, slots  # to describe bad calls
         self.device = device
         self.max_polls = _platform.max_polls(timeout_s)
         self.status = torch.zeros(STATUS_WORDS, dtype=torch.int32, device=device)
@@ -34,44 +43,72 @@ class SyncState:
         # current call, then arrivals per peer (see transport.primitives)
         self._counters = torch.zeros(len(self.OPS), COUNTER_WORDS, dtype=torch.int32, device=device)
         self._synchronous = device.type == "cpu"
+        self._by_op = {op: self._counters[i] for i, op in enumerate(self.OPS)}
         if not self._synchronous:
             self._mirror = torch.zeros(STATUS_WORDS, dtype=torch.int32, pin_memory=True)
-            self._mirror_ready = torch.cuda.Event()
-            self._mirror_pending = False
+            self._mirror_words = self._mirror.numpy()  # the same pinned memory, read without torch
+        self._raised_epoch = None  # the call of the last bad call raised (a late copy shows it again)
         self.failed: PeerTimeoutError | None = None
+        self._bad: BadCallError | None = None  # a bad call recorded, not yet raised
 
     def counters(self, op: str) -> torch.Tensor:
         """``[COUNTER_WORDS]`` int32 view of ``op``'s counters (epoch first)."""
-        return self._counters[self.OPS.index(op)]
+        return self._by_op[op]
 
     def before_launch(self) -> None:
-        """Raise if an earlier call timed out (without waiting for the device)."""
+        """Raise if an earlier call timed out (without waiting for the device); note a bad call
+        the device recorded meanwhile (raised after this call's launch, see ``after_launch``)."""
         if self.failed is not None:
             raise self.failed
-        if (not self._synchronous and self._mirror_pending and not torch.cuda.is_current_stream_capturing()
-                and self._mirror_ready.query()):
-            self._mirror_pending = False
-            self._raise_from(self._mirror)
+        if not self._synchronous and self._mirror_words.any():
+            self._read(self._mirror)
 
     def after_launch(self) -> None:
-        """Look at the status of the launch just made (CPU) or start copying it back (GPU)."""
+        """Raise a bad call an earlier call made (this call has launched on every rank, so the
+        ranks stay in step); then look at the status of this launch (CPU: a timeout raises now, a
+        bad call at the next call's end or ``check``) or start copying it back (GPU)."""
+        earlier, self._bad = self._bad, None
         if self._synchronous:
-            self._raise_from(self.status)
+            self._read(self.status)
         elif not torch.cuda.is_current_stream_capturing():
             self._mirror.copy_(self.status, non_blocking=True)
-            self._mirror_ready.record()
-            self._mirror_pending = True
+        if earlier is not None:
+            raise earlier
 
     def check(self, blocking: bool = True) -> None:
-        """Raise ``PeerTimeoutError`` if any call so far timed out; waits for the device."""
+        """Raise ``PeerTimeoutError`` if any call so far timed out, else ``BadCallError`` for a bad
+        call not yet raised; waits for the device."""
         if self.failed is not None:
             raise self.failed
         if blocking and not self._synchronous:
             torch.cuda.synchronize(self.device)
-        self._raise_from(self.status)
+        self._read(self.status)
+        bad, self._bad = self._bad, None
+        if bad is not None:
+            raise bad
 
-    def _raise_from(self, status: torch.Tensor) -> None:
-        code, peer, phase, epoch = (int(v) for v in status.tolist())
+    def _read(self, status: torch.Tensor) -> None:
+        """Raise a timeout recorded in ``status``; keep a bad call it records for later."""
+        words = [int(v) for v in status.tolist()]
+        code, peer, phase, epoch = words[:4]
         if code == STATUS_TIMEOUT.value:
             self.failed = PeerTimeoutError(self.rank, peer, PHASE_NAMES.get(phase, f"phase {phase}"), epoch)
             raise self.failed
+        bad, value, detail, bad_epoch = words[INPUT_STATUS.value:INPUT_STATUS.value + 4]
+        if bad and (bad, value, detail, bad_epoch) == self._raised_epoch:  # raised already (a late copy)
+            status[INPUT_STATUS.value:].zero_()
+        elif bad:
+            self._raised_epoch = (bad, value, detail, bad_epoch)
+            self.status[INPUT_STATUS.value:].zero_()  # recorded once: the next call starts clean
+            if status is not self.status:
+                status[INPUT_STATUS.value:].zero_()
+            if bad == INPUT_BAD_EXPERT_ID.value:
+                message = (f"topk_ids must lie in [-1, {self.num_experts}); got {value} (token {detail}), "
+                           f"which routed nowhere (and any more like it)")
+            elif bad == INPUT_SLOTS_OVERFLOW.value:
+                message = (f"expert {value} got {detail} (token, expert) pairs, more than the "
+                           f"{self.slots} slots per expert of the expert layout (EpConfig.expert_slots)")
+            else:
+                message = f"bad call (code {bad}, {value}, {detail})"
+            if self._bad is None:
+                self._bad = BadCallError(self.rank, message, bad_epoch)
