@@ -14,8 +14,8 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)" \
 		|| $(PIP) install "$(TORCH_CPU)" --index-url $(TORCH_CPU_INDEX)
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON)"
-	@$(PYTHON) -c "import numpy, pytest, pytest_timeout, matplotlib" 2>/dev/null \
-		|| $(PIP) install numpy pytest pytest-timeout matplotlib
+	@$(PYTHON) -c "import numpy, pytest, pytest_timeout, matplotlib, hypothesis" 2>/dev/null \
+		|| $(PIP) install numpy pytest pytest-timeout matplotlib hypothesis
 	@# CPU machines run the kernels in Triton's interpreter: pyproject's `cpu` extra (numpy < 2.4
 	@# for Triton 3.6's interpreter).
 	@$(PYTHON) -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \

@@ -37,7 +37,7 @@ from moe_ep import reference  # noqa: I001  (first: on a CPU machine it selects 
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.numerics import _quantize_fp8, _to_bf16
+from moe_ep.kernels.numerics import E4M3FN, _quantize_fp8, _to_bf16
 from moe_ep.kernels.registry import KernelSpec
 
 # -- nccl-padded ----------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ def _padded_pack_kernel(x_ptr, topk_ids_ptr, topk_weights_ptr, send_ptr, dest_pt
         x = tl.load(x_ptr + slot.to(tl.int64) * HIDDEN + start + offs_h, mask=mask_h & is_token, other=0.0)
         mask_x = mask_rows[:, None] & mask_h[None, :]  # [BLOCK_R, BLOCK_H]
         if FP8:
-            q, scales = _quantize_fp8(x.to(tl.float32), BLOCK_H)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
+            q, scales = _quantize_fp8(x.to(tl.float32), BLOCK_H, E4M3FN,
+                                      tl.float8e4nv)  # [BLOCK_H] fp8, [BLOCK_H // 128] float32
             tl.store(ptr_rows.to(tl.pointer_type(tl.float8e4nv))[:, None] + start + offs_h[None, :],
                      tl.broadcast_to(q[None, :], (BLOCK_R, BLOCK_H)), mask=mask_x)
             offs_s = start // 128 + tl.arange(0, BLOCK_H // 128)

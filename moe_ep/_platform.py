@@ -106,6 +106,7 @@ def patch_interpreter() -> None:
     # allows it with this warning (numpy >= 2.4 refuses: see interpreter_problem).
     warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
     _patch_language_once()
+    _patch_bf16_to_float32()
 
 
 def _patch_language_once() -> None:
@@ -136,6 +137,38 @@ def _patch_language_once() -> None:
 
     patch_once._moe_ep_once = True
     interpreter._patch_lang = patch_once
+
+
+def _patch_bf16_to_float32() -> None:
+    """Make the interpreter's bfloat16 -> float32 conversion exact for subnormals.
+
+    Triton 3.6's interpreter converts floats bit by bit (``_convert_float``): it normalises a
+    subnormal's mantissa for the target's exponent range, but bf16 and float32 share that range
+    (bias 127), so the exponent clamps to 0, and the result keeps the normalised mantissa without
+    its leading 1: bf16 0x0041 (5.97e-39) becomes 0x00020000 (1.84e-40), 0x0001, 0x0002 and 0x0040
+    become 0; every one of the 254 non-zero bf16 subnormals comes out wrong (normal values are
+    right). ``x.to(tl.float32)`` of bf16 values (the quantiser's input, the combine's sums) goes
+    through it. A GPU converts by shifting the 16 bits up, which is exact: so does this
+    replacement, for that one conversion (every other one is left to Triton). GPU code is
+    untouched: only the interpreter calls ``_convert_float``."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    convert = getattr(interpreter, "_convert_float", None)
+    if convert is None or getattr(convert, "_moe_ep_exact_bf16", False):
+        return
+
+    def convert_exact_bf16(input, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.bfloat16 and output_dtype == tl.float32:
+            bits = np.frombuffer(input.tobytes(), dtype=np.uint16).astype(np.uint32) << 16
+            return bits.reshape(input.shape)
+        return convert(input, input_dtype, output_dtype, rounding_mode)
+
+    convert_exact_bf16._moe_ep_exact_bf16 = True
+    interpreter._convert_float = convert_exact_bf16
 
 
 def interpreting() -> bool:

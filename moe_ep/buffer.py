@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moe_ep import _platform
 from moe_ep.config import INTER_PATHS, EpConfig
+from moe_ep.kernels.barrier import launch_barrier
 from moe_ep.kernels.combine import launch_combine
 from moe_ep.kernels.combine_expert import launch_combine_expert
 from moe_ep.kernels.dispatch import HtStaging, launch_dispatch
@@ -30,7 +31,7 @@ from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_i
 from moe_ep.kernels.release_check import check_release_ordering
 from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
 from moe_ep.regions import heap_bytes, heap_regions
-from moe_ep.transport import SymmetricHeap, SyncState
+from moe_ep.transport import BadCallError, PeerTimeoutError, SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
 from moe_ep.tuning import Choice, TunedTable, TuneKey, token_bucket
 from moe_ep.validation import check_dispatch, check_tensor
@@ -366,11 +367,22 @@ class Buffer:
         self.sync.check(blocking=True)
 
     def close(self) -> None:
-        """Free the symmetric heap (collective: every rank closes its Buffer)."""
-        if self.heap is not None:
-            if self._on_gpu:
-                torch.cuda.synchronize(self.device)
-            self.heap.barrier()
+        """Free the symmetric heap. Collective: every rank closes its Buffer, and a device barrier
+        first makes sure no peer still reads or writes this rank's heap. It never hangs on a peer
+        that failed or died: the barrier gives up after ``cfg.timeout_s``, and a rank whose call
+        timed out skips it (its peers may be gone); either way it then frees this rank's heap."""
+        if self.heap is None:
+            return
+        try:
+            try:
+                self.sync.check(blocking=True)  # waits for the device; raises if a call timed out
+            except BadCallError:
+                pass  # an earlier call's refused input: nothing to do with the peers
+            launch_barrier(self.heap, self.sync)
+            self.sync.check(blocking=True)
+        except PeerTimeoutError as err:
+            log.warning("moe_ep: %s; freeing this rank's heap without its peers", err)
+        finally:
             self.heap.close()
             self.heap = None
 

@@ -10,6 +10,9 @@ process when the time runs out instead of hanging. After a failure the pool is c
 ranks may disagree about the state of the group), so the next ``run`` needs a new pool.
 CPU ranks run kernels in Triton's interpreter: their processes start with
 ``TRITON_INTERPRET=1`` (``env`` changes what they start with).
+A test that kills a rank on purpose names it in ``run(..., may_die=(rank,))``: that rank's
+death is then a result (``RankDied``) and the survivors run on to their own results; the pool
+is closed afterwards (its group has lost a member).
 """
 
 from __future__ import annotations
@@ -46,6 +49,14 @@ class RankError(RuntimeError):
 
 class RankTimeout(TimeoutError):
     """Some ranks did not finish in time; all processes were killed."""
+
+
+@dataclass(frozen=True)
+class RankDied:
+    """The result of a rank that ``run(..., may_die=...)`` allowed to die, and that did."""
+
+    rank: int
+    exitcode: int | None  # negative: killed by that signal (-9: SIGKILL)
 
 
 def free_port() -> int:
@@ -128,15 +139,21 @@ class RankPool:
         self.pids = [p.pid for p in self._procs]  # of the rank processes, in rank order
         self._collect("start", start_timeout)
 
-    def run(self, fn, *args, timeout: float = 300.0, **kwargs) -> list:
-        """Run ``fn(ctx, *args, **kwargs)`` on every rank; returns the results in rank order."""
+    def run(self, fn, *args, timeout: float = 300.0, may_die: tuple = (), **kwargs) -> list:
+        """Run ``fn(ctx, *args, **kwargs)`` on every rank; returns the results in rank order.
+        ``may_die``: ranks whose process may end during the run (killed by the test): the result of
+        one that does is a ``RankDied``; the pool is closed after such a run."""
         if self.closed:
             raise RuntimeError("this RankPool is closed (an earlier run failed); make a new one")
         for q in self._tasks:
             q.put((fn, args, kwargs))
-        return self._collect(getattr(fn, "__name__", "task"), timeout)
+        try:
+            return self._collect(getattr(fn, "__name__", "task"), timeout, may_die)
+        finally:
+            if may_die:
+                self.kill()
 
-    def _collect(self, what: str, timeout: float) -> list:
+    def _collect(self, what: str, timeout: float, may_die: tuple = ()) -> list:
         deadline = time.monotonic() + timeout
         results: dict[int, object] = {}
         while len(results) < self.world_size:
@@ -144,6 +161,9 @@ class RankPool:
                 kind, rank, value = self._results.get(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in results]
+                for r in [r for r in dead if r in may_die]:
+                    results[r] = RankDied(r, self._procs[r].exitcode)
+                dead = [r for r in dead if r not in may_die]
                 if dead or time.monotonic() > deadline:
                     self.kill()
                     missing = sorted(set(range(self.world_size)) - set(results))

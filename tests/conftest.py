@@ -37,10 +37,28 @@ def ranks_odd(request) -> RankPool:
     return _pool(request)
 
 
+@pytest.fixture(scope="session")
+def rank_pools():
+    """``rank_pools(device, world_size)``: the kept pool (``rank_pool``), for tests that choose
+    the world size themselves (the randomized ones draw it)."""
+    return rank_pool
+
+
 def _pool(request) -> RankPool:
     device, world_size = request.param
-    if device == "cuda" and torch.cuda.device_count() < world_size and not GPU_SHARED:
+    if device == "cuda" and not gpus_for(world_size):
         pytest.skip(f"needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+    return rank_pool(device, world_size)
+
+
+def gpus_for(world_size: int) -> bool:
+    """Whether GPU ranks of ``world_size`` can run here (one GPU each, or all on GPU 0 shared)."""
+    return GPU_SHARED or torch.cuda.device_count() >= world_size
+
+
+def rank_pool(device: str, world_size: int) -> RankPool:
+    """The kept pool of ``world_size`` rank processes on ``device`` ('cpu' under the interpreter,
+    or one GPU each, or GPU 0 shared), started on first use and replaced after a failure."""
     pool = _pools.get((device, world_size))
     if pool is None or pool.closed:
         pool = _pools[(device, world_size)] = RankPool(world_size, device, share_device=GPU_SHARED and device == "cuda")

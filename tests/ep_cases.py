@@ -63,6 +63,45 @@ def routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size:
     return ids
 
 
+# Routings of the randomized tests (tests/contract.py): each may also mask slots (-1) on top.
+FUZZ_ROUTINGS = ("uniform", "one_rank", "every_rank", "duplicates")
+
+
+def fuzz_routing(kind: str, num_tokens: int, num_experts: int, topk: int, world_size: int, gen,
+                 target: int = 0, masked: bool = False) -> torch.Tensor:
+    """``[num_tokens, topk]`` int64 global expert ids of one rank for a randomized test:
+    "uniform" distinct random experts; "one_rank" every expert of every token on rank ``target``
+    (distinct where that rank has topk experts, else repeated); "every_rank" each token on every
+    rank (one expert on each of min(topk, world) distinct ranks, the other slots random, in a
+    random slot order); "duplicates" random experts, a token's last id repeating its first. With
+    ``masked`` about a quarter of the slots are -1 and about one token in six has none."""
+    per_rank = num_experts // world_size
+    if num_tokens == 0:
+        return torch.zeros(0, topk, dtype=torch.int64)
+    if kind == "uniform":
+        ids = torch.stack([torch.randperm(num_experts, generator=gen)[:topk] for _ in range(num_tokens)])
+    elif kind == "one_rank":
+        local = torch.stack([torch.randperm(per_rank, generator=gen)[:topk] for _ in range(num_tokens)]) \
+            if topk <= per_rank else torch.randint(0, per_rank, (num_tokens, topk), generator=gen)
+        ids = target * per_rank + local
+    elif kind == "every_rank":
+        ids = torch.randint(0, num_experts, (num_tokens, topk), generator=gen)
+        reach = min(topk, world_size)
+        for t in range(num_tokens):
+            ranks = torch.randperm(world_size, generator=gen)[:reach]
+            ids[t, :reach] = ranks * per_rank + torch.randint(0, per_rank, (reach,), generator=gen)
+            ids[t] = ids[t, torch.randperm(topk, generator=gen)]
+    elif kind == "duplicates":
+        ids = torch.randint(0, num_experts, (num_tokens, topk), generator=gen)
+        ids[:, -1] = ids[:, 0]
+    else:
+        raise ValueError(kind)
+    if masked:
+        ids[torch.rand(ids.shape, generator=gen) < 0.25] = -1
+        ids[torch.rand(num_tokens, generator=gen) < 0.15] = -1
+    return ids
+
+
 def make_inputs(call: int, kind: str, shape: Shape, world_size: int, seed: int = 0):
     """Every rank's (x, topk_ids, topk_weights) for one call: rank (call % R) sends no token,
     rank (call + 1) % R sends max_tokens_per_rank, the others a random count."""

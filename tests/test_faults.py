@@ -1,6 +1,7 @@
 """Faults and unusual call orders: a rank that stops calling, bad input, handles in flight.
 
-(A rank killed with SIGKILL leaving no shared memory is tested in test_transport.py.)
+(A rank killed with SIGKILL leaving no shared memory is tested in test_transport.py; one killed in
+the middle of a dispatch or combine in test_peer_death.py.)
 """
 
 import dataclasses

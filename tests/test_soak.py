@@ -1,134 +1,295 @@
-"""Stability: many dispatch + combine pairs on one Buffer, every output against the reference.
+"""Stability: many dispatch + combine pairs on every path, every output checked.
 
-    pytest -m soak tests/test_soak.py                      # CPU ranks, and GPU ranks where there are GPUs
-    pytest -m "soak and gpu" tests/test_soak.py            # GPU ranks only
-    MOE_EP_SOAK_CALLS=2000 MOE_EP_SOAK_SECONDS=1800 pytest -m soak tests/test_soak.py
-    MOE_EP_SOAK_HIDDEN=2048 ...                            # another hidden than the shape's (GPU: 7168)
+    pytest -m soak tests/test_soak.py                       # CPU ranks, and GPU ranks where there are GPUs
+    pytest -m "soak and gpu" -s tests/test_soak.py          # GPU ranks only (-s shows the progress lines)
+    MOE_EP_SOAK_CALLS=100000 MOE_EP_SOAK_SECONDS=1200 pytest -m "soak and gpu" -s -k "gpu4" tests/test_soak.py
+    MOE_EP_SOAK_HIDDEN=2048 ...                             # another hidden than the shape's (GPU: 7168)
 
-The Buffer runs in mode "auto" with crossover_tokens = max_tokens_per_rank / 2. Each call draws
-a routing (uniform, masked ids, experts on one rank, all on rank 0, skewed: the first five
-calls take each once), a token bound every rank shares and passes as num_tokens_hint (at most
-the crossover: the LL path; above it: the HT path) and token counts under it (one rank sends
-none, one sends the bound, the others a random count; some calls no rank sends any). Odd calls
-pass int64 ids, even ones int32; some calls write into poisoned outputs, some fp8 calls pass
-pre-quantised rows. The run stops after MOE_EP_SOAK_CALLS calls (default 200 on CPU ranks,
-10000 on GPUs) or once MOE_EP_SOAK_SECONDS (default 300) have passed, whichever comes first;
-all ranks agree on where to stop. A mismatch is recorded and the run goes on, so one report
-lists them all; the test wants none, and a hang ends in PeerTimeoutError or in the harness's
-timeout. ``test_short_soak`` is the same loop, ten calls on two ranks, in normal CI.
+Buffers (all made at the start, every call on one of them): one node in mode "auto" with
+crossover_tokens = max_tokens_per_rank / 2 (LL up to it, HT above, HT also with zero-copy
+outputs), and, on an even number of ranks, the same across two nodes (2 x 1 on two ranks, 2 x 2
+on four: the inter-node path's LL and HT variants). Each call draws, from a generator every rank
+seeds alike: the Buffer and the path (a token bound every rank passes as num_tokens_hint), a
+routing of ep_cases.FUZZ_ROUTINGS (uniform, all on one rank, each token on every rank, duplicate
+ids), -1 slots or not, the token counts under the bound, or full capacity (every rank sends the
+bound: with "all on one rank" or "every rank" a rank receives the path's full capacity), zero-copy
+or poisoned (out=) or fresh outputs, int32 or int64 ids, pre-quantised fp8 input, and now and then
+values in bf16's subnormal range; some calls no rank sends a token. The first ten calls take each
+Buffer, path, routing and option at least once (``FIRST``).
+
+Checks: tests/fast_reference.py computes this rank's expected outputs on its own device (checked
+against moe_ep.reference by test_fast_reference_matches_reference in CI), compared in a few device
+operations with one host round trip per op; a mismatch is re-checked with ep_cases' checks on the
+host for its message, recorded, and the run goes on, so one report lists them all (the test
+wants none; a hang ends in PeerTimeoutError or in the harness's timeout). The expert stand-in is
+bf16(row * (rank + 1)).
+
+Length: MOE_EP_SOAK_CALLS pairs (default 200 on CPU ranks, 10000 on GPUs) or MOE_EP_SOAK_SECONDS
+(default 300), whichever comes first; the ranks agree on stopping every progress interval. Rank 0
+prints a progress line every MOE_EP_SOAK_PROGRESS pairs (default 1000 on GPUs, 50 on CPU ranks),
+flushed, and the test a final line with the pairs checked and the mismatches.
+
+Expected rate on 4 GPUs at hidden 7168 (an estimate: not measured on GPUs yet): host-bound. A pair
+costs two eager calls (150-400 us of host time each, README), about 190 small tensor operations
+for its inputs and the oracle (counted with torch's profiler at 4 ranks, 128 tokens each;
+moe_ep.reference needs 944 for the same pair, growing with the world size's square) and some 40
+for the checks, and 3 host round trips: about 2-4 ms, so 100,000 pairs in 4-7 minutes (set
+MOE_EP_SOAK_SECONDS above that). ``test_short_soak`` is the same loop, ten calls on two ranks,
+in normal CI.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from ep_cases import (CPU_SHAPE, GPU_SHAPE, check_dispatch, check_untouched, expert_outputs, make_inputs,
-                      poisoned_dispatch_output)
+import fast_reference
+from ep_cases import (CPU_SHAPE, FUZZ_ROUTINGS, GPU_SHAPE, POISON_INT, check_dispatch, check_part_rows,
+                      check_untouched, poison_rows, poisoned_dispatch_output, x_poison)
 from rank_checks import assert_equal
 
-KINDS = ("uniform", "masked", "one_rank", "to_rank0", "skewed")
 SOAK_SECONDS = float(os.environ.get("MOE_EP_SOAK_SECONDS", "300"))
 SOAK_SEED = int(os.environ.get("MOE_EP_SOAK_SEED", "0"))
-SOAK_HIDDEN = os.environ.get("MOE_EP_SOAK_HIDDEN")  # a smaller hidden for long GPU soaks (the CPU reference's cost)
+SOAK_HIDDEN = os.environ.get("MOE_EP_SOAK_HIDDEN")  # a smaller hidden than the shape's
+MAX_REPORTED = 20  # mismatches kept with their message (all are counted)
 
 
 def soak_calls(device_type: str) -> int:
     return int(os.environ.get("MOE_EP_SOAK_CALLS", "200" if device_type == "cpu" else "10000"))
 
 
-def _soak(ctx, shape, dtype_name: str, calls: int, seconds: float, seed: int) -> dict:
+def progress_every(device_type: str) -> int:
+    return int(os.environ.get("MOE_EP_SOAK_PROGRESS", "50" if device_type == "cpu" else "1000"))
+
+
+@dataclass
+class Plan:
+    """One call of the soak, the same on every rank."""
+
+    buffer: int  # index into the Buffers
+    ll: bool  # the LL path (or the inter-node path's LL variant), else HT
+    kind: str  # routing, one of FUZZ_ROUTINGS
+    masked: bool = False
+    full: bool = False  # every rank sends the bound
+    empty: bool = False  # no rank sends a token
+    zero_copy: bool = False  # zero-copy outputs (HT on one node; every rank alike here)
+    poisoned: bool = False  # poisoned outputs passed as out=
+    prequantized: bool = False
+    subnormal: bool = False  # values in bf16's subnormal range
+    ids_int32: bool = False
+
+
+# The first calls: each Buffer (1: across nodes, where there is such a Buffer), path, routing,
+# full capacity, an empty call, zero-copy, poisoned outputs, pre-quantised and subnormal input.
+FIRST = [
+    dict(buffer=0, ll=True, kind="uniform", poisoned=True),
+    dict(buffer=0, ll=False, kind="one_rank", full=True, poisoned=True),
+    dict(buffer=0, ll=False, kind="every_rank", full=True, zero_copy=True),
+    dict(buffer=1, ll=True, kind="duplicates", masked=True),
+    dict(buffer=1, ll=False, kind="uniform", full=True, poisoned=True, ids_int32=True),
+    dict(buffer=0, ll=True, kind="uniform", empty=True),
+    dict(buffer=0, ll=True, kind="every_rank", full=True, ids_int32=True),
+    dict(buffer=1, ll=False, kind="one_rank", full=True, prequantized=True),
+    dict(buffer=0, ll=False, kind="duplicates", subnormal=True, zero_copy=True),
+    dict(buffer=0, ll=True, kind="uniform", masked=True, prequantized=True, subnormal=True),
+]
+
+
+def _plan(call: int, pick: torch.Generator, buffers: int, fp8: bool) -> Plan:
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=pick))
+
+    plan = Plan(buffer=draw(buffers), ll=bool(draw(2)), kind=FUZZ_ROUTINGS[draw(len(FUZZ_ROUTINGS))],
+                masked=draw(3) == 0, full=draw(6) == 0, empty=draw(20) == 0, zero_copy=bool(draw(2)),
+                poisoned=draw(3) == 0, prequantized=draw(4) == 0, subnormal=draw(10) == 0, ids_int32=bool(draw(2)))
+    if call < len(FIRST):
+        plan = Plan(**FIRST[call])
+        plan.buffer %= buffers
+    plan.prequantized &= fp8
+    # Zero-copy outputs: the HT path on one node (Buffer 0) only (other paths ignore the option),
+    # never with out=.
+    plan.zero_copy &= plan.buffer == 0 and not plan.ll and not plan.poisoned
+    return plan
+
+
+def _soak(ctx, shape, dtype_name: str, calls: int, seconds: float, seed: int, every: int) -> dict:
     """Up to ``calls`` checked pairs within ``seconds``; returns what ran and every mismatch."""
     import moe_ep
-    from moe_ep import reference
 
-    me, world = ctx.rank, ctx.world_size
+    me, world, dev = ctx.rank, ctx.world_size, ctx.device
     dtype = getattr(torch, dtype_name)
+    fp8 = dtype == torch.float8_e4m3fn
     num_experts = shape.num_experts_per_rank * world
-    crossover = shape.max_tokens_per_rank // 2
-    cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk,
-                          max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=dtype, mode="auto",
-                          crossover_tokens=crossover)
-    buf = moe_ep.Buffer(ctx.group, cfg)
+    most, crossover = shape.max_tokens_per_rank, shape.max_tokens_per_rank // 2
+    base = dict(hidden=shape.hidden, num_experts=num_experts, topk=shape.topk, max_tokens_per_rank=most,
+                dispatch_dtype=dtype, mode="auto", crossover_tokens=crossover)
+    configs = [moe_ep.EpConfig(**base)]
+    if world % 2 == 0:
+        configs.append(moe_ep.EpConfig(**base, gpus_per_node=world // 2))
+    buffers = [moe_ep.Buffer(ctx.group, cfg) for cfg in configs]
     pick = torch.Generator().manual_seed(seed)  # the same draws on every rank
-    mismatches, kinds_run, paths_run, received = [], {}, {}, 0
+    data = torch.Generator(device=dev)
+    stats = {"mismatches": [], "mismatch_count": 0, "paths": {}, "kinds": {}, "full": 0, "received": 0}
     start = time.monotonic()
     call = 0
     try:
         while call < calls:
-            # Stop together: a rank that stopped alone would leave its peers waiting in a kernel.
-            stop = torch.tensor([float(time.monotonic() - start > seconds)], device=ctx.device)
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=ctx.group)
-            if stop.item():
-                break
-            # Every kind once, then random kinds; LL and HT alternate for four calls, then either.
-            kind = KINDS[call] if call < len(KINDS) else KINDS[int(torch.randint(len(KINDS), (1,), generator=pick))]
-            ll = call % 2 == 0 if call < 4 else bool(torch.randint(2, (1,), generator=pick))
-            hint = int(torch.randint(1, crossover + 1, (1,), generator=pick)) if ll else \
-                int(torch.randint(crossover + 1, shape.max_tokens_per_rank + 1, (1,), generator=pick))
-            xs, ids, weights = make_inputs(call, kind, dataclasses.replace(shape, max_tokens_per_rank=hint), world, seed)
-            if call % 11 == 5:  # no rank sends a token
-                xs, ids, weights = [x[:0] for x in xs], [i[:0] for i in ids], [w[:0] for w in weights]
-            if cfg.fp8 and call % 4 == 3:
-                xs = [reference.quantize_fp8(x) for x in xs]
-            expected = reference.dispatch(xs, ids, weights, num_experts, dtype)
-            x_in = tuple(t.to(ctx.device) for t in xs[me]) if isinstance(xs[me], tuple) else xs[me].to(ctx.device)
-            ids_in = ids[me].to(ctx.device) if call % 2 else ids[me].int().to(ctx.device)
-            poisoned = call % 3 != 2
-            out = buf.dispatch(x_in, ids_in, weights[me].to(ctx.device),
-                               out=poisoned_dispatch_output(buf) if poisoned else None, num_tokens_hint=hint)
-            path = out.handle.path
-            where = f"call {call} ({path}, {kind}, {len(ids[me])} tokens sent, bound {hint})"
-            if path != ("ll" if ll else "ht"):
-                mismatches.append(f"{where}: took the {path} path")
-            try:
-                n = check_dispatch(out, expected[me], buf.capacity)
-                if poisoned:
-                    check_untouched(out, n)
-            except AssertionError as err:
-                mismatches.append(f"{where}: dispatch: {err}")
-            n = expected[me].num_tokens
-            received += n
-            ys = [expert_outputs(expected[r], r) for r in range(world)]
-            y = torch.full((buf.capacity, shape.hidden), float("nan"), dtype=torch.bfloat16)
-            y[:n] = ys[me]  # rows past num_tokens stay NaN: combine must never read them
-            z = buf.combine(y.to(ctx.device), out.handle)
-            try:
-                assert_equal("combine", reference.combine(ys, expected, [len(i) for i in ids])[me], z.cpu())
-            except AssertionError as err:
-                mismatches.append(f"{where}: {err}")
-            kinds_run[kind] = kinds_run.get(kind, 0) + 1
-            paths_run[path] = paths_run.get(path, 0) + 1
+            if call % every == 0 and call:
+                # Stop together: a rank that stopped alone would leave its peers waiting in a kernel.
+                stop = torch.tensor([float(time.monotonic() - start > seconds)], device=dev)
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=ctx.group)
+                if me == 0:
+                    elapsed = time.monotonic() - start
+                    print(f"soak {dev.type}{world} {dtype_name} hidden {shape.hidden}: {call} pairs in {elapsed:.0f} s "
+                          f"({call / elapsed:.1f} pairs/s), {stats['mismatch_count']} with mismatches on rank 0",
+                          flush=True)
+                if stop.item():
+                    break
+            plan = _plan(call, pick, len(buffers), fp8)
+            buf = buffers[plan.buffer]
+            bound = int(torch.randint(1, crossover + 1, (1,), generator=pick)) if plan.ll else \
+                int(torch.randint(crossover + 1, most + 1, (1,), generator=pick))
+            if plan.full:  # the path's capacity: every rank's rows may fill a receiver
+                bound = crossover if plan.ll else most
+            tokens = [int(t) for t in torch.randint(0, bound + 1, (world,), generator=pick)]
+            if plan.full:
+                tokens = [bound] * world
+            elif plan.empty:
+                tokens = [0] * world
+            target = int(torch.randint(world, (1,), generator=pick))
+            data.manual_seed(seed * 1_000_003 + call)
+            problems, received = _one_pair(ctx, buf, plan, tokens, bound, target, data)
+            stats["received"] += received
+            path = "ll" if plan.ll else "ht"
+            where = f"call {call} ({'inter ' if buf.nodes > 1 else ''}{path}, {plan}, tokens {tokens})"
+            stats["mismatch_count"] += bool(problems)
+            if problems and len(stats["mismatches"]) < MAX_REPORTED:
+                stats["mismatches"].append(f"{where}: " + "; ".join(problems))
+            name = ("inter_" if buf.nodes > 1 else "") + path + ("_zero_copy" if plan.zero_copy else "")
+            stats["paths"][name] = stats["paths"].get(name, 0) + 1
+            stats["kinds"][plan.kind] = stats["kinds"].get(plan.kind, 0) + 1
+            stats["full"] += plan.full
             call += 1
-        buf.check()
+        for buf in buffers:
+            buf.check()
     finally:
-        buf.close()
-    return {"calls": call, "seconds": time.monotonic() - start, "mismatches": mismatches, "kinds": kinds_run,
-            "paths": paths_run, "received": received}
+        for buf in buffers:
+            buf.close()
+    stats.update(calls=call, seconds=time.monotonic() - start)
+    return stats
+
+
+def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data: torch.Generator) -> list:
+    """Dispatch and combine one call's inputs (made on the device from ``data``); returns this
+    rank's mismatches as text (none: every output right) and the rows it received."""
+    from moe_ep import reference
+
+    me, dev, cfg = ctx.rank, ctx.device, buf.cfg
+    num_rows = sum(tokens)
+    x = torch.randn(num_rows, cfg.hidden, generator=data, device=dev) * \
+        (1 + 3 * torch.rand(num_rows, 1, generator=data, device=dev))
+    x = (x * 2.0 ** -133 if plan.subnormal else x).to(torch.bfloat16)
+    ids = fast_reference.routing(plan.kind, num_rows, cfg.num_experts, cfg.topk, ctx.world_size, data, dev,
+                                 target, plan.masked)
+    weights = torch.rand(num_rows, cfg.topk, generator=data, device=dev)
+    scales = None
+    if plan.prequantized:
+        x, scales = reference.quantize_fp8(x, cfg.dispatch_dtype)
+    batch = fast_reference.Batch(x, scales, ids, weights, tokens)
+    values, value_scales = fast_reference.payload(batch, cfg.dispatch_dtype)
+    expected = fast_reference.expected_dispatch(batch, values, value_scales, cfg.num_experts, me)
+    x_in, ids_in, weights_in = batch.inputs(me)
+    out = buf.dispatch(x_in, ids_in.int() if plan.ids_int32 else ids_in, weights_in,
+                       out=poisoned_dispatch_output(buf) if plan.poisoned else None, num_tokens_hint=bound,
+                       zero_copy=plan.zero_copy)
+    path_expected = ("inter" if plan.ll else "inter_ht") if buf.nodes > 1 else ("ll" if plan.ll else "ht")
+    rows = expected.num_tokens
+    bad = [_differs(expected.x, out.x[:rows]), _differs(expected.topk_ids, out.topk_ids[:rows]),
+           _differs(expected.topk_weights, out.topk_weights[:rows]), _differs(expected.src, out.src[:rows]),
+           _differs(expected.tokens_per_expert, out.tokens_per_expert),
+           out.num_tokens[0] != rows]
+    if expected.x_scales is not None:
+        bad.append(_differs(expected.x_scales, out.x_scales[:rows]))
+    if out.handle.path == "ht":
+        bad.append(_differs(fast_reference.expected_part_rows(expected, tokens, cfg.ht_parts), out.handle.part_rows))
+    if plan.poisoned:
+        bad += [(out.x[rows:].view(torch.uint8) != x_poison(out.x.dtype)).any(),
+                (out.topk_ids[rows:] != POISON_INT).any(), (out.src[rows:] != POISON_INT).any()]
+    y = torch.full((buf.capacity, cfg.hidden), float("nan"), dtype=torch.bfloat16, device=dev)
+    y[:rows] = fast_reference.expert_rows(expected.x, expected.x_scales, me)  # rows past num_tokens: never read
+    z = buf.combine(y, out.handle)
+    z_expected = fast_reference.expected_combine(batch, values, value_scales, cfg.num_experts, me,
+                                                 cfg.gpus_per_node if buf.nodes > 1 else None)
+    combine_bad = _differs(z_expected, z)
+    problems = []
+    if out.handle.path != path_expected:
+        problems.append(f"took the {out.handle.path} path, expected {path_expected}")
+    if bool(torch.stack(bad).any()):
+        problems.append(_dispatch_message(out, expected, tokens, cfg.ht_parts, plan.poisoned, buf.capacity))
+    if bool(combine_bad):
+        try:
+            assert_equal("combine", z_expected.cpu(), z.cpu())
+            problems.append("combine: the device comparison differed, the host check did not")
+        except AssertionError as err:
+            problems.append(str(err))
+    if plan.zero_copy:  # the next call must rewrite every row it returns (receive regions included)
+        poison_rows(out)
+    return problems, rows
+
+
+def _differs(expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """A device bool: shapes or bytes differ."""
+    if expected.shape != got.shape or expected.dtype != got.dtype:
+        return torch.ones((), dtype=torch.bool, device=got.device)
+    return (expected.contiguous().reshape(-1).view(torch.uint8) != got.contiguous().reshape(-1).view(torch.uint8)).any()
+
+
+def _dispatch_message(out, expected, tokens, parts, poisoned, capacity) -> str:
+    """ep_cases' checks on host copies, for the message of a dispatch mismatch."""
+    host = dataclasses.replace(expected, **{f.name: getattr(expected, f.name).cpu() if getattr(expected, f.name)
+                                            is not None else None for f in dataclasses.fields(expected)})
+    try:
+        n = check_dispatch(out, host, capacity)
+        if out.handle.path == "ht":
+            check_part_rows(out, host, tokens, parts)
+        if poisoned:
+            check_untouched(out, n)
+    except AssertionError as err:
+        return f"dispatch: {err}"
+    return "dispatch: the device comparison differed, the host checks did not"
 
 
 def _run_soak(ranks, dtype: str, calls: int, seconds: float) -> list[dict]:
     shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
     if SOAK_HIDDEN:
         shape = dataclasses.replace(shape, hidden=int(SOAK_HIDDEN))
-    results = ranks.run(_soak, shape, dtype, calls, seconds, SOAK_SEED, timeout=seconds + 300)
+    results = ranks.run(_soak, shape, dtype, calls, seconds, SOAK_SEED, progress_every(ranks.device),
+                        timeout=seconds + 600)
     done = results[0]["calls"]
-    print(f"\n{ranks.device}{ranks.world_size} {dtype} hidden {shape.hidden}: {done} of {calls} calls in {results[0]['seconds']:.0f} s "
-          f"(seed {SOAK_SEED}), paths {results[0]['paths']}, routings {results[0]['kinds']}, "
-          f"rows received per rank {[r['received'] for r in results]}")
-    assert all(r["calls"] == done for r in results), [r["calls"] for r in results]
-    assert done == calls or results[0]["seconds"] > seconds, f"stopped after {done} calls for no reason"
-    assert done > 0, "no call ran"
     mismatches = [f"rank {rank}: {m}" for rank, r in enumerate(results) for m in r["mismatches"]]
-    assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(mismatches[:10])
+    count = sum(r["mismatch_count"] for r in results)
+    took = results[0]["seconds"]
+    print(f"\n{ranks.device}{ranks.world_size} {dtype} hidden {shape.hidden}: {done} pairs checked on every rank, "
+          f"{count} mismatches (a pair with a wrong output on a rank), in {took:.0f} s "
+          f"({done / took:.1f} pairs/s, seed {SOAK_SEED}); paths {results[0]['paths']}, "
+          f"routings {results[0]['kinds']}, "
+          f"{results[0]['full']} at full capacity, rows received per rank {[r['received'] for r in results]}",
+          flush=True)
+    assert all(r["calls"] == done for r in results), [r["calls"] for r in results]
+    assert done == calls or took > seconds, f"stopped after {done} calls for no reason"
+    assert done > 0, "no call ran"
+    assert not count, f"{count} mismatches (the first {len(mismatches)}):\n" + "\n".join(mismatches)
     return results
 
 
 @pytest.mark.soak
-@pytest.mark.timeout(SOAK_SECONDS + 600)
+@pytest.mark.timeout(SOAK_SECONDS + 900)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"], ids=["bf16", "fp8"])
 def test_soak(request, ranks, dtype):
     # "-m gpu" (the GPU pass) would select the GPU soak cases too: they run only when the marker
@@ -141,7 +302,47 @@ def test_soak(request, ranks, dtype):
 @pytest.mark.parametrize("ranks", [pytest.param(("cpu", 2), id="cpu2"),
                                    pytest.param(("cuda", 2), id="gpu2", marks=pytest.mark.gpu)], indirect=True)
 def test_short_soak(ranks):
-    """Ten calls of the soak loop (every routing kind, both paths, a call where no rank sends), fp8."""
-    results = _run_soak(ranks, "float8_e4m3fn", 10, 600.0)
-    assert results[0]["calls"] == 10
-    assert set(results[0]["paths"]) == {"ll", "ht"}, results[0]["paths"]
+    """The soak loop's first ten calls (``FIRST``: every Buffer, path and routing, full capacity,
+    an empty call, zero-copy, pre-quantised and subnormal input), fp8."""
+    results = _run_soak(ranks, "float8_e4m3fn", len(FIRST), 600.0)
+    assert results[0]["calls"] == len(FIRST)
+    assert set(results[0]["paths"]) == {"ll", "ht", "ht_zero_copy", "inter_ll", "inter_ht"}, results[0]["paths"]
+
+
+@pytest.mark.parametrize("world, gpus_per_node", [(2, None), (3, None), (4, 2), (4, 1)])
+def test_fast_reference_matches_reference(world, gpus_per_node):
+    """tests/fast_reference.py against moe_ep.reference, bit for bit, on one process: every
+    routing with and without -1 slots, bf16, fp8 and pre-quantised fp8, empty and full ranks."""
+    from moe_ep import reference
+
+    experts_per_rank, topk, hidden = 3, 4, 256
+    num_experts = experts_per_rank * world
+    gen = torch.Generator().manual_seed(world)
+    for case, (kind, masked, dtype, prequantized) in enumerate(
+            [(k, m, d, p) for k in FUZZ_ROUTINGS for m in (False, True)
+             for d, p in ((torch.bfloat16, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True))]):
+        tokens = [(0, 7, 3, 5)[(r + case) % 4] for r in range(world)]
+        rows = sum(tokens)
+        x = (torch.randn(rows, hidden, generator=gen) * 2.0 ** (-133 if case % 5 == 0 else 0)).to(torch.bfloat16)
+        scales = None
+        if prequantized:
+            x, scales = reference.quantize_fp8(x)
+        ids = fast_reference.routing(kind, rows, num_experts, topk, world, gen, "cpu", target=case % world,
+                                     masked=masked)
+        batch = fast_reference.Batch(x, scales, ids, torch.rand(rows, topk, generator=gen), tokens)
+        per_rank = [batch.inputs(r) for r in range(world)]
+        expected = reference.dispatch([p[0] for p in per_rank], [p[1] for p in per_rank], [p[2] for p in per_rank],
+                                      num_experts, dtype)
+        ys = [fast_reference.expert_rows(e.x, e.x_scales, d) for d, e in enumerate(expected)]
+        combined = reference.combine(ys, expected, tokens, gpus_per_node)
+        values, value_scales = fast_reference.payload(batch, dtype)
+        for r in range(world):
+            fast = fast_reference.expected_dispatch(batch, values, value_scales, num_experts, r)
+            for f in dataclasses.fields(fast):
+                want, got = getattr(expected[r], f.name), getattr(fast, f.name)
+                if want is None or got is None:
+                    assert want is got, f"case {case}, rank {r}: {f.name}"
+                else:
+                    assert_equal(f"case {case}, rank {r}: {f.name}", want, got)
+            assert_equal(f"case {case}, rank {r}: combine", combined[r],
+                         fast_reference.expected_combine(batch, values, value_scales, num_experts, r, gpus_per_node))

@@ -16,7 +16,9 @@ Ordering rules the kernels rely on:
 - flags carry epochs (per-call sequence numbers kept on the device), so no flag is ever reset
   and a CUDA-graph replay sees fresh values;
 - a wait polls a bounded number of times; on timeout it records who was missing in the
-  rank's local status words instead of hanging.
+  rank's local status words instead of hanging. A wait that begins after such a record gives
+  up at once, so a failed call ends about one timeout after its first wait gave up, not one
+  timeout per program that waits in turn (the interpreter runs programs one after another).
 """
 
 import triton
@@ -291,7 +293,9 @@ def _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, peers, m
     """Wait until each masked slot ``offs_r`` of this rank's flags holds at least ``target``;
     record a timeout naming the rank (``peers``, the writer of each slot) that never got there."""
     ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
-    _, missing = _wait_geq(ptrs, target, mask, max_polls, BLOCK_R)
+    # One poll only once this rank has recorded a timeout (this call, or an earlier one, failed).
+    polls = tl.where(tl.load(status_ptr, volatile=True) == STATUS_OK, max_polls, 0)
+    _, missing = _wait_geq(ptrs, target, mask, polls, BLOCK_R)
     peer = tl.sum(tl.where(tl.arange(0, BLOCK_R) == missing, peers, 0), axis=0)
     _check_wait(status_ptr, tl.where(missing >= 0, peer, -1), phase, epoch)
     tl.debug_barrier()
