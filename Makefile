@@ -8,7 +8,7 @@ TRITON ?= triton==3.6.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench tune
+.PHONY: install demo test test-triton-versions bench tune
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)" \
@@ -16,11 +16,10 @@ install:
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) install "$(TRITON)"
 	@$(PYTHON) -c "import numpy, pytest, pytest_timeout, matplotlib, hypothesis" 2>/dev/null \
 		|| $(PIP) install numpy pytest pytest-timeout matplotlib hypothesis
-	@# Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which
-	@# numpy >= 2.4 refuses: CPU machines (interpreter) take numpy < 2.4.
-	@$(PYTHON) -c "import torch, numpy; v = tuple(map(int, numpy.__version__.split('.')[:2])); \
-		raise SystemExit(0 if torch.cuda.is_available() or v < (2, 4) else 1)" 2>/dev/null \
-		|| $(PIP) install "numpy<2.4"
+	@# CPU machines run the kernels in Triton's interpreter: pyproject's `cpu` extra (numpy < 2.4
+	@# for Triton 3.6's interpreter).
+	@$(PYTHON) -c "import torch; raise SystemExit(0 if torch.cuda.is_available() else 1)" 2>/dev/null \
+		|| { unmet="$$($(PYTHON) scripts/requirements.py --unmet cpu)"; [ -z "$$unmet" ] || $(PIP) install $$unmet; }
 	@$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('moe_ep') is None)" 2>/dev/null \
 		|| $(PIP) install --no-deps --no-build-isolation -e .
 
@@ -29,6 +28,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The CPU contract subset under Triton 3.6, 3.8 and 3.9, one venv each (scripts/test_triton_versions.sh).
+test-triton-versions:
+	PYTHON=$(PYTHON) TORCH_CPU="$(TORCH_CPU)" TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) scripts/test_triton_versions.sh
 
 bench: install
 	$(PYTHON) benchmarks/bench_ep.py

@@ -39,6 +39,7 @@ import triton.language as tl
 
 from moe_ep.kernels.numerics import E4M3FN, _quantize_fp8, _to_bf16
 from moe_ep.kernels.registry import KernelSpec
+from moe_ep.transport.primitives import _mask_if
 
 # -- nccl-padded ----------------------------------------------------------------------------------
 
@@ -55,7 +56,7 @@ def _padded_pack_kernel(x_ptr, topk_ids_ptr, topk_weights_ptr, send_ptr, dest_pt
     slot = tl.program_id(0)
     is_token = slot < num_tokens
     offs_k = tl.arange(0, BLOCK_K)
-    mask_k = (offs_k < TOPK) & is_token
+    mask_k = _mask_if(offs_k < TOPK, is_token)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < WORLD
     ids = tl.load(topk_ids_ptr + slot * TOPK + offs_k, mask=mask_k, other=-1).to(tl.int32)  # [BLOCK_K]
@@ -75,7 +76,8 @@ def _padded_pack_kernel(x_ptr, topk_ids_ptr, topk_weights_ptr, send_ptr, dest_pt
     offs_h = tl.arange(0, BLOCK_H)
     for start in range(0, HIDDEN, BLOCK_H):
         mask_h = start + offs_h < HIDDEN
-        x = tl.load(x_ptr + slot.to(tl.int64) * HIDDEN + start + offs_h, mask=mask_h & is_token, other=0.0)
+        x = tl.load(x_ptr + slot.to(tl.int64) * HIDDEN + start + offs_h, mask=_mask_if(mask_h, is_token),
+                    other=0.0)
         mask_x = mask_rows[:, None] & mask_h[None, :]  # [BLOCK_R, BLOCK_H]
         if FP8:
             q, scales = _quantize_fp8(x.to(tl.float32), BLOCK_H, E4M3FN,
@@ -105,7 +107,7 @@ def _padded_combine_kernel(back_ptr, dest_ptr, out_ptr, capacity, HIDDEN: tl.con
     for d in tl.static_range(WORLD):
         hit = tl.load(dest_ptr + slot * WORLD + d) != 0
         row = back_ptr + (d * capacity + slot).to(tl.int64) * HIDDEN
-        acc += tl.load(row + offs_h, mask=mask_h & hit, other=0.0).to(tl.float32)  # [BLOCK_H]
+        acc += tl.load(row + offs_h, mask=_mask_if(mask_h, hit), other=0.0).to(tl.float32)  # [BLOCK_H]
     tl.store(out_ptr + slot.to(tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
 
 

@@ -7,6 +7,8 @@ here; kernels and the transport ask this module instead of testing vendors thems
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
 import warnings
 
@@ -18,20 +20,93 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def use_interpreter_without_gpu() -> None:
-    """Run kernels through Triton's interpreter on a machine without a GPU.
+def use_interpreter() -> None:
+    """Interpret every ``@triton.jit`` defined from now on (``moe_ep.use_interpreter``): sets
+    ``TRITON_INTERPRET=1`` in ``os.environ`` (Triton's own switch, read when a function is
+    decorated; rank processes started later inherit it) and speeds the interpreter up.
 
-    Must run before any ``@triton.jit`` function is defined: Triton decides at decoration time
-    whether a function is compiled or interpreted. An explicit ``TRITON_INTERPRET`` wins.
-    """
-    if "TRITON_INTERPRET" not in os.environ and not gpu_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    if interpreting():
-        # The interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4
-        # allows it with this warning (numpy >= 2.4 refuses: see the Makefile's pin).
-        warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
-        _patch_language_once()
-        _patch_bf16_to_float32()
+    Raises ``RuntimeError`` if moe_ep's kernels, or ``triton.language`` itself (whose standard
+    functions, ``tl.zeros`` among them, are ``@triton.jit`` too), were already defined compiled:
+    Triton cannot turn them into interpreted ones afterwards."""
+    if kernel_mode() in ("compiled", "mixed"):
+        raise RuntimeError(
+            "moe_ep.use_interpreter() came too late: moe_ep's kernels or triton.language were already "
+            "defined compiled (moe_ep.Buffer, a moe_ep kernel module or triton was imported first). Call it "
+            "right after `import moe_ep`, before anything imports triton, or set TRITON_INTERPRET=1 in the "
+            "environment before starting Python")
+    check_interpreter()
+    os.environ["TRITON_INTERPRET"] = "1"
+    patch_interpreter()
+
+
+def kernel_mode() -> str | None:
+    """How the Triton functions moe_ep's kernels use were defined in this process: "compiled",
+    "interpreted" (Triton's interpreter), "mixed", or None while neither a moe_ep module that
+    defines kernels nor ``triton.language`` (its standard functions are ``@triton.jit``) is
+    imported."""
+    modes = set()
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name.split(".")[0] == "moe_ep" or name == "triton.language.standard"):
+            continue
+        for value in list(vars(module).values()):
+            kind = type(value).__name__
+            if kind in ("JITFunction", "InterpretedFunction") and type(value).__module__.startswith("triton."):
+                modes.add("interpreted" if kind == "InterpretedFunction" else "compiled")
+        if len(modes) == 2:
+            break
+    if len(modes) > 1:
+        return "mixed"
+    return modes.pop() if modes else None
+
+
+def require_interpreted_kernels(device: torch.device) -> None:
+    """Raise ``RuntimeError`` before any launch when kernels for a CPU ``device`` are compiled
+    (they run on the CPU only in Triton's interpreter)."""
+    mode = kernel_mode()
+    if torch.device(device).type == "cpu" and mode != "interpreted":
+        raise RuntimeError(
+            f"a Buffer on the CPU needs moe_ep's kernels (and triton.language) in Triton's interpreter, but "
+            f"they are {mode}: set TRITON_INTERPRET=1 in the environment before starting Python, or call "
+            "moe_ep.use_interpreter() right after `import moe_ep` (before moe_ep.Buffer is first used and "
+            "before anything imports triton)")
+    if mode == "interpreted":
+        check_interpreter()
+        patch_interpreter()  # TRITON_INTERPRET set after `import moe_ep`: the speed-up still applies
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton ``triton_version``'s interpreter cannot run moe_ep's kernels beside numpy
+    ``numpy_version``, or None. Triton 3.6's interpreter converts 1-element arrays (loop bounds)
+    with int(), which numpy 2.4 refuses; Triton 3.7 squeezes them first (pyproject's ``cpu`` extra)."""
+    def major_minor(version: str) -> tuple[int, int]:
+        parts = re.findall(r"\d+", version)[:2]
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter needs numpy < 2.4 (it calls int() on 1-element "
+                f"arrays), this process has numpy {numpy_version}: pip install 'numpy<2.4' (moe_ep's `cpu` "
+                "extra), or Triton >= 3.7")
+    return None
+
+
+def check_interpreter() -> None:
+    """Raise ``RuntimeError`` if Triton's interpreter cannot run moe_ep's kernels here (reads the
+    installed versions without importing triton, which must come after TRITON_INTERPRET)."""
+    from importlib import metadata
+
+    problem = interpreter_problem(metadata.version("triton"), metadata.version("numpy"))
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+def patch_interpreter() -> None:
+    """Speed Triton's interpreter up for moe_ep's kernels (only where kernels are interpreted:
+    ``TRITON_INTERPRET=1`` in the environment, or ``use_interpreter``)."""
+    # Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(); numpy < 2.4
+    # allows it with this warning (numpy >= 2.4 refuses: see interpreter_problem).
+    warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar")
+    _patch_language_once()
+    _patch_bf16_to_float32()
 
 
 def _patch_language_once() -> None:

@@ -55,8 +55,8 @@ class Buffer:
         kernels check them on the device in any case: an id outside [-1, num_experts) routes
         nowhere and raises ``BadCallError`` at the next check (the next call, or ``check()``).
         Shapes, dtypes and devices are always checked on the host.
-        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones and $MOE_EP_TUNED,
-        or "off" for the defaults only (see ``moe_ep.tuning``)."""
+        ``tuned``: a tuned-parameters JSON file to use besides the shipped ones, the user's and
+        $MOE_EP_TUNED, or "off" for the defaults only (see ``moe_ep.tuning``)."""
         self.group = group
         self.cfg = cfg
         self.rank = dist.get_rank(group)
@@ -76,6 +76,7 @@ class Buffer:
             device = torch.device("cpu") if _platform.interpreting() or not _platform.gpu_available() else \
                 torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device)
+        _platform.require_interpreted_kernels(self.device)  # before any allocation or launch
         self.capacity = cfg.capacity(self.world_size)
         self.check_inputs = check_inputs
         _check_ranks_agree(group, self.rank, self.world_size, cfg, self.device)  # before anything is allocated
@@ -289,6 +290,7 @@ class Buffer:
     def tune_key(self, path: str, num_tokens: int, zero_copy: bool = False) -> TuneKey:
         """The key of tuned tables for a ``path`` call of ``num_tokens`` tokens on this Buffer."""
         return TuneKey(gpu=_platform.device_name(self.device), world_size=self.world_size, hidden=self.cfg.hidden,
+                       num_experts=self.cfg.num_experts, topk=self.cfg.topk,
                        dispatch_dtype="fp8" if self.cfg.fp8 else "bf16", path=path, bucket=token_bucket(num_tokens),
                        gpus_per_node=self.cfg.gpus_per_node if path in INTER_PATHS else 0, zero_copy=zero_copy)
 

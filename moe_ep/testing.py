@@ -8,6 +8,8 @@ them for many ``run(fn, *args)`` calls. ``fn(ctx, *args)`` runs on every rank; `
 the per-rank results, re-raises the first failure with its rank and traceback, and kills every
 process when the time runs out instead of hanging. After a failure the pool is closed (its
 ranks may disagree about the state of the group), so the next ``run`` needs a new pool.
+CPU ranks run kernels in Triton's interpreter: their processes start with
+``TRITON_INTERPRET=1`` (``env`` changes what they start with).
 A test that kills a rank on purpose names it in ``run(..., may_die=(rank,))``: that rank's
 death is then a result (``RankDied``) and the survivors run on to their own results; the pool
 is closed afterwards (its group has lost a member).
@@ -96,10 +98,21 @@ def _worker(rank: int, world_size: int, device_type: str, port: int, tasks, resu
     dist.destroy_process_group()
 
 
+def _set_environ(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 class RankPool:
     """``world_size`` rank processes on ``device`` ('cpu' or 'cuda'), reused across runs."""
 
-    def __init__(self, world_size: int, device: str = "cpu", start_timeout: float = 300.0, share_device: bool = False):
+    def __init__(self, world_size: int, device: str = "cpu", start_timeout: float = 300.0, share_device: bool = False,
+                 env: dict[str, str | None] | None = None):
+        """``env``: environment variables the rank processes start with, over the defaults
+        (CPU: ``TRITON_INTERPRET=1``); None removes one."""
         if device != "cpu" and not share_device and torch.cuda.device_count() < world_size:
             raise RuntimeError(f"{world_size} ranks need {world_size} GPUs; "
                                f"{torch.cuda.device_count()} are visible")
@@ -114,18 +127,16 @@ class RankPool:
                        for r in range(world_size)]
         # Children inherit the environment when started: CPU ranks must interpret kernels before
         # anything (the pickled function's module, say) imports a kernel module.
-        saved = os.environ.get("TRITON_INTERPRET")
-        if device == "cpu":
-            os.environ["TRITON_INTERPRET"] = "1"
+        env = dict({"TRITON_INTERPRET": "1"} if device == "cpu" else {}, **(env or {}))
+        saved = {name: os.environ.get(name) for name in env}
         try:
+            _set_environ(env)
             for p in self._procs:
                 p.start()
         finally:
-            if saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
+            _set_environ(saved)
         self.closed = False
+        self.pids = [p.pid for p in self._procs]  # of the rank processes, in rank order
         self._collect("start", start_timeout)
 
     def run(self, fn, *args, timeout: float = 300.0, may_die: tuple = (), **kwargs) -> list:

@@ -1,8 +1,13 @@
 """Search launch parameters on the GPUs at hand and write the winners to a tuned JSON file.
 
-    python -m moe_ep.tune                              # every GPU count >= 2, DeepSeek-V3 shape
+    python -m moe_ep.tune        # every GPU count >= 2, DeepSeek-V3 shape, into the user's file:
+                                 # $XDG_CACHE_HOME/moe_ep/tuned/<card>.json (~/.cache/moe_ep/...),
+                                 # which every later Buffer on this machine reads
     python -m moe_ep.tune --worlds 4 --tokens 128,4096 --out my_tuned.json
     MOE_EP_TUNED=my_tuned.json python my_server.py     # Buffer then uses them
+
+The installed package is never written unless ``--out`` names a file there (maintainers
+refreshing ``moe_ep/tuned/``); ``moe_ep.tuning`` gives the order in which Buffer reads files.
 
 For each world size, dispatch dtype, path and token bucket it times every candidate of a small
 grid (``candidates``) the way the benchmark does (CUDA-graph replays, a device barrier before
@@ -11,7 +16,7 @@ combine with the dispatch winner (path ``ht_zc``: the HT dispatch with zero_copy
 best parameters differ; its entries hold the dispatch only). All ranks launch the same
 candidate at a time, and a candidate's time is its slowest rank's median. The defaults are
 timed too, so the file records default vs tuned. The file's entries are keyed as
-``moe_ep.tuning`` looks them up; the shipped ones live in ``moe_ep/tuned/``.
+``moe_ep.tuning`` looks them up (GPU, world size, hidden, experts, top-k, dtype, path, bucket).
 """
 
 from __future__ import annotations
@@ -176,7 +181,7 @@ def _tune_rank(ctx, opts):
 
 def main(argv=None) -> int:
     from moe_ep.testing import RankPool
-    from moe_ep.tuning import SHIPPED_DIR, token_bucket, write_entries
+    from moe_ep.tuning import card_file_name, token_bucket, user_dir, write_entries
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", default=None, help="world sizes (default: 2..all GPUs, powers of two)")
@@ -192,7 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--batch", type=int, default=10)
-    p.add_argument("--out", default=None, help="JSON file to merge into (default: moe_ep/tuned/<card>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON file to merge into (default: $XDG_CACHE_HOME/moe_ep/tuned/<card>.json, which "
+                        "Buffer reads)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: 2 ranks, small shape")
     args = p.parse_args(argv)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -217,9 +224,9 @@ def main(argv=None) -> int:
         with RankPool(world, device) as pool:
             entries += pool.run(_tune_rank, opts, timeout=3600)[0]
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    out = args.out or SHIPPED_DIR / f"{card.replace('NVIDIA ', '').replace(' ', '-').lower()}.json"
+    out = args.out or user_dir() / card_file_name(card)
     write_entries(out, entries)
-    print(f"{len(entries)} entries written to {out}")
+    print(f"{len(entries)} entries written to {out}" + ("" if args.out else " (read by every Buffer: moe_ep.tuning)"))
     for e in entries:
         m = e["measured"]
         combine = f", combine {m['combine_default_us']:.1f} -> {m['combine_tuned_us']:.1f} us" \

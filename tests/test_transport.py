@@ -182,16 +182,17 @@ def _heap_is_shared(ctx):
                 buf = (ctypes.c_int32 * mine.numel()).from_address(addr)
                 seen.append(list(buf))
         heap.barrier()
-        return seen
+        return seen, heap.host_segments
     finally:
         heap.close()
 
 
 def test_heap_maps_every_peer():
-    seen = run_ranks(_heap_is_shared, 3)
+    results = run_ranks(_heap_is_shared, 3)
     n = 64 * 3 // 4
-    for rank, views in enumerate(seen):
+    for rank, (views, segments) in enumerate(results):
         assert views == [list(range(p * 1000, p * 1000 + n)) for p in range(3)], f"rank {rank}"
+        assert segments == "memfd", segments  # anonymous: no name in /dev/shm (tests/test_host_heap.py)
 
 
 def test_carve_aligns_and_rejects_duplicates():

@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from moe_ep.kernels.params import DispatchParams, default_combine, default_dispatch
-from moe_ep.tuning import ENV_VAR, TunedTable, TuneKey, token_bucket, write_entries
+from moe_ep.kernels.params import CombineParams, DispatchParams, default_combine, default_dispatch
+from moe_ep.tuning import ENV_VAR, TunedTable, TunedTableWarning, TuneKey, read_entries, token_bucket, write_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,9 +29,15 @@ def _entry(key: TuneKey, send_programs: int) -> dict:
                 combine=dict(send_programs=8, reduce_programs=8, block_h=1024, num_warps=4))
 
 
-def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
+def _key(**changes) -> TuneKey:
     # A GPU name no shipped table has, so only this test's files answer.
-    key = TuneKey(gpu="test GPU", world_size=4, hidden=7168, dispatch_dtype="fp8", path="ll", bucket=128)
+    return dataclasses.replace(TuneKey(gpu="test GPU", world_size=4, hidden=7168, num_experts=256, topk=8,
+                                       dispatch_dtype="fp8", path="ll", bucket=128), **changes)
+
+
+def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no user files
+    key = _key()
     env_file, extra_file = tmp_path / "env.json", tmp_path / "extra.json"
     write_entries(env_file, [_entry(key, 11)])
     write_entries(extra_file, [_entry(key, 22)])
@@ -45,18 +52,16 @@ def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
     fallback = TunedTable.load(extra_file).choose(dataclasses.replace(other, hidden=4096), True)
     assert fallback.source == "default"
     assert fallback.dispatch == default_dispatch("ll", 4096, 4, 256, True)
+    for shape in (dict(topk=6), dict(num_experts=128)):  # another model's shape: its own entries only
+        assert TunedTable.load(extra_file).choose(dataclasses.replace(key, **shape), True).source == "default"
     monkeypatch.setenv(ENV_VAR, "off")
     assert TunedTable.load(extra_file).choose(key, True).source == "default"
     monkeypatch.setenv(ENV_VAR, str(env_file))
-    # A file written before a key field existed reads with that field's default.
-    old_file = tmp_path / "old.json"
-    legacy = {k: v for k, v in _entry(key, 55).items() if k != "gpus_per_node"}
-    old_file.write_text(json.dumps({"entries": [legacy]}))
-    assert TunedTable.load(old_file).choose(key, True).dispatch.send_programs == 55
     # Merging replaces the entry with the same key and keeps the others.
     write_entries(extra_file, [_entry(key, 33), _entry(other, 44)])
-    entries = json.loads(extra_file.read_text())["entries"]
-    assert sorted(e["dispatch"]["send_programs"] for e in entries) == [33, 44]
+    data = json.loads(extra_file.read_text())
+    assert data["format_version"] == "2.0"
+    assert sorted(e["dispatch"]["send_programs"] for e in data["entries"]) == [33, 44]
     # Between tuned buckets 128 and 256: the nearer by powers of two, the smaller on a tie.
     table = TunedTable.load(extra_file)
     picks = {b: table.choose(dataclasses.replace(key, bucket=b), True).dispatch.send_programs
@@ -68,6 +73,71 @@ def test_lookup_prefers_later_files_and_falls_back(tmp_path, monkeypatch):
     partial = TunedTable.load(partial_file).choose(other, True)
     assert partial.dispatch.send_programs == 66 and partial.source.endswith("combine default")
     assert partial.combine == default_combine("ll", 7168, 4, 256, True)
+
+
+def test_format_1_files_read_as_deepseek_v3_and_merge(tmp_path):
+    """A file written before format_version, num_experts and topk (and with an entry from before
+    gpus_per_node): its entries are DeepSeek-V3's 256 experts, top-8; merging into it writes format 2."""
+    key = _key()
+    legacy = {k: v for k, v in _entry(key, 55).items() if k not in ("num_experts", "topk", "gpus_per_node")}
+    old_file = tmp_path / "old.json"
+    old_file.write_text(json.dumps({"entries": [legacy]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        table = TunedTable.load(old_file)
+    assert table.choose(key, True).dispatch.send_programs == 55
+    assert table.choose(_key(topk=4), True).source == "default"
+    write_entries(old_file, [_entry(_key(topk=4), 77)])
+    data = json.loads(old_file.read_text())
+    assert data["format_version"] == "2.0"
+    assert sorted((e["topk"], e["num_experts"], e["dispatch"]["send_programs"]) for e in data["entries"]) == \
+        [(4, 256, 77), (8, 256, 55)]
+
+
+def test_unknown_keys_and_bad_entries_are_skipped_with_a_warning(tmp_path):
+    """What a newer moe_ep may write (keys this one does not know, a newer major format) and
+    broken entries cost a warning, never a Buffer: the usable entries still answer."""
+    key, other = _key(), _key(bucket=8)
+    good = _entry(key, 12)
+    good["dispatch"]["future_knob"] = 3
+    good["combine"]["future_combine_knob"] = 1
+    good["future_key_field"] = "x"
+    broken = dict(_entry(other, 13), dispatch=dict(_entry(other, 13)["dispatch"], block_h=100))  # not a power of 2
+    no_path = {k: v for k, v in _entry(_key(bucket=16), 14).items() if k != "path"}
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps({"format_version": "2.7", "written_by": "moe_ep 9", "entries": [good, broken, no_path]}))
+    with pytest.warns(TunedTableWarning) as record:
+        table = TunedTable.load(path)
+    messages = "\n".join(str(w.message) for w in record)
+    for name in ("combine.future_combine_knob", "dispatch.future_knob", "entries[].future_key_field", "written_by"):
+        assert name in messages, messages
+    assert "2 unusable entries skipped" in messages and "power of two" in messages and "'path'" in messages
+    chosen = table.choose(key, True)
+    assert chosen.dispatch.send_programs == 12 and chosen.source == f"tuned: {path}"
+    assert chosen.combine == CombineParams(**_entry(key, 12)["combine"])
+    assert table.choose(other, True).source == f"tuned: {path} (bucket 128)"  # the broken one is not there
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"format_version": "3.0", "entries": [_entry(key, 99)]}))
+    with pytest.warns(TunedTableWarning, match=r"format 3.0, newer than this moe_ep reads \(2.x\), ignored"):
+        assert TunedTable.load(newer).choose(key, True).source == "default"
+    with pytest.raises(ValueError, match="does not write"):
+        write_entries(newer, [_entry(key, 1)])
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    with pytest.warns(TunedTableWarning, match="not readable JSON"):
+        assert read_entries(garbage) == {}
+
+
+def test_shipped_tables_read_cleanly():
+    """Every shipped entry is usable by this version (no warning), in the current format."""
+    from moe_ep.tuning import SHIPPED_DIR
+
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        assert data["format_version"] == "2.0", path
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(read_entries(path)) == len(data["entries"]) > 0, path
 
 
 def test_params_are_validated():
@@ -133,28 +203,44 @@ def test_other_parameters_give_identical_results(ranks):
     assert all(ranks.run(_default_vs_other_params))
 
 
-def test_tuner_writes_a_table_the_buffer_uses(tmp_path):
-    out = tmp_path / "tuned.json"
-    proc = subprocess.run([sys.executable, "-m", "moe_ep.tune", "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+def test_tuner_writes_a_table_the_buffer_uses(tmp_path, monkeypatch):
+    """Without --out the tuner writes the user's file (never the installed package), which
+    TunedTable.load (what Buffer calls) then reads."""
+    from moe_ep.tuning import SHIPPED_DIR
+
+    shipped = {p.name: p.read_bytes() for p in SHIPPED_DIR.iterdir()}
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop(ENV_VAR, None)
+    proc = subprocess.run([sys.executable, "-m", "moe_ep.tune", "--smoke"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    entries = json.loads(out.read_text())["entries"]
+    out = tmp_path / "cache" / "moe_ep" / "tuned" / "cpu.json"
+    assert f"written to {out}" in proc.stdout, proc.stdout
+    assert {p.name: p.read_bytes() for p in SHIPPED_DIR.iterdir()} == shipped
+    data = json.loads(out.read_text())
+    entries = data["entries"]
+    assert data["format_version"] == "2.0"
     assert {(e["dispatch_dtype"], e["path"], e["zero_copy"]) for e in entries} == {
         (d, p, zc) for d in ("fp8",)
         for p, zc in (("ll", False), ("ht", False), ("ht", True), ("inter", False), ("expert", False))}
     assert all((e["combine"] is None) == e["zero_copy"] for e in entries)
     assert all(e["gpus_per_node"] == (1 if e["path"] == "inter" else 0) for e in entries)
+    assert all((e["num_experts"], e["topk"]) == (8, 2) for e in entries)
     assert all(e["bucket"] == 4 and e["measured"]["dispatch_tuned_us"] <= e["measured"]["dispatch_default_us"]
                for e in entries)
-    key = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ll", bucket=4)
-    chosen = TunedTable.load(out).choose(key, False)
-    assert chosen.source == f"tuned: {out}"
-    zero_copy = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="ht", bucket=4, zero_copy=True)
-    chosen = TunedTable.load(out).choose(zero_copy, False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    table = TunedTable.load()  # shipped files, then the user's
+    key = TuneKey(gpu="cpu", world_size=2, hidden=256, num_experts=8, topk=2, dispatch_dtype="fp8", path="ll",
+                  bucket=4)
+    assert table.choose(key, False).source == f"tuned: {out}"
+    zero_copy = dataclasses.replace(key, path="ht", zero_copy=True)
+    chosen = table.choose(zero_copy, False)
     assert chosen.source.startswith(f"tuned: {out}") and chosen.combine is not None  # the default combine
-    inter = TuneKey(gpu="cpu", world_size=2, hidden=256, dispatch_dtype="fp8", path="inter", bucket=4, gpus_per_node=1)
-    assert TunedTable.load(out).choose(inter, False).source == f"tuned: {out}"
-    assert TunedTable.load(out).choose(dataclasses.replace(inter, gpus_per_node=2), False).source == "default"
+    inter = dataclasses.replace(key, path="inter", gpus_per_node=1)
+    assert table.choose(inter, False).source == f"tuned: {out}"
+    assert table.choose(dataclasses.replace(inter, gpus_per_node=2), False).source == "default"
+    assert table.choose(dataclasses.replace(key, topk=3), False).source == "default"
 
 
 def _warmup_then_call(ctx):

@@ -34,8 +34,8 @@ import triton.language as tl
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import KERNELS, register
-from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch, _peer_ptr, _row,
+from moe_ep.transport.primitives import (PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
+                                         _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _row,
                                          _signal_peers, _wait_peers)
 
 
@@ -111,8 +111,8 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
                          mask=mask)
         # One arrival counter per range (lane 0), then range q's signal to every rank.
         last = _arrive(counters_ptr + SEND_ARRIVALS + q + offs_r * 0, offs_r == 0, send_programs)
-        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r & (tl.max(last.to(tl.int32), axis=0) > 0),
-                      epoch)
+        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r,
+                      _mask_if(mask_r, tl.max(last.to(tl.int32), axis=0) > 0), epoch)
     else:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
                     PHASE_COMBINE_RECV, max_polls, BLOCK_R)
@@ -127,8 +127,8 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
                 acc = tl.zeros([BLOCK_H], tl.float32)
                 for d in range(0, world_size):
                     sent = ((sent_to >> d) & 1) != 0
-                    part = tl.load(_row(base, d * max_tokens + t, HIDDEN, ALIGNED) + offs_h, mask=mask_h & sent,
-                                   other=0.0)
+                    part = tl.load(_row(base, d * max_tokens + t, HIDDEN, ALIGNED) + offs_h,
+                                   mask=_mask_if(mask_h, sent), other=0.0)
                     acc += part.to(tl.float32)
                 tl.store(out_ptr + tl.cast(t, tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
         if CREDITS:

@@ -33,8 +33,8 @@ from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _launch_epoch, _peer_ptr, _row, _signal_peers,
-                                         _wait_peers)
+                                         SEND_ARRIVALS, _arrive, _launch_epoch, _mask_if, _peer_ptr, _row,
+                                         _signal_peers, _wait_peers)
 
 
 @triton.jit(do_not_specialize=("num_tokens", "slots", "half", "send_programs", "reduce_programs", "num_programs"))
@@ -84,7 +84,8 @@ def _combine_expert_kernel(
                 tl.store(ptr_dst[:, None] + offs_h[None, :], tl.load(ptr_y[:, None] + offs_h[None, :], mask=mask),
                          mask=mask)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r * 0, offs_r == 0, send_programs)
-        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r & (tl.max(last.to(tl.int32)) > 0), epoch)
+        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, _mask_if(mask_r, tl.max(last.to(tl.int32)) > 0),
+                      epoch)
     elif PHASE != PHASE_SEND:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
                     PHASE_COMBINE_RECV, max_polls, BLOCK_R)
@@ -103,7 +104,8 @@ def _combine_expert_kernel(
                         acc += part
                 tl.store(out_ptr + tl.cast(t, tl.int64) * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_r * 0, offs_r == 0, reduce_programs)
-        _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, mask_r & (tl.max(last.to(tl.int32)) > 0), epoch)
+        _signal_peers(peer_bases_ptr, credit_offset, rank, offs_r, _mask_if(mask_r, tl.max(last.to(tl.int32)) > 0),
+                      epoch)
     if PHASE != PHASE_RECV:
         _finish_half_launch(counters_ptr, epoch, half, num_programs)
 

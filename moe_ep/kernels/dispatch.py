@@ -45,7 +45,7 @@ from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _quantize_fp8, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span,
-                                         _finish_launch, _launch_epoch, _peer_ptr, _record_input_error, _row,
+                                         _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
                                          _signal_peers, _wait_peers)
 
 
@@ -188,7 +188,7 @@ def _store_range_rows(range_rows_ptr, first, offs_t, is_dst, carry, last_block, 
         rows = carry + tl.sum(tl.where((offs_t < start)[:, None], is_dst, 0), axis=0)  # [BLOCK_R]
         here = ((first <= start) & (start < first + BLOCK_T) & (start < num_tokens)) | \
             (last_block & (start >= num_tokens))
-        tl.store(range_rows_ptr + offs_r * (RANGES + 1) + q, rows, mask=mask_r & here)
+        tl.store(range_rows_ptr + offs_r * (RANGES + 1) + q, rows, mask=_mask_if(mask_r, here))
 
 
 @triton.jit(do_not_specialize=("num_tokens",))
@@ -314,7 +314,7 @@ def _send_token(t, load_row, row_base, is_dst, slot, ids, x_ptr, x_scales_ptr, t
     that share the token (BLOCK_H-value chunks part, part + parts, ...; part 0
     also stores the ids, weights and source token)."""
     mask_d = mask_r & (is_dst > 0)  # [BLOCK_R]
-    meta_d = mask_d & (part == 0)
+    meta_d = _mask_if(mask_d, part == 0)
     row = (row_base + slot).to(tl.int64)  # [BLOCK_R] row index in each destination
     load_row = tl.cast(load_row, tl.int64)
     # Expert ids local to each destination (-1 elsewhere) and their weights (0 elsewhere).

@@ -47,8 +47,8 @@ from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
                                          PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive,
-                                         _launch_epoch, _peer_ptr, _record_input_error, _row, _signal_peers,
-                                         _wait_peers)
+                                         _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
+                                         _signal_peers, _wait_peers)
 
 # Which programs a launch holds (the RECV_HOOK launch is the receive program alone).
 PHASE_ALL = tl.constexpr(0)  # send programs, then the receive program
@@ -186,7 +186,8 @@ def _dispatch_expert_kernel(
                             tl.store(_peer_ptr(peer_bases_ptr, dst_k, scales_offset, tl.float32) + row_k * NUM_SCALES
                                      + offs_s, scales, mask=mask_s)
         last = _arrive(counters_ptr + SEND_ARRIVALS + offs_r * 0, offs_r == 0, send_programs)
-        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r & (tl.max(last.to(tl.int32)) > 0), epoch)
+        _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, _mask_if(mask_r, tl.max(last.to(tl.int32)) > 0),
+                      epoch)
     elif PHASE != PHASE_SEND:  # the receive program: every rank's rows of this call have landed
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
                     PHASE_DISPATCH_RECV, max_polls, BLOCK_R)

@@ -55,7 +55,8 @@ from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
-                                         _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers, _wait_peers)
+                                         _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _signal_peers,
+                                         _wait_peers)
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def _dispatch_ht_kernel(
             last = _arrive(counters_ptr + SEND_ARRIVALS + g + offs_r * 0, offs_r == 0, send_programs)
             for q in range(g * RANGES // groups, (g + 1) * RANGES // groups):
                 _signal_peers(peer_bases_ptr, range_signal_offset + q * world_size * 4, rank, offs_r,
-                              mask_r & (tl.max(last.to(tl.int32), axis=0) > 0), epoch)
+                              _mask_if(mask_r, tl.max(last.to(tl.int32), axis=0) > 0), epoch)
     else:
         j = pid - send_programs
         meta = j == world_size * recv_parts  # the program that writes the totals and part_rows

@@ -55,8 +55,8 @@ from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _to_bf16, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport import shmem
 from moe_ep.transport.primitives import (PHASE_COMBINE_RECV, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
-                                         _arrive, _finish_launch, _launch_epoch, _peer_ptr, _signal_peers,
-                                         _row, _wait_peers)
+                                         _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _row,
+                                         _signal_peers, _wait_peers)
 from moe_ep.transport.shmem import _complete_puts, _put_row, _put_word
 
 
@@ -293,7 +293,7 @@ def _dispatch_internode_kernel(
                 hist += _expert_histogram(ids, BLOCK_ALL_E)
             offs_one = tl.arange(0, 1)
             last_one = _arrive(counters_ptr + RECV_ARRIVALS + src_rank + offs_one, offs_one < 1, forward_parts)
-            last = local_r & (tl.max(last_one.to(tl.int32), axis=0) > 0)
+            last = _mask_if(local_r, tl.max(last_one.to(tl.int32), axis=0) > 0)
             _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, src_rank, counts, hist,
                            last, offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
@@ -385,7 +385,7 @@ def _combine_internode_kernel(
                     for g in range(0, GPUS_PER_NODE):
                         sent = ((sent_to >> (my_node * GPUS_PER_NODE + g)) & 1) != 0
                         ptr_part = _row(base, (g * NUM_NODES + node) * max_tokens + token, HIDDEN, ALIGNED)
-                        acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
+                        acc += tl.load(ptr_part + offs_h, mask=_mask_if(mask_h, sent), other=0.0).to(tl.float32)
                     tl.store(ptr_dst + offs_h, _to_bf16(acc), mask=mask_h)
                 if PUT:
                     _put_row(peer_bases_ptr, rank, dst_rank, node_offset, my_node * max_tokens + token, stage_offset,
@@ -418,12 +418,14 @@ def _combine_internode_kernel(
                             d = node * GPUS_PER_NODE + g
                             sent = ((sent_to >> d) & 1) != 0
                             ptr_part = _row(direct, d * max_tokens + t64, HIDDEN, ALIGNED)
-                            node_acc += tl.load(ptr_part + offs_h, mask=mask_h & sent, other=0.0).to(tl.float32)
+                            node_acc += tl.load(ptr_part + offs_h, mask=_mask_if(mask_h, sent),
+                                                other=0.0).to(tl.float32)
                         acc += node_acc
                     else:
                         node_bits = (sent_to >> (node * GPUS_PER_NODE)) & ((1 << GPUS_PER_NODE) - 1)
                         ptr_part = _row(from_nodes, node * max_tokens + t64, HIDDEN, ALIGNED)
-                        acc += tl.load(ptr_part + offs_h, mask=mask_h & (node_bits != 0), other=0.0).to(tl.float32)
+                        acc += tl.load(ptr_part + offs_h, mask=_mask_if(mask_h, node_bits != 0),
+                                       other=0.0).to(tl.float32)
                 tl.store(out_ptr + t64 * HIDDEN + offs_h, _to_bf16(acc), mask=mask_h)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 

@@ -129,6 +129,15 @@ else:
 
 
 @triton.jit
+def _mask_if(mask, cond):
+    """``mask`` where the scalar ``cond`` holds, else all false. Never ``mask & cond``: Triton's
+    interpreter types a scalar comparison like its operands, so broadcasting ``cond`` makes an
+    int32 array, which Triton 3.9's interpreter refuses as a load, store or atomic mask. Compared
+    at the block's shape it is a bool array; compiled, it is the same ``and``."""
+    return mask & ((tl.zeros(mask.shape, tl.int32) + cond) != 0)
+
+
+@triton.jit
 def _signal(ptr, value):
     """Publish ``value`` at ``ptr`` after every earlier store of this program (release, sys)."""
     tl.atomic_xchg(ptr, value, sem=_release_sem("release", "sys"), scope="sys")

@@ -22,27 +22,9 @@ from __future__ import annotations
 import torch
 
 from moe_ep import _platform
+from moe_ep.transport.errors import BadCallError, PeerTimeoutError
 from moe_ep.transport.primitives import (COUNTER_WORDS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW, INPUT_STATUS,
                                          PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS)
-
-
-class PeerTimeoutError(RuntimeError):
-    """A wait for a peer rank gave up: the peer never arrived (or arrived too late)."""
-
-    def __init__(self, rank: int, peer: int, phase: str, epoch: int):
-        self.rank, self.peer, self.phase, self.epoch = rank, peer, phase, epoch
-        super().__init__(f"rank {rank}: timed out in {phase} waiting for rank {peer} "
-                         f"(call {epoch}); the Buffer cannot be used after this, create a new one")
-
-
-class BadCallError(ValueError):
-    """A call's input the kernels refused on the device (found without a host synchronisation);
-    raised at the next check. What was refused was left out of that call's results."""
-
-    def __init__(self, rank: int, message: str, epoch: int):
-        self.rank, self.epoch = rank, epoch
-        super().__init__(f"rank {rank}: {message} (call {epoch}; that call's results leave it out, the Buffer "
-                         f"stays usable)")
 
 
 class SyncState:
