@@ -260,7 +260,7 @@ def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data:
         bad.append(_differs(fast_reference.expected_part_rows(expected, tokens, cfg.ht_parts), out.handle.part_rows))
     if plan.poisoned:
         bad += [(out.x[rows:].view(torch.uint8) != x_poison(out.x.dtype)).any(),
-                (out.topk_ids[rows:] != POISON_INT).any(), (out.src[rows:] != POISON_INT).any()]
+                (out.topk_ids[rows:] != -1).any(), (out.src[rows:] != POISON_INT).any()]
     y = torch.full((buf.capacity, cfg.hidden), float("nan"), dtype=torch.bfloat16, device=dev)
     y[:rows] = fast_reference.expert_rows(expected.x, expected.x_scales, me)  # rows past num_tokens: never read
     z = buf.combine(y, out.handle)

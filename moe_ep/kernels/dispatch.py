@@ -402,10 +402,16 @@ def _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_of
 
 @triton.jit
 def _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_tokens_ptr, out_tokens_per_expert_ptr,
-                  offs_r, mask_r, EXPERTS_PER_RANK: tl.constexpr, BLOCK_E: tl.constexpr):
-    """num_tokens (the sum of ``counts``, rows from each source) and tokens_per_expert (the sum
-    over sources of their published ``expert_counts`` rows)."""
-    tl.store(out_num_tokens_ptr, tl.sum(counts, axis=0))
+                  offs_r, mask_r, EXPERTS_PER_RANK: tl.constexpr, BLOCK_E: tl.constexpr, out_topk_ids_ptr, out_rows,
+                  TOPK: tl.constexpr):
+    """num_tokens (the sum of ``counts``, rows from each source), tokens_per_expert (the sum over
+    sources of their published ``expert_counts`` rows), and -1 in the topk_ids of every row past
+    num_tokens up to ``out_rows`` (the padding rows: no expert, as DeepEP leaves them)."""
+    total = tl.sum(counts, axis=0)
+    tl.store(out_num_tokens_ptr, total)
+    offs = tl.arange(0, 1024)
+    for start in range(total * TOPK, out_rows * TOPK, 1024):
+        tl.store(out_topk_ids_ptr + start + offs, tl.full([1024], -1, tl.int32), mask=start + offs < out_rows * TOPK)
     offs_e = tl.arange(0, BLOCK_E)
     per_source = tl.load(_peer_ptr(peer_bases_ptr, rank, expert_counts_offset, tl.int32)
                          + offs_r[:, None] * EXPERTS_PER_RANK + offs_e[None, :],
@@ -414,7 +420,8 @@ def _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_to
 
 
 @triton.jit
-def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr, x_offset, scales_offset,
+def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, out_rows, peer_bases_ptr, x_offset,
+                     scales_offset,
                      ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
                      status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
                      out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts,
@@ -422,7 +429,8 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
                      NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
     """Receive program ``j``: part ``j % recv_parts`` of source ``j // recv_parts``'s rows, or (the
-    last one, j == R * recv_parts) num_tokens and tokens_per_expert."""
+    last one, j == R * recv_parts) num_tokens and tokens_per_expert (and -1 in the ids of the
+    outputs' ``out_rows`` past them)."""
     meta = j == world_size * recv_parts  # the program that writes num_tokens / tokens_per_expert
     src_rank = tl.where(meta, world_size - 1, j // recv_parts)
     mask_wait = mask_r & (offs_r <= src_rank)
@@ -432,7 +440,8 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, peer_bas
                      other=0, volatile=True)  # [BLOCK_R] rows from each source
     if meta:
         _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_tokens_ptr,
-                      out_tokens_per_expert_ptr, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_E)
+                      out_tokens_per_expert_ptr, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_E, out_topk_ids_ptr, out_rows,
+                      TOPK)
     else:
         _receive_rows(src_rank, src_rank * max_tokens, tl.sum(tl.where(offs_r == src_rank, counts, 0), axis=0),
                       tl.sum(tl.where(offs_r < src_rank, counts, 0), axis=0), j % recv_parts, recv_parts, rank,
@@ -450,7 +459,7 @@ def _dispatch_kernel(
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
         count_offset, expert_counts_offset, signal_offset, counters_ptr, status_ptr,
-        rank, world_size, num_tokens, max_tokens, max_polls,
+        rank, world_size, num_tokens, max_tokens, max_polls, out_rows,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr,
         send_programs, token_parts, recv_parts, num_programs, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -497,7 +506,7 @@ def _dispatch_kernel(
         _announce_rows(peer_bases_ptr, count_offset, expert_counts_offset, signal_offset, rank, counts, hist, last,
                        offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
-        _receive_program(pid - send_programs, epoch, rank, world_size, max_tokens, max_polls, peer_bases_ptr,
+        _receive_program(pid - send_programs, epoch, rank, world_size, max_tokens, max_polls, out_rows, peer_bases_ptr,
                          x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
                          expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
                          out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r,
@@ -517,7 +526,7 @@ register(_dispatch_kernel,
           "out_num_tokens_ptr": "*i32", "out_tokens_per_expert_ptr": "*i32", "send_mask_ptr": "*i64",
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
-          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls")}},
+          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_tokens", "max_polls", "out_rows")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": True, "X_FP8": False,
           "FP8_FORMAT": E4M3FN.value, "BLOCK_T": 128, "BLOCK_H": 8192, "BLOCK_COPY": 8192, "BLOCK_R": 4, "BLOCK_K": 8,
           "BLOCK_E": 64, "BLOCK_ALL_E": 256, "ALIGNED": True})
@@ -672,7 +681,8 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
         out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
-        send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0], ALIGNED=rows_aligned(cfg, x, out))
+        send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0], out_rows=out.topk_ids.shape[0],
+        ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()
 
 

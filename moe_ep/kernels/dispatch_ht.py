@@ -89,7 +89,7 @@ def _dispatch_ht_kernel(
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, ranges_offset,
         counts_offset, expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr,
         status_ptr,
-        rank, world_size, num_tokens, max_polls,
+        rank, world_size, num_tokens, max_polls, out_rows,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, send_programs, token_parts,
         recv_parts, num_programs, groups,
@@ -155,7 +155,8 @@ def _dispatch_ht_kernel(
         offsets = tl.cumsum(counts, axis=0) - counts  # [BLOCK_R] first output row of each source
         if meta:
             _store_totals(counts, peer_bases_ptr, rank, expert_counts_offset, out_num_tokens_ptr,
-                          out_tokens_per_expert_ptr, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_E)
+                          out_tokens_per_expert_ptr, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_E, out_topk_ids_ptr,
+                          out_rows, TOPK)
             offs_q = tl.arange(0, BLOCK_Q)
             mask = mask_r[:, None] & (offs_q <= RANGES)[None, :]
             at = offs_r[:, None] * (RANGES + 1) + offs_q[None, :]
@@ -192,7 +193,7 @@ register(_dispatch_ht_kernel,
           "out_tokens_per_expert_ptr": "*i32", "out_part_rows_ptr": "*i32", "send_mask_ptr": "*i64",
           "peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32",
           **{name: "i64" for name in _OFFSETS},
-          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_polls")}},
+          **{name: "i32" for name in ("rank", "world_size", "num_tokens", "max_polls", "out_rows")}},
          {"HIDDEN": 7168, "TOPK": 8, "EXPERTS_PER_RANK": 64, "NUM_SCALES": 56, "QUANTIZE": False, "X_FP8": True,
           "FP8_FORMAT": E4M3FN.value, "BLOCK_T": 128,
           "BLOCK_H": 8192,
@@ -259,5 +260,5 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
         out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0],
-        ALIGNED=rows_aligned(cfg, x, out))
+        out_rows=out.topk_ids.shape[0], ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()

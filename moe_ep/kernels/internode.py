@@ -151,7 +151,7 @@ def _dispatch_internode_kernel(
         expert_counts_offset, signal_offset, ix_offset, iscales_offset, iids_offset, iweights_offset, isrc_offset,
         icount_offset, isignal_offset, sx_offset, sscales_offset, sids_offset, sweights_offset, ssrc_offset,
         ssignal_offset, counters_ptr, status_ptr,
-        rank, world_size, num_tokens, max_tokens, max_polls,
+        rank, world_size, num_tokens, max_tokens, max_polls, out_rows,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, GPUS_PER_NODE: tl.constexpr,
         NUM_NODES: tl.constexpr, PUT: tl.constexpr, SHMEM: tl.constexpr, STAGED: tl.constexpr,
@@ -298,8 +298,8 @@ def _dispatch_internode_kernel(
                            last, offs_r, world_size, epoch, EXPERTS_PER_RANK)
     else:
         _receive_program(pid - send_programs - NUM_NODES * forward_parts, epoch, rank, world_size, max_tokens,
-                         max_polls, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-                         count_offset, expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr,
+                         max_polls, out_rows, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
+                         src_offset, count_offset, expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr,
                          out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr,
                          out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, HIDDEN, TOPK, EXPERTS_PER_RANK,
                          NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
@@ -433,7 +433,7 @@ def _combine_internode_kernel(
 _COMMON = {"peer_bases_ptr": "*i64", "counters_ptr": "*i32", "status_ptr": "*i32", "rank": "i32",
            "world_size": "i32", "num_tokens": "i32", "max_tokens": "i32", "max_polls": "i32"}
 register(_dispatch_internode_kernel,
-         {**{name: "i32" for name in ("send_programs", "forward_parts", "recv_parts", "num_programs")},
+         {**{name: "i32" for name in ("send_programs", "forward_parts", "recv_parts", "num_programs", "out_rows")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "slots_ptr": "*i32", "counts_ptr": "*i32", "block_hist_ptr": "*i32", "node_slots_ptr": "*i32",
           "node_counts_ptr": "*i32", "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
@@ -532,8 +532,8 @@ def launch_dispatch_internode(heap, sync, cfg, params, x, x_scales, topk_ids, to
         sids_offset=stage[2], sweights_offset=stage[3], ssrc_offset=stage[4], ssignal_offset=stage[5],
         counters_ptr=sync.counters("dispatch_inter"),
         status_ptr=sync.status, rank=heap.rank, world_size=world, num_tokens=x.shape[0],
-        max_tokens=cfg.max_tokens_per_rank, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
-        EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
+        max_tokens=cfg.max_tokens_per_rank, max_polls=sync.max_polls, out_rows=out.topk_ids.shape[0], HIDDEN=cfg.hidden,
+        TOPK=cfg.topk, EXPERTS_PER_RANK=experts_per_rank, NUM_SCALES=cfg.num_scales, QUANTIZE=cfg.fp8 and x_scales is None,
         X_FP8=x_scales is not None, FP8_FORMAT=fp8_format(cfg.dispatch_dtype), GPUS_PER_NODE=per_node, NUM_NODES=nodes,
         PUT=cfg.inter_puts,
         SHMEM=cfg.inter_shmem, STAGED=staged, send_programs=params.send_programs,
