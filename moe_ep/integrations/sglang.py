@@ -34,13 +34,13 @@ the expert-layout one for decode (``SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RA
 plus ``$MOE_EP_CONFIG`` (``moe_ep.integrations._common``). Dispatch dtypes as SGLang picks
 DeepEP's: fp8 (moe_ep's quantisation, 1x128 float32 scales) or bf16.
 
-Registration: ``register()`` is moe_ep's ``sglang.srt.plugins`` entry point, which SGLang runs in
-every process. With ``MOE_EP_SGLANG=1`` it registers, through SGLang's ``HookRegistry``, a class
-replacement of ``token_dispatcher.deepep.DeepEPDispatcher`` by ``MoeEpDispatcher`` (so the
-dispatcher ``create_moe_dispatcher`` returns for ``--moe-a2a-backend deepep`` is SGLang's TBO
-wrapper around moe_ep, which its models' isinstance checks expect), and an around hook that
-makes ``DeepEPBuffer.clean_buffer`` skip when no DeepEP buffer exists (SGLang's CUDA-graph runner
-switches DeepEP's mode around capture). Not supported: single-batch overlap (combine overlap
+Registration: moe_ep's ``sglang.srt.plugins`` entry point (``plugins.sglang_plugin``), which
+SGLang runs in every process, calls ``install()`` when ``MOE_EP_SGLANG=1``. It registers, through
+SGLang's ``HookRegistry``, a class replacement of ``token_dispatcher.deepep.DeepEPDispatcher`` by
+``MoeEpDispatcher`` (so the dispatcher ``create_moe_dispatcher`` returns for ``--moe-a2a-backend
+deepep`` is SGLang's TBO wrapper around moe_ep, which its models' isinstance checks expect), and
+an around hook that makes ``DeepEPBuffer.clean_buffer`` skip when no DeepEP buffer exists
+(SGLang's CUDA-graph runner switches DeepEP's mode around capture). Not supported: single-batch overlap (combine overlap
 arguments), Blackwell's UE8M0 scale formats, fp4 dispatch, NPUs.
 """
 
@@ -62,7 +62,6 @@ _deepep = require("sglang.srt.layers.moe.token_dispatcher.deepep", _INSTALL, "sg
 _moe_utils = require("sglang.srt.layers.moe.utils", _INSTALL, "sglang")
 _dp_attention = require("sglang.srt.layers.dp_attention", _INSTALL, "sglang")
 
-ENABLE_ENV = "MOE_EP_SGLANG"
 NORMAL_TOKENS_ENV = "MOE_EP_SGLANG_NORMAL_TOKENS"
 DEEPGEMM_ALIGNMENT = 128  # DeepEP normal's expert_alignment when DeepGEMM runs the experts
 DeepEPMode = _moe_utils.DeepEPMode
@@ -260,11 +259,9 @@ def _clean_buffer_if_any(original, cls, *args, **kwargs):
     return original(cls, *args, **kwargs)
 
 
-def register() -> None:
-    """moe_ep's ``sglang.srt.plugins`` entry point: with ``$MOE_EP_SGLANG`` = 1, register the
-    hooks of the module docstring (SGLang applies them after its plugins ran)."""
-    if os.environ.get(ENABLE_ENV, "0") in ("", "0"):
-        return
+def install() -> None:
+    """Register the hooks of the module docstring with SGLang's ``HookRegistry`` (its plugin loader
+    applies them after the plugins ran; ``HookRegistry.apply_hooks()`` does elsewhere)."""
     hooks = require("sglang.srt.plugins.hook_registry", _INSTALL, "sglang")
     target = "sglang.srt.layers.moe.token_dispatcher.deepep"
     hooks.HookRegistry.register(f"{target}.DeepEPDispatcher", MoeEpDispatcher, hooks.HookType.REPLACE)

@@ -11,7 +11,7 @@ with DeepEP works with them:
   space (local id + this rank's first expert; a slot of another rank's expert, -1 in moe_ep, is
   set to ``num_experts - 1`` on rank 0 and to 0 elsewhere, experts that ``expert_map`` sends to -1,
   as vLLM's DeepEP-HT adapter does), the weights (0 for those slots) and the rows per local
-  expert (on the device and the host: DeepEP HT's ``ExpertTokensMetadata.make_from_list``). The
+  expert (on the device and the host, as DeepEP HT's ``ExpertTokensMetadata``). The
   dispatch picks moe_ep's LL or HT path from a token count every rank shares (the largest batch
   over the DP ranks, ``dp_metadata.num_tokens_across_dp_cpu``: a host tensor, no sync) and
   returns HT rows zero-copy (views of the receive memory, read before this rank's next dispatch)
@@ -37,9 +37,9 @@ its own handle (``dbo_current_ubatch_id()``), and the expert layout holds two ca
 Buffers: ``MoeEpAll2AllManager`` (an ``All2AllManagerBase``) owns one ``moe_ep.Buffer`` per
 configuration, made by ``get_handle(kwargs)`` as vLLM's managers make theirs.
 
-Registration (vLLM's backend list is closed): ``register()`` is moe_ep's ``vllm.general_plugins``
-entry point, which vLLM runs in every process. With ``MOE_EP_VLLM=1`` it replaces the all2all
-managers vLLM builds for ``--all2all-backend deepep_high_throughput`` / ``deepep_low_latency``
+Registration (vLLM's backend list is closed): moe_ep's ``vllm.general_plugins`` entry point
+(``moe_ep.integrations.plugins.vllm_plugin``), which vLLM runs in every process, calls ``install()``
+when ``MOE_EP_VLLM=1``. It replaces the all2all managers vLLM builds for ``--all2all-backend deepep_high_throughput`` / ``deepep_low_latency``
 with ``MoeEpAll2AllManager``, and the factory ``maybe_make_prepare_finalize`` with one that
 returns the classes above for such a manager (Standard for high throughput, BatchedExperts for
 low latency; every other backend goes to vLLM's factory). vLLM's own choices keyed on those
@@ -55,7 +55,6 @@ quantisation schemes raise ``NotImplementedError`` when the layer is built.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
@@ -72,7 +71,6 @@ _reduce = require("vllm.model_executor.layers.fused_moe.topk_weight_and_reduce",
 _ubatching = require("vllm.v1.worker.ubatching", _INSTALL, "vllm")
 _forward_context = require("vllm.forward_context", _INSTALL, "vllm")
 
-ENABLE_ENV = "MOE_EP_VLLM"
 BACKENDS = ("deepep_high_throughput", "deepep_low_latency")  # the --all2all-backend values moe_ep takes over
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
@@ -177,7 +175,8 @@ class MoeEpPrepareAndFinalize(_PrepareAndFinalize):
             x, local, weights = out.x[:num_rows], out.topk_ids[:num_rows], out.topk_weights[:num_rows]
             scales = None if out.x_scales is None else out.x_scales[:num_rows]
             valid = local >= 0
-            meta = mk.ExpertTokensMetadata.make_from_list(per_expert, device=x.device)
+            meta = mk.ExpertTokensMetadata(expert_num_tokens=out.tokens_per_expert,
+                                           expert_num_tokens_cpu=torch.tensor(per_expert, dtype=torch.int32))
         ids = torch.where(valid, local.to(ids_dtype) + self.rank_expert_offset,
                           torch.full_like(local, elsewhere, dtype=ids_dtype))
         weights = torch.where(valid, weights, torch.zeros_like(weights))
@@ -190,7 +189,7 @@ class MoeEpPrepareAndFinalize(_PrepareAndFinalize):
         if isinstance(weight_and_reduce_impl, _reduce.TopKWeightAndReduceDelegate):
             # [num_rows, topk, hidden] unweighted: weight and sum over the row's local experts in float32
             # (slots of other ranks' experts carry weight 0).
-            pairs = fused_expert_output.view(num_rows, topk_ids.shape[1], -1).float()
+            pairs = fused_expert_output.view(num_rows, topk_ids.shape[1], output.shape[1]).float()
             if not apply_router_weight_on_input:
                 pairs = pairs * topk_weights.float()[:, :, None]
             rows = pairs.sum(dim=1).to(torch.bfloat16)
@@ -200,7 +199,7 @@ class MoeEpPrepareAndFinalize(_PrepareAndFinalize):
                                                 apply_router_weight_on_input=apply_router_weight_on_input)
         else:
             rows = fused_expert_output.new_empty(0, output.shape[1])
-        y = padded_rows(rows.view(num_rows, -1), self.buffer.capacity)
+        y = padded_rows(rows.reshape(num_rows, output.shape[1]), self.buffer.capacity)
         self.buffer.combine(y, handle, out=output)
         return lambda: None
 
@@ -235,8 +234,9 @@ class MoeEpBatchedPrepareAndFinalize(_PrepareAndFinalize):
     def prepare_async(self, a1, topk_weights, topk_ids, num_experts, expert_map, apply_router_weight_on_input,
                       quant_config, defer_input_quant=False) -> tuple[Callable, mk.ReceiverType]:
         x, ids, weights = self._inputs(a1, topk_weights, topk_ids, apply_router_weight_on_input, defer_input_quant)
-        if self.global_to_physical is not None:  # round-robin placement (vLLM's routing tables)
-            ids = self.global_to_physical[ids.long()].to(ids.dtype)
+        if self.global_to_physical is not None:  # round-robin placement (vLLM's routing tables); -1 stays -1
+            physical = self.global_to_physical[ids.long().clamp(min=0)].to(ids.dtype)
+            ids = torch.where(ids >= 0, physical, ids)
         out, hook = self.buffer.dispatch(x, ids, weights, layout="expert", return_recv_hook=True)
         self._store_handle(out.handle)
         self.last_path = out.handle.path
@@ -277,7 +277,7 @@ class MoeEpBatchedPrepareAndFinalize(_PrepareAndFinalize):
 
 class MoeEpAll2AllManager(_base_comm.All2AllManagerBase):
     """Owns one ``moe_ep.Buffer`` per configuration for vLLM's EP group. vLLM builds it in place
-    of its DeepEP managers (see ``register``); ``from_group`` builds one over any process group."""
+    of its DeepEP managers (see ``install``); ``from_group`` builds one over any process group."""
 
     def __init__(self, cpu_group, tcp_store_group=None):
         super().__init__(cpu_group, tcp_store_group)
@@ -405,9 +405,3 @@ def install() -> None:
         for module in list(sys.modules.values()):
             if getattr(module, "__name__", "").startswith("vllm") and getattr(module, name, None) is original:
                 setattr(module, name, replacement)
-
-
-def register() -> None:
-    """moe_ep's ``vllm.general_plugins`` entry point: ``install()`` when ``$MOE_EP_VLLM`` is 1."""
-    if os.environ.get(ENABLE_ENV, "0") not in ("", "0"):
-        install()
