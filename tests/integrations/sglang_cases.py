@@ -36,13 +36,24 @@ KINDS = ("uniform", "masked", "one_rank", "to_rank0")
 ALIGNMENT = 4  # the normal mode's count alignment in the tests (DeepGEMM's is 128)
 
 
-def setup_rank(tbo: bool = False) -> None:
+def setup_rank(tbo: bool = False, server_args: bool = False) -> None:
     """Per call of a test: the flat Buffers' crossover and a timeout for loaded CPUs
     ($MOE_EP_CONFIG), SGLang's flags as ``--moe-a2a-backend deepep`` sets them (two-batch overlap
-    on or off), and the capacities SGLang's settings give the dispatcher."""
+    on or off), and the token capacities: DeepEP's decode setting, and the prefill one from
+    $MOE_EP_SGLANG_NORMAL_TOKENS or (``server_args``) from SGLang's published server arguments
+    (``--chunked-prefill-size``; they also feed SGLang's choice of the dispatch dtypes)."""
     os.environ["MOE_EP_CONFIG"] = json.dumps({"crossover_tokens": CROSSOVER, "timeout_s": 120.0})
-    os.environ[moe_ep_sglang.NORMAL_TOKENS_ENV] = str(MAX_TOKENS)
     os.environ["SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK"] = str(MAX_TOKENS)
+    if server_args:
+        from sglang.srt.runtime_context import get_context
+        from sglang.srt.server_args import ServerArgs
+
+        os.environ.pop(moe_ep_sglang.NORMAL_TOKENS_ENV, None)
+        # The process-wide slot, without publish()'s resolution (which loads the model's config).
+        get_context().set_server_args(ServerArgs(model_path="unused", moe_a2a_backend="deepep",
+                                                 chunked_prefill_size=MAX_TOKENS))
+    else:
+        os.environ[moe_ep_sglang.NORMAL_TOKENS_ENV] = str(MAX_TOKENS)
     moe = get_flags().moe
     moe.a2a_backend = MoeA2ABackend.DEEPEP
     moe.deepep_mode = DeepEPMode.AUTO
@@ -214,7 +225,7 @@ def run_registered_tbo(ctx, calls: int, seed: int = 9) -> dict:
     assert tbo.DeepEPDispatcher is moe_ep_sglang.MoeEpDispatcher
     deepep.DeepEPBuffer.set_dispatch_mode(DeepEPMode.NORMAL)
     deepep.DeepEPBuffer.set_dispatch_mode(DeepEPMode.LOW_LATENCY)  # would clean DeepEP's (absent) buffer
-    setup_rank(tbo=True)
+    setup_rank(tbo=True, server_args=True)
     d = tbo.MaybeTboDeepEPDispatcher(group=ctx.group, router_topk=TOPK, permute_fusion=True,
                                      num_experts=EXPERTS_PER_RANK * ctx.world_size, num_local_experts=EXPERTS_PER_RANK,
                                      hidden_size=HIDDEN, params_dtype=torch.bfloat16, deepep_mode=DeepEPMode.AUTO,

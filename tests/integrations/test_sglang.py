@@ -23,7 +23,7 @@ def test_dispatcher_matches_reference(rank_pools, mode, dtype, split):
 
     paths = rank_pools("cpu", WORLD).run(sglang_cases.run_dispatcher, mode, dtype, split, 4, timeout=900)
     assert all(p == paths[0] for p in paths), paths
-    expected = {"normal": {"ll", "ht"}, "low_latency": {"expert"}, "auto": {"ht", "expert"}}[mode]
+    expected = {"normal": {"ll", "ht"}, "low_latency": {"expert"}, "auto": {"ll", "ht", "expert"}}[mode]
     assert set(paths[0]) == expected, paths[0]
 
 
