@@ -126,7 +126,12 @@ class MoeEpDispatcher(_base.BaseDispatcher):
         self.deepep_mode = deepep_mode
         self.runner_backend = runner_backend
         self.column_major = column_major
-        self.expert_mask_gpu = None  # DeepEPDispatcher's AITER mask: moe_ep ids need none
+        # DeepEPDispatcher's mask for AITER experts (ROCm): -1 slots go to a sink expert at index
+        # num_local_experts, masked off; DEEPEP_NORMAL's ids here carry -1 the same way.
+        self.expert_mask_gpu = None
+        if _deepep._use_aiter and num_local_experts is not None:
+            self.expert_mask_gpu = torch.ones(num_local_experts + 1, dtype=torch.int, device=torch.cuda.current_device())
+            self.expert_mask_gpu[-1] = 0
         self._deepep_dispatch_hooks = _deepep.DeepEPPDispatchHooks()
         self._stage = "initial"
         self._dispatch_state = None
