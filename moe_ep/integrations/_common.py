@@ -57,10 +57,10 @@ class BufferCache:
     (the layers of a model do: each rank builds the same layers)."""
 
     def __init__(self):
-        self._buffers: dict[tuple[int, EpConfig], Buffer] = {}
+        self._buffers: dict[tuple[dist.ProcessGroup, EpConfig], Buffer] = {}
 
     def get(self, group: dist.ProcessGroup, cfg: EpConfig) -> Buffer:
-        key = (id(group), cfg)
+        key = (group, cfg)  # groups compare by identity
         buf = self._buffers.get(key)
         if buf is None:
             buf = self._buffers[key] = Buffer(group, cfg)
