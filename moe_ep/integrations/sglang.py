@@ -130,7 +130,8 @@ class MoeEpDispatcher(_base.BaseDispatcher):
         # num_local_experts, masked off; DEEPEP_NORMAL's ids here carry -1 the same way.
         self.expert_mask_gpu = None
         if _deepep._use_aiter and num_local_experts is not None:
-            self.expert_mask_gpu = torch.ones(num_local_experts + 1, dtype=torch.int, device=torch.cuda.current_device())
+            self.expert_mask_gpu = torch.ones(num_local_experts + 1, dtype=torch.int,
+                                              device=torch.cuda.current_device())
             self.expert_mask_gpu[-1] = 0
         self._deepep_dispatch_hooks = _deepep.DeepEPPDispatchHooks()
         self._stage = "initial"

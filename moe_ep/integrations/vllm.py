@@ -38,11 +38,12 @@ Buffers: ``MoeEpAll2AllManager`` (an ``All2AllManagerBase``) owns one ``moe_ep.B
 configuration, made by ``get_handle(kwargs)`` as vLLM's managers make theirs.
 
 Registration (vLLM's backend list is closed): moe_ep's ``vllm.general_plugins`` entry point
-(``moe_ep.integrations.plugins.vllm_plugin``), which vLLM runs in every process, calls ``install()``
-when ``MOE_EP_VLLM=1``. It replaces the all2all managers vLLM builds for ``--all2all-backend deepep_high_throughput`` / ``deepep_low_latency``
-with ``MoeEpAll2AllManager``, and the factory ``maybe_make_prepare_finalize`` with one that
-returns the classes above for such a manager (Standard for high throughput, BatchedExperts for
-low latency; every other backend goes to vLLM's factory). vLLM's own choices keyed on those
+(``plugins.vllm_plugin``), which vLLM runs in every process, calls ``install()`` when
+``MOE_EP_VLLM=1``. It replaces the all2all managers vLLM builds for ``--all2all-backend
+deepep_high_throughput`` / ``deepep_low_latency`` with ``MoeEpAll2AllManager``, and the factory
+``maybe_make_prepare_finalize`` with one that returns the classes above for such a manager
+(Standard for high throughput, BatchedExperts for low latency; every other backend goes to
+vLLM's factory). vLLM's own choices keyed on those
 backend names (the activation format its experts oracle picks, CUDA graphs off for high
 throughput) then fit moe_ep as they fit DeepEP. Without ``MOE_EP_VLLM=1`` nothing changes.
 

@@ -123,7 +123,8 @@ def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
     return (torch.nn.functional.silu(h[:, :ffn]) * h[:, ffn:]) @ w2.float().t()
 
 
-def dense_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: Experts) -> torch.Tensor:
+def dense_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    experts: Experts) -> torch.Tensor:
     """The MoE in one process over every expert, float32, no communication: ``[T, H]`` float32."""
     acc = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float32)
     for t in range(x.shape[0]):

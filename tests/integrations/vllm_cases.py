@@ -29,7 +29,7 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (TopKWei
 from vllm.v1.worker.workspace import init_workspace_manager, is_workspace_manager_initialized
 
 import moe_ep.integrations.vllm as moe_ep_vllm
-from framework_cases import (CROSSOVER, EXPERTS_PER_RANK, HIDDEN, MAX_TOKENS, POISON, TOPK, check_accuracy,
+from framework_cases import (CROSSOVER, EXPERTS_PER_RANK, FFN, HIDDEN, MAX_TOKENS, POISON, TOPK, check_accuracy,
                              dense_reference, dequantized, expert_rows_padded, expert_stand_in, flat_stand_in,
                              make_experts, random_inputs, routed_inputs, swiglu)
 from moe_ep import reference
@@ -144,7 +144,7 @@ def moe_config(ctx, fmt: str) -> FusedMoEConfig:
                                       pcp_rank=0, dp_rank=ctx.rank, ep_rank=ctx.rank, sp_size=1, use_ep=True,
                                       all2all_backend=BACKENDS[fmt], enable_eplb=False)
     num_experts = EXPERTS_PER_RANK * ctx.world_size
-    return FusedMoEConfig(num_experts=num_experts, experts_per_token=TOPK, hidden_dim=HIDDEN, intermediate_size=64,
+    return FusedMoEConfig(num_experts=num_experts, experts_per_token=TOPK, hidden_dim=HIDDEN, intermediate_size=FFN,
                           num_local_experts=EXPERTS_PER_RANK, num_logical_experts=num_experts,
                           activation=MoEActivation.SILU, device="cpu", routing_method=RoutingMethodType.Renormalize,
                           moe_parallel_config=parallel, in_dtype=torch.bfloat16, max_num_tokens=MAX_TOKENS)
