@@ -38,3 +38,20 @@ bench: install
 
 tune: install
 	$(PYTHON) -m moe_ep.tune
+
+# The vLLM / SGLang adapters against the frameworks themselves (not in `make test`: each lane
+# builds a venv of about 10 GB). The venvs live under $(INTEGRATIONS_VENVS) (outside the repo) and
+# are reused; moe_ep is installed into them in editable mode (its plugin entry points).
+INTEGRATIONS_VENVS ?= /tmp
+VLLM_VERSION ?= 0.33.0
+SGLANG_VERSION ?= 0.5.23
+
+.PHONY: test-integrations test-integrations-vllm test-integrations-sglang
+
+test-integrations: test-integrations-vllm test-integrations-sglang
+
+test-integrations-vllm:
+	./tests/integrations/run_lane.sh $(INTEGRATIONS_VENVS)/venv-vllm vllm==$(VLLM_VERSION) tests/integrations/test_vllm.py $(PYTEST_ARGS)
+
+test-integrations-sglang:
+	./tests/integrations/run_lane.sh $(INTEGRATIONS_VENVS)/venv-sglang sglang==$(SGLANG_VERSION) tests/integrations/test_sglang.py $(PYTEST_ARGS)
