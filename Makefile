@@ -8,7 +8,7 @@ TRITON ?= triton==3.6.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-triton-versions bench tune
+.PHONY: install demo test test-full test-triton-versions bench tune
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)" \
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# Every multi-rank test on 2, 3 and 4 CPU ranks (CI runs most on 2: tests/conftest.py).
+test-full: install
+	MOE_EP_CPU_WORLDS=2,3,4 $(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 # The CPU contract subset under Triton 3.6, 3.8 and 3.9, one venv each (scripts/test_triton_versions.sh).
 test-triton-versions:
