@@ -74,6 +74,32 @@ def measure(path: str, args, device) -> dict:
     result = {"path": path, "tokens": tokens,
               **{f"{op}_host_us": statistics.median(t) for op, t in times.items()},
               **{f"{op}_host_p90_us": sorted(t)[int(0.9 * len(t))] for op, t in times.items()}}
+    if args.breakdown:
+        from host_breakdown import Sections, instrument
+
+        for op in ("dispatch", "combine"):
+            sections = Sections()
+            instrument(sections)
+            totals = []
+            try:
+                for i in range(args.calls):
+                    start = time.perf_counter()
+                    if op == "dispatch":
+                        out = buf.dispatch(x, ids, weights, **kwargs)
+                    else:
+                        buf.combine(y, out.handle)
+                    totals.append((time.perf_counter() - start) * 1e6)
+                    sections.end_call()
+                    if op == "dispatch":
+                        buf.combine(y, out.handle)
+                    if i % args.batch == args.batch - 1:
+                        buf.check()
+                    sections.discard()  # the untimed calls
+            finally:
+                sections.restore()
+            buf.check()
+            result[f"{op}_breakdown"] = {"wrapped_total_us": statistics.median(totals),
+                                         "sections": sections.medians(args.calls)}
     if args.profile:
         for op in ("dispatch", "combine"):
             prof = cProfile.Profile()
@@ -102,6 +128,7 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--breakdown", action="store_true", help="time the sections of each call (host_breakdown.py)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
@@ -119,14 +146,30 @@ def main(argv=None):
     env = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
     results = [measure(path, args, device) for path in args.paths.split(",")]
+    floor = None
+    if args.breakdown and on_gpu:
+        from host_breakdown import floors
+
+        floor = floors(device)
     print(f"host time per eager call, {env['device']}, torch {env['torch']}, triton {env['triton']} (median / p90 us)")
     for r in results:
         print(f"  {r['path']:7s} {r['tokens']:5d} tokens: dispatch {r['dispatch_host_us']:7.1f} / "
               f"{r['dispatch_host_p90_us']:7.1f}   combine {r['combine_host_us']:7.1f} / {r['combine_host_p90_us']:7.1f}")
+    for r in results:
+        for op in ("dispatch", "combine"):
+            b = r.get(f"{op}_breakdown")
+            if b:
+                print(f"  {r['path']} {op}: {b['wrapped_total_us']:.1f} us wrapped; sections (median us, calls per call):")
+                for label, v in b["sections"].items():
+                    print(f"      {v['median_us']:7.1f}  x{v['per_op_call']:.0f}  {label}")
+    if floor:
+        print("  floors on this machine (median us):")
+        for label, v in floor.items():
+            print(f"      {v:7.1f}  {label}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
-            json.dump({"env": env, "args": vars(args), "results": results}, f, indent=1)
+            json.dump({"env": env, "args": vars(args), "results": results, "floors": floor}, f, indent=1)
         for r in results:
             for op in ("dispatch", "combine"):
                 if f"{op}_profile" in r:

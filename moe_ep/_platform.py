@@ -183,6 +183,16 @@ def vendor() -> str:
     return "amd" if torch.version.hip else "nvidia"
 
 
+def host_alert_word(device: torch.device) -> bool:
+    """Whether the kernels on ``device`` flag a change of their status words by a store into a
+    pinned host word (NVIDIA: page-locked memory is mapped into every GPU's address space under
+    unified addressing, at the same address), so that the host looks at the words only when
+    flagged, with no copy after each launch. On AMD the host copies the words after each launch
+    (hipHostMalloc's default memory is not coherent with the device until the kernel ends: a
+    store there is not known to be seen by the next call's host check)."""
+    return device.type == "cuda" and not torch.version.hip
+
+
 def kernel_arg(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as a Triton kernel argument. float8_e4m3fnuz (MI300X's fp8) is a Triton type on
     AMD targets only: under the interpreter and on NVIDIA such a tensor travels as its bytes (a

@@ -88,6 +88,7 @@ class Buffer:
         self._on_gpu = self.device.type != "cpu"
         self._expert = _ExpertState(self) if cfg.expert_tokens else None
         self._ht_views = None  # the zero-copy HT outputs (views of the receive regions), made at first use
+        self._output_layouts: dict = {}  # views -> the layout of a dispatch's output allocation
         if self.nodes > 1:  # the inter-node path's HT variant stages every token, with node slots
             self._staging = HtStaging.allocate(cfg, self.world_size, self.device, cfg.max_tokens_per_rank,
                                                self.nodes) if cfg.mode != "ll" else None
@@ -201,33 +202,55 @@ class Buffer:
     def _new_dispatch_output(self, views: bool, num_tokens: int = 0, path: str = "ll") -> DispatchOutput:
         """Dispatch outputs (of a call of ``num_tokens`` tokens over ``path``); with ``views`` x,
         x_scales, topk_ids and topk_weights are views of the HT receive regions, which hold the rows
-        in the outputs' layout (``moe_ep.regions``)."""
-        cfg, cap, dev = self.cfg, self.capacity, self.device
-        src = torch.empty(cap, 2, dtype=torch.int32, device=dev)
-        num_recv_tokens = torch.empty(1, dtype=torch.int32, device=dev)
-        forwarded = {}
-        if self.nodes > 1:
-            forwarded = dict(
-                forwarded_token=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int32, device=dev),
-                forwarded_mask=torch.empty(self.nodes, cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
-                forwarded_count=torch.empty(self.nodes, dtype=torch.int32, device=dev))
-        part_rows = torch.empty(self.world_size, cfg.ht_parts + 1, dtype=torch.int32, device=dev) \
-            if self.nodes == 1 and cfg.ht_tokens else None
-        handle = DispatchHandle(src=src, num_recv_tokens=num_recv_tokens,
-                                send_mask=torch.empty(cfg.max_tokens_per_rank, dtype=torch.int64, device=dev),
-                                num_tokens=num_tokens, path=path, buffer_id=id(self), part_rows=part_rows, **forwarded)
+        in the outputs' layout (``moe_ep.regions``). The other tensors share one allocation (one
+        call into the caching allocator instead of one per tensor: the eager host path)."""
+        layout = self._output_layouts.get(views)
+        if layout is None:
+            layout = self._output_layouts[views] = self._output_layout(views)
+        total, fields = layout
+        block = torch.empty(total, dtype=torch.uint8, device=self.device)
+        typed = {}
+        out = {}
+        for name, dtype, shape, strides, offset in fields:
+            base = typed.get(dtype)
+            if base is None:
+                base = typed[dtype] = block.view(dtype)
+            out[name] = base.as_strided(shape, strides, offset)
         if views:
             if self._ht_views is None:  # the same memory every call: made once
-                self._ht_views = {name: self.heap.view("ht_dispatch_" + name, dtype, (cap, width))
+                self._ht_views = {name: self.heap.view("ht_dispatch_" + name, dtype, (self.capacity, width))
                                   for name, dtype, width in self._row_fields()}
-            rows = self._ht_views
-        else:
-            rows = {name: torch.empty(cap, width, dtype=dtype, device=dev) for name, dtype, width in self._row_fields()}
+            out.update(self._ht_views)
+        handle = DispatchHandle(src=out["src"], num_recv_tokens=out["num_recv_tokens"], send_mask=out["send_mask"],
+                                num_tokens=num_tokens, path=path, buffer_id=id(self), part_rows=out.get("part_rows"),
+                                forwarded_token=out.get("forwarded_token"), forwarded_mask=out.get("forwarded_mask"),
+                                forwarded_count=out.get("forwarded_count"))
         return DispatchOutput(
-            x=rows["x"], x_scales=rows.get("scales"), topk_ids=rows["topk_ids"],
-            topk_weights=rows["topk_weights"], src=src, num_tokens=num_recv_tokens,
-            tokens_per_expert=torch.empty(self.experts_per_rank, dtype=torch.int32, device=dev),
+            x=out["x"], x_scales=out.get("scales"), topk_ids=out["topk_ids"], topk_weights=out["topk_weights"],
+            src=out["src"], num_tokens=out["num_recv_tokens"], tokens_per_expert=out["tokens_per_expert"],
             handle=handle)
+
+    def _output_layout(self, views: bool) -> tuple:
+        """(bytes, fields) of the one allocation behind a dispatch's outputs: per field (name, dtype,
+        shape, strides, offset in elements of dtype), each field starting on a 256-byte boundary."""
+        cfg, cap = self.cfg, self.capacity
+        fields = [] if views else [(name, dtype, (cap, width)) for name, dtype, width in self._row_fields()]
+        fields += [("src", torch.int32, (cap, 2)), ("num_recv_tokens", torch.int32, (1,)),
+                   ("send_mask", torch.int64, (cfg.max_tokens_per_rank,)),
+                   ("tokens_per_expert", torch.int32, (self.experts_per_rank,))]
+        if self.nodes > 1:
+            fields += [("forwarded_token", torch.int32, (self.nodes, cfg.max_tokens_per_rank)),
+                       ("forwarded_mask", torch.int64, (self.nodes, cfg.max_tokens_per_rank)),
+                       ("forwarded_count", torch.int32, (self.nodes,))]
+        elif cfg.ht_tokens:
+            fields.append(("part_rows", torch.int32, (self.world_size, cfg.ht_parts + 1)))
+        placed, offset = [], 0
+        for name, dtype, shape in fields:
+            size = dtype.itemsize
+            strides = tuple(int(torch.Size(shape[i + 1:]).numel()) for i in range(len(shape)))
+            placed.append((name, dtype, shape, strides, offset // size))
+            offset += -(-torch.Size(shape).numel() * size // 256) * 256
+        return max(offset, 256), tuple(placed)
 
     def _row_fields(self) -> tuple:
         """(name, dtype, values per row) of the flat outputs' row tensors (scales for fp8 only)."""

@@ -36,7 +36,7 @@ prints a progress line every MOE_EP_SOAK_PROGRESS pairs (default 1000 on GPUs, 5
 flushed, and the test a final line with the pairs checked and the mismatches.
 
 Expected rate on 4 GPUs at hidden 7168 (an estimate: not measured on GPUs yet): host-bound. A pair
-costs two eager calls (150-400 us of host time each, README), about 190 small tensor operations
+costs two eager calls (25-100 us of host time each: README, Performance), about 190 small tensor operations
 for its inputs and the oracle (counted with torch's profiler at 4 ranks, 128 tokens each;
 moe_ep.reference needs 944 for the same pair, growing with the world size's square) and some 40
 for the checks, and 3 host round trips: about 2-4 ms, so 100,000 pairs in 4-7 minutes (set

@@ -7,7 +7,7 @@
   DEEPEP_LL formats, and ``register()``, SGLang's ``sglang.srt.plugins`` entry point.
 
 Importing this package imports no framework; importing an adapter without its framework raises an
-ImportError that names the package to install. ``docs_integrations.md`` (repository root) tells
+ImportError that names the package to install. The README's "Serving frameworks" section tells
 how to launch each framework with moe_ep and what was tested.
 """
 

@@ -176,8 +176,8 @@ def launch_combine(heap, sync, cfg, params, path, y, handle, out) -> None:
 
     static = static_args(heap, ("combine", id(sync), cfg, params, path), make)
     sync.before_launch()
-    _launch_combine(
-        (static["num_programs"],), **static, y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens,
+    _launch_combine.launch(
+        (static["num_programs"],), static, y_ptr=y, src_ptr=handle.src, num_recv_ptr=handle.num_recv_tokens,
         send_mask_ptr=handle.send_mask, part_rows_ptr=handle.part_rows if path == "ht" else handle.src, out_ptr=out,
         num_tokens=handle.num_tokens)
     sync.after_launch()

@@ -151,8 +151,8 @@ def launch_combine_expert(heap, sync, cfg, params, y, handle, out, half: int, we
     reduce_programs = max(1, min(params.reduce_programs, handle.num_tokens))
     num_programs = send_programs + (reduce_programs if phase != PHASE_SEND.value else 0)
     sync.before_launch()
-    _launch_combine_expert(
-        (num_programs,), **static, y_ptr=y, tokens_per_expert_ptr=handle.tokens_per_expert,
+    _launch_combine_expert.launch(
+        (num_programs,), static, y_ptr=y, tokens_per_expert_ptr=handle.tokens_per_expert,
         pair_ids_ptr=handle.pair_ids, pair_weights_ptr=handle.pair_weights, out_ptr=out, num_tokens=handle.num_tokens,
         send_programs=send_programs, reduce_programs=reduce_programs, num_programs=num_programs,
         ALIGNED=cfg.hidden % 8 == 0 and y.data_ptr() % 16 == 0)

@@ -622,7 +622,7 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
         ranges = cfg.ht_parts if nodes == 1 else 0
         staged_x, staged_scales = staging.fp8_rows() if quantize else (None, counts)
         return dict(
-            staging_x_ptr=None if staged_x is None else _platform.kernel_arg(staged_x),
+            **({"staging_x_ptr": _platform.kernel_arg(staged_x)} if quantize else {}),
             staging_scales_ptr=staged_scales, slots_ptr=staging.slots, counts_ptr=counts,
             block_hist_ptr=staging.block_hist(params.block_t),
             node_slots_ptr=staging.node_slots if nodes > 1 else counts, node_counts_ptr=staging.node_counts,
@@ -637,11 +637,10 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
 
     static = static_args(heap, ("stage", id(sync), id(staging), cfg, params, nodes, quantize, op), make)
     x_arg = _platform.kernel_arg(x)
-    if not quantize:  # (the kernel stages nothing: any pointer will do)
-        static = {**static, "staging_x_ptr": x_arg}
+    unstaged = {} if quantize else {"staging_x_ptr": x_arg}  # (the kernel stages nothing: any pointer will do)
     sync.before_launch()
-    _launch_dispatch_stage((max(params.stage_programs, 1),), **static, x_ptr=x_arg, topk_ids_ptr=topk_ids,
-                           send_mask_ptr=send_mask, num_tokens=num_tokens)
+    _launch_dispatch_stage.launch((max(params.stage_programs, 1),), static, x_ptr=x_arg, topk_ids_ptr=topk_ids,
+                                  send_mask_ptr=send_mask, num_tokens=num_tokens, **unstaged)
     if quantize:
         staged_x, staged_scales = staging.fp8_rows()
         return staged_x[:num_tokens], staged_scales[:num_tokens]
@@ -674,8 +673,8 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
 
     static = static_args(heap, ("dispatch_ll", id(sync), cfg, params, prequantized), make)
     sync.before_launch()
-    _launch_dispatch(
-        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+    _launch_dispatch.launch(
+        (static["num_programs"],), static, x_ptr=_platform.kernel_arg(x),
         x_scales_ptr=x_scales if prequantized else out.topk_weights, topk_ids_ptr=topk_ids,
         topk_weights_ptr=topk_weights, out_x_ptr=_platform.kernel_arg(out.x),
         out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,

@@ -268,8 +268,8 @@ def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_
     static = static_args(heap, ("dispatch_expert", id(sync), cfg, params, half, phase, prequantized), make)
     handle = out.handle
     sync.before_launch()
-    _launch_dispatch_expert(
-        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+    _launch_dispatch_expert.launch(
+        (static["num_programs"],), static, x_ptr=_platform.kernel_arg(x),
         x_scales_ptr=x_scales if prequantized else topk_weights, topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
         out_tokens_per_expert_ptr=out.tokens_per_expert, pair_ids_ptr=handle.pair_ids,
         pair_weights_ptr=handle.pair_weights, num_tokens=x.shape[0],

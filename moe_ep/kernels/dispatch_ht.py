@@ -252,8 +252,8 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
     static = static_args(heap, ("dispatch_ht", id(sync), id(staging), cfg, params, quantize, prequantized, zero_copy),
                          make)
     sync.before_launch()
-    _launch_dispatch_ht(
-        (static["num_programs"],), **static, x_ptr=_platform.kernel_arg(x),
+    _launch_dispatch_ht.launch(
+        (static["num_programs"],), static, x_ptr=_platform.kernel_arg(x),
         x_scales_ptr=x_scales if prequantized else out.topk_weights, topk_ids_ptr=topk_ids,
         topk_weights_ptr=topk_weights, out_x_ptr=_platform.kernel_arg(out.x),
         out_scales_ptr=out.x_scales if out.x_scales is not None else out.topk_weights,

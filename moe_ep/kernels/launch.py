@@ -7,7 +7,9 @@ each tensor's dtype and address mod 16, each specialised integer's ``== 1`` / ``
 the first launch of a key goes through Triton (compiling if needed) and keeps the compiled
 kernel, and later launches call it directly (``CompiledKernel[grid](*args)``: Triton 3.6 to 3.9
 launch the same way). Under Triton's interpreter every launch goes through ``kernel[grid]``.
-``MOE_EP_FAST_LAUNCH=0`` turns the direct launches off (to compare).
+``Launcher.launch`` goes further for the kernels of dispatch and combine: the arguments that depend
+only on the call site's key (``static_args``) are keyed and converted once, so a call handles only
+its few per-call arguments. ``MOE_EP_FAST_LAUNCH=0`` turns the direct launches off (to compare).
 """
 
 from __future__ import annotations
@@ -71,12 +73,94 @@ class Launcher:
             compiled[(grid + (1, 1))[:3]](*args)
 
 
-def static_args(owner, key, make) -> dict:
-    """The arguments of a launch that depend only on ``key`` (launch parameters, halves, flags), made
-    once by ``make()`` and kept by ``owner`` (the Buffer's heap, whose offsets and tensors they hold:
-    they go with it)."""
+    def launch(self, grid: tuple, static: "LaunchArgs", **dynamic) -> None:
+        """Launch with the arguments ``static`` (made once per call site and key: ``static_args``)
+        and ``dynamic`` (the per-call ones, the same names at every call of one call site). The
+        static part of the key and of the argument list is worked out once: a call keys only its
+        dynamic arguments, and passes every pointer as an integer (Triton's launchers take a device
+        address as a Python int; a tensor costs a ``data_ptr()`` call inside the launcher)."""
+        if not FAST or not hasattr(self, "names"):
+            self.kernel[grid](**static.kwargs, **dynamic, num_warps=static.num_warps, **static.options)
+            return
+        prepared = static.prepared.get(self)
+        if prepared is None:
+            prepared = static.prepared[self] = self._prepare(static, dynamic)
+        template, plan, compiled_by_key = prepared
+        args = template.copy()
+        key = []
+        for position, name, kind in plan:
+            value = dynamic[name]
+            if kind == 0:  # a tensor Triton specialises on alignment
+                address = value.data_ptr()
+                key.append((value.dtype, address & 15))
+                args[position] = address
+            elif kind == 1:  # a specialised integer
+                key.append((value == 1, value & 15, -2**31 <= value < 2**31))
+                args[position] = value
+            elif kind == 2:  # a constexpr
+                key.append(value)
+                args[position] = value
+            elif kind == 3:  # a tensor not specialised on alignment
+                key.append(value.dtype)
+                args[position] = value.data_ptr()
+            else:  # an unspecialised integer, or anything else
+                key.append((type(value), -2**31 <= value < 2**31 if type(value) is int else None))
+                args[position] = value
+        key = tuple(key)
+        compiled = compiled_by_key.get(key)
+        if compiled is None:
+            compiled_by_key[key] = self.kernel[grid](**static.kwargs, **dynamic, num_warps=static.num_warps,
+                                                     **static.options)
+        else:
+            compiled[(grid + (1, 1))[:3]](*args)
+
+    def _prepare(self, static: "LaunchArgs", dynamic: dict) -> tuple:
+        """For ``static``: the argument list with its values in place (pointers as integers), per
+        dynamic argument (position, name, kind), and an empty map of compiled kernels by the
+        dynamic arguments' key."""
+        template, plan = [], []
+        for position, p in enumerate(self._params):
+            if p.name not in dynamic:
+                value = static.kwargs[p.name]
+                template.append(value.data_ptr() if isinstance(value, torch.Tensor) else value)
+                continue
+            value = dynamic[p.name]
+            if p.is_constexpr:
+                kind = 2
+            elif isinstance(value, torch.Tensor):
+                kind = 3 if p.do_not_specialize_on_alignment else 0
+            elif isinstance(value, int) and not isinstance(value, bool) and not p.do_not_specialize:
+                kind = 1
+            else:
+                kind = 4
+            plan.append((position, p.name, kind))
+            template.append(None)
+        return template, tuple(plan), {}
+
+
+class LaunchArgs:
+    """The arguments of a launch that depend only on its cache key (heap offsets and tensors, launch
+    parameters, halves, flags): ``kwargs`` by name, ``num_warps`` and compile ``options`` apart;
+    ``prepared`` keeps, per Launcher, what its fast launches derive from them."""
+
+    __slots__ = ("kwargs", "num_warps", "options", "prepared")
+
+    def __init__(self, kwargs: dict):
+        self.num_warps = kwargs.pop("num_warps", 4)
+        self.options = kwargs.pop("options", None) or {}
+        self.kwargs = kwargs
+        self.prepared: dict = {}
+
+    def __getitem__(self, name):
+        return self.kwargs[name]
+
+
+def static_args(owner, key, make) -> LaunchArgs:
+    """The arguments of a launch that depend only on ``key``, made once by ``make()`` (a dict, which
+    may hold ``num_warps`` and ``options``) and kept by ``owner`` (the Buffer's heap, whose offsets
+    and tensors they hold: they go with it)."""
     cache = owner.__dict__.setdefault("_launch_args", {})
     args = cache.get(key)
     if args is None:
-        args = cache[key] = make()
+        args = cache[key] = LaunchArgs(make())
     return args

@@ -28,8 +28,10 @@ from triton.language import core
 from moe_ep import _platform
 
 # Status words (int32, local to each rank): [code, peer, phase, epoch] of a timeout, then
-# [code, value, detail, epoch] of a bad call (input the kernels refused, see ``_record_input_error``).
-STATUS_WORDS = 8
+# [code, value, detail, epoch] of a bad call (input the kernels refused, see ``_record_input_error``),
+# then the address (low, high word) of the host's alert word (0: none; see ``_alert_host``).
+STATUS_WORDS = 10
+ALERT_ADDRESS = tl.constexpr(8)
 STATUS_OK = tl.constexpr(0)
 STATUS_TIMEOUT = tl.constexpr(1)
 INPUT_STATUS = tl.constexpr(4)  # the first word of a bad call's record
@@ -200,6 +202,20 @@ def _wait_geq(ptrs, targets, mask, max_polls, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _alert_host(status_ptr):
+    """Tell the host that this rank's status words changed: a store of 1 to the host word whose
+    address the status words hold (pinned host memory mapped into the GPU's address space, which
+    the host reads before each call without a copy or a synchronisation; address 0: no such word,
+    the host copies the status words after each launch instead). Error paths only: a normal call
+    never touches host memory."""
+    low = tl.load(status_ptr + ALERT_ADDRESS).to(tl.uint32).to(tl.int64)
+    high = tl.load(status_ptr + ALERT_ADDRESS + 1).to(tl.int64)
+    address = (high << 32) | low
+    if address != 0:
+        tl.store(address.to(tl.pointer_type(tl.int32)), 1)
+
+
+@triton.jit
 def _record_timeout(status_ptr, peer, phase, epoch):
     """Record in the local status words that a wait for ``peer`` timed out in ``phase`` (the first
     timeout of the launch: its program takes the code from OK to TIMEOUT)."""
@@ -211,6 +227,7 @@ def _record_timeout(status_ptr, peer, phase, epoch):
         tl.store(status_ptr + 1, peer)
         tl.store(status_ptr + 2, phase)
         tl.store(status_ptr + 3, epoch)
+        _alert_host(status_ptr)
 
 
 @triton.jit
@@ -229,6 +246,7 @@ def _record_input_error(status_ptr, code, value, detail, epoch):
         tl.store(status_ptr + INPUT_STATUS + 1, value)
         tl.store(status_ptr + INPUT_STATUS + 2, detail)
         tl.store(status_ptr + INPUT_STATUS + 3, epoch)
+        _alert_host(status_ptr)
 
 
 @triton.jit

@@ -4,11 +4,13 @@ Kernels advance each op's epoch themselves (see ``_finish_launch``), so consecut
 CUDA-graph replays need no host-side reset. When a wait times out, the kernel records which
 peer it waited for in ``status``; the host turns that into a ``PeerTimeoutError``:
 - on the CPU (interpreter, synchronous) right after the launch;
-- on GPUs without a host synchronisation: after each launch the status is copied to pinned
-  memory asynchronously (no event: an eager call's host time counts), and the next call raises
-  if that copy shows a timeout (the host reads the words whenever it looks; a copy not yet
-  landed shows the older state, and is seen at a later call); ``check(blocking=True)`` waits
-  and looks now.
+- on GPUs without a host synchronisation: the next call raises if the words show a timeout. On
+  NVIDIA a kernel that records anything also sets an alert word in pinned host memory
+  (``_alert_host``): the host reads that word before each call (no copy, nothing launched) and
+  only when it is set copies the status words (waiting for the device: an error path). On AMD
+  each launch is followed by an asynchronous copy of the words to pinned memory (no event: an
+  eager call's host time counts). Either way a write not yet landed is seen at a later call;
+  ``check(blocking=True)`` waits and looks now.
 After a timeout the epochs of the ranks disagree, so the state refuses further calls.
 A bad call the kernels detect themselves (an expert id out of range, more (token, expert) pairs
 than an expert-layout expert has slots) is recorded the same way and raised as ``BadCallError``
@@ -23,7 +25,7 @@ import torch
 
 from moe_ep import _platform
 from moe_ep.transport.errors import BadCallError, PeerTimeoutError
-from moe_ep.transport.primitives import (COUNTER_WORDS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW, INPUT_STATUS,
+from moe_ep.transport.primitives import (ALERT_ADDRESS, COUNTER_WORDS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW, INPUT_STATUS,
                                          PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS)
 
 
@@ -39,12 +41,20 @@ class SyncState:
         self.device = device
         self.max_polls = _platform.max_polls(timeout_s)
         self.status = torch.zeros(STATUS_WORDS, dtype=torch.int32, device=device)
+        self._alerted = _platform.host_alert_word(device)
+        if self._alerted:  # the kernels flag a change of their words here (see _alert_host)
+            self._alert = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+            self._alert_words = self._alert.numpy()
+            address = self._alert.data_ptr()
+            low, high = address & 0xFFFFFFFF, address >> 32
+            self.status[ALERT_ADDRESS.value:ALERT_ADDRESS.value + 2] = torch.tensor(
+                [low - (1 << 32) if low >= 1 << 31 else low, high], dtype=torch.int32)
         # [op, COUNTER_WORDS] int32: epoch of the last finished call, programs finished in the
         # current call, then arrivals per peer (see transport.primitives)
         self._counters = torch.zeros(len(self.OPS), COUNTER_WORDS, dtype=torch.int32, device=device)
         self._synchronous = device.type == "cpu"
         self._by_op = {op: self._counters[i] for i, op in enumerate(self.OPS)}
-        if not self._synchronous:
+        if not self._synchronous and not self._alerted:
             self._mirror = torch.zeros(STATUS_WORDS, dtype=torch.int32, pin_memory=True)
             self._mirror_words = self._mirror.numpy()  # the same pinned memory, read without torch
         self._raised_epoch = None  # the call of the last bad call raised (a late copy shows it again)
@@ -60,7 +70,13 @@ class SyncState:
         the device recorded meanwhile (raised after this call's launch, see ``after_launch``)."""
         if self.failed is not None:
             raise self.failed
-        if not self._synchronous and self._mirror_words.any():
+        if self._synchronous:
+            return
+        if self._alerted:
+            if self._alert_words[0] and not torch.cuda.is_current_stream_capturing():
+                self._alert_words[0] = 0  # (cleared first: a later alert is seen at a later call)
+                self._read(self.status)  # a copy that waits for the device: only when a kernel flagged
+        elif self._mirror_words[0] or self._mirror_words[INPUT_STATUS.value]:  # the codes
             self._read(self._mirror)
 
     def after_launch(self) -> None:
@@ -70,7 +86,7 @@ class SyncState:
         earlier, self._bad = self._bad, None
         if self._synchronous:
             self._read(self.status)
-        elif not torch.cuda.is_current_stream_capturing():
+        elif not self._alerted and not torch.cuda.is_current_stream_capturing():
             self._mirror.copy_(self.status, non_blocking=True)
         if earlier is not None:
             raise earlier
@@ -89,19 +105,19 @@ class SyncState:
 
     def _read(self, status: torch.Tensor) -> None:
         """Raise a timeout recorded in ``status``; keep a bad call it records for later."""
-        words = [int(v) for v in status.tolist()]
+        words = [int(v) for v in status[:ALERT_ADDRESS.value].tolist()]
         code, peer, phase, epoch = words[:4]
         if code == STATUS_TIMEOUT.value:
             self.failed = PeerTimeoutError(self.rank, peer, PHASE_NAMES.get(phase, f"phase {phase}"), epoch)
             raise self.failed
         bad, value, detail, bad_epoch = words[INPUT_STATUS.value:INPUT_STATUS.value + 4]
         if bad and (bad, value, detail, bad_epoch) == self._raised_epoch:  # raised already (a late copy)
-            status[INPUT_STATUS.value:].zero_()
+            status[INPUT_STATUS.value:ALERT_ADDRESS.value].zero_()
         elif bad:
             self._raised_epoch = (bad, value, detail, bad_epoch)
-            self.status[INPUT_STATUS.value:].zero_()  # recorded once: the next call starts clean
+            self.status[INPUT_STATUS.value:ALERT_ADDRESS.value].zero_()  # recorded once: the next call starts clean
             if status is not self.status:
-                status[INPUT_STATUS.value:].zero_()
+                status[INPUT_STATUS.value:ALERT_ADDRESS.value].zero_()
             if bad == INPUT_BAD_EXPERT_ID.value:
                 message = (f"topk_ids must lie in [-1, {self.num_experts}); got {value} (token {detail}), "
                            f"which routed nowhere (and any more like it)")
