@@ -26,16 +26,16 @@ if TYPE_CHECKING:
     from moe_ep.config import EpConfig
     from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
     from moe_ep.regions import heap_bytes
-    from moe_ep.transport import BadCallError, PeerTimeoutError
+    from moe_ep.transport import BadCallError, PathMismatchError, PeerTimeoutError
 
 # Public name -> the module that defines it (imported on first access).
 _LAZY = {"BadCallError": "moe_ep.transport", "Buffer": "moe_ep.buffer", "DispatchHandle": "moe_ep.outputs",
          "DispatchOutput": "moe_ep.outputs", "EpConfig": "moe_ep.config", "ExpertDispatchOutput": "moe_ep.outputs",
-         "ExpertHandle": "moe_ep.outputs", "PeerTimeoutError": "moe_ep.transport", "RecvHook": "moe_ep.outputs",
+         "ExpertHandle": "moe_ep.outputs", "PathMismatchError": "moe_ep.transport", "PeerTimeoutError": "moe_ep.transport", "RecvHook": "moe_ep.outputs",
          "heap_bytes": "moe_ep.regions", "reference": "moe_ep.reference"}
 
 __all__ = ["BadCallError", "Buffer", "DispatchHandle", "DispatchOutput", "EpConfig", "ExpertDispatchOutput",
-           "ExpertHandle", "PeerTimeoutError", "RecvHook", "__version__", "heap_bytes", "native_fp8_dtype", "reference",
+           "ExpertHandle", "PathMismatchError", "PeerTimeoutError", "RecvHook", "__version__", "heap_bytes", "native_fp8_dtype", "reference",
            "use_interpreter"]
 
 if _platform.interpreting():  # asked for in the environment: the interpreter's speed-up too

@@ -185,14 +185,16 @@ class Buffer:
             out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path,
                                                                       generation=out.handle.stamp[0]))
         params = self.launch_params(path, num_tokens, zero_copy).dispatch
+        call_word = self.sync.call_word(path)  # (the inter-node kernels do not announce their calls)
         if path in INTER_PATHS:
             launch_dispatch_internode(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
                                       self._staging if path == "inter_ht" else None)
         elif path == "ht":
             launch_dispatch_ht(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
-                               self._staging, zero_copy)
+                               self._staging, call_word, zero_copy)
         else:
-            launch_dispatch(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out)
+            launch_dispatch(self.heap, self.sync, self.cfg, params, x, x_scales, topk_ids, topk_weights, out,
+                            call_word)
         return out
 
     def empty_dispatch_output(self) -> DispatchOutput:
@@ -464,10 +466,11 @@ class _ExpertState:
         out = ExpertDispatchOutput(x=rows, x_scales=scales, topk_weights=weights, src=src,
                                    tokens_per_expert=handle.tokens_per_expert, handle=handle)
         params = buf.launch_params(EXPERT_PATH, num_tokens).dispatch
+        call_word = buf.sync.call_word(EXPERT_PATH)
 
         def launch(phase):
             launch_dispatch_expert(buf.heap, buf.sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, half,
-                                   phase.value)
+                                   phase.value, call_word)
         launch(PHASE_SEND if hook else PHASE_ALL)
         self.dispatches += 1
         return (out, self._hook("dispatch", call, lambda: launch(PHASE_RECV))) if hook else out

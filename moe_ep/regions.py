@@ -7,6 +7,9 @@ value (1 for fp8, 2 for bf16), and per path p in (ll, ht) its capacity M_p token
 
   region                   shape / dtype                  written by
   barrier_flags            [R] int32                      slot s: rank s
+  dispatch_calls           [R] int32                      slot s: rank s (the call word of its current
+                                                          dispatch: call number and path, read only by
+                                                          a wait that did not succeed at once)
   p_dispatch_x             [B, R, M_p, H] dispatch dtype  rows [., s, :]: rank s (its tokens for this rank);
                                                           HT: compact, rows [o_s, o_s + n_s) from rank s
                                                           (o_s: rows of the lower ranks), i.e. the
@@ -179,11 +182,11 @@ def heap_regions(cfg: EpConfig, world_size: int) -> list[tuple[str, int]]:
     """(name, bytes) of every region of one rank's arena, in order. Across nodes both variants
     of the inter-node path (LL, HT) use the double-buffered LL regions at the full capacity."""
     if cfg.nodes(world_size) > 1:
-        return ([("barrier_flags", 4 * world_size)]
+        return ([("barrier_flags", 4 * world_size), ("dispatch_calls", 4 * world_size)]
                 + _path_regions("ll", cfg, world_size, cfg.max_tokens_per_rank, halves=2, credits=False)
                 + _internode_regions(cfg, world_size))
     flat = "flat" in cfg.layouts
-    return ([("barrier_flags", 4 * world_size)]
+    return ([("barrier_flags", 4 * world_size), ("dispatch_calls", 4 * world_size)]
             + _path_regions("ll", cfg, world_size, cfg.ll_tokens if flat else 0, halves=2, credits=False)
             + _path_regions("ht", cfg, world_size, cfg.ht_tokens if flat else 0, halves=1, credits=True)
             + _expert_regions(cfg, world_size))

@@ -194,6 +194,57 @@ def test_ranks_that_disagree_are_refused(ranks):
     assert f"rank 0 {shape.hidden}, rank 1 {shape.hidden + 128}" in messages[0]["hidden"], messages[0]["hidden"]
 
 
+def _paths_that_disagree(ctx, shape, case: str):
+    """A dispatch call for which the ranks take different paths (rank 1 passes another
+    num_tokens_hint, or another layout) raises PathMismatchError on every rank, naming the peer and
+    both paths, long before the kernels' timeout (an hour here, far beyond the harness's limit); a
+    call the ranks agree on works before it, and close() returns after it."""
+    import time
+
+    world, me, dev = ctx.world_size, ctx.rank, ctx.device
+    cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * world, topk=shape.topk,
+                          max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=torch.bfloat16, mode="auto",
+                          crossover_tokens=4, timeout_s=3600.0, layouts=("flat", "expert"))
+    buf = moe_ep.Buffer(ctx.group, cfg)
+    try:
+        xs, ids, weights = make_inputs(0, "uniform", shape, world, seed=31)
+        x, i, w = xs[me][:3].to(dev), ids[me][:3].to(dev), weights[me][:3].to(dev)
+        agreed = buf.dispatch(x, i, w, num_tokens_hint=3)
+        exp = reference.dispatch([t[:3] for t in xs], [t[:3] for t in ids], [t[:3] for t in weights],
+                                 cfg.num_experts, cfg.dispatch_dtype)
+        check_dispatch(agreed, exp[me], buf.capacity)
+        buf.check()
+        start = time.monotonic()
+        with pytest.raises(moe_ep.PathMismatchError) as err:
+            if case == "hint":  # rank 1: HT (a hint above the crossover), the others LL
+                buf.dispatch(x, i, w, num_tokens_hint=shape.max_tokens_per_rank if me == 1 else 3)
+            else:  # rank 1: the expert layout, the others flat (LL)
+                buf.dispatch(x, i, w, num_tokens_hint=3, layout="expert" if me == 1 else "flat")
+            buf.check()
+        elapsed = time.monotonic() - start
+        with pytest.raises(moe_ep.PathMismatchError):  # the Buffer refuses further calls
+            buf.dispatch(x, i, w, num_tokens_hint=3)
+    finally:
+        buf.close()
+    return str(err.value), err.value.peer, elapsed
+
+
+@pytest.mark.parametrize("case", ["hint", "layout"])
+def test_paths_that_disagree_fail_fast(ranks, case):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    theirs = "ht" if case == "hint" else "expert"
+    for rank, (message, peer, elapsed) in enumerate(ranks.run(_paths_that_disagree, shape, case)):
+        # rank 1 waits for the others, which wait for rank 1 (a rank may also name another on its own path)
+        mine = theirs if rank == 1 else "ll"
+        assert f"took the '{mine}' path here" in message, message
+        if rank != 1:
+            assert peer == 1 and f"the '{theirs}' path on rank 1" in message, message
+        else:
+            assert peer != 1 and f"the 'll' path on rank {peer}" in message, message
+        assert "num_tokens_hint" in message and "layout" in message, message
+        assert elapsed < (10 if ranks.device != "cpu" else 200), elapsed  # the timeout is an hour
+
+
 def _stale_and_own_memory(ctx, shape):
     """A handle whose outputs a later dispatch rewrote (out=), and dispatch inputs that are views of
     the Buffer's own receive memory, are refused before any launch; the Buffer stays usable."""

@@ -44,9 +44,9 @@ from moe_ep import _platform
 from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _quantize_fp8, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
-from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive, _copy_span,
-                                         _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
-                                         _signal_peers, _wait_peers)
+from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _announce_call,
+                                         _arrive, _copy_span, _finish_launch, _launch_epoch, _mask_if, _peer_ptr,
+                                         _record_input_error, _row, _signal_peers, _wait_peers_in_call)
 
 
 @triton.jit
@@ -424,8 +424,8 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, out_rows
                      scales_offset,
                      ids_offset, weights_offset, src_offset, count_offset, expert_counts_offset, signal_offset,
                      status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
-                     out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts,
-                     HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
+                     out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, announce_offset,
+                     call_word, HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
                      NUM_SCALES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_COPY: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ALIGNED: tl.constexpr):
     """Receive program ``j``: part ``j % recv_parts`` of source ``j // recv_parts``'s rows, or (the
@@ -434,8 +434,8 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, out_rows
     meta = j == world_size * recv_parts  # the program that writes num_tokens / tokens_per_expert
     src_rank = tl.where(meta, world_size - 1, j // recv_parts)
     mask_wait = mask_r & (offs_r <= src_rank)
-    _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
-                PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+    _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
+                        PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
     counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
                      other=0, volatile=True)  # [BLOCK_R] rows from each source
     if meta:
@@ -452,13 +452,14 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, out_rows
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
-@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs"))
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs",
+                               "call_word"))
 def _dispatch_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset,
-        count_offset, expert_counts_offset, signal_offset, counters_ptr, status_ptr,
+        count_offset, expert_counts_offset, signal_offset, announce_offset, call_word, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_tokens, max_polls, out_rows,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr,
         NUM_SCALES: tl.constexpr, QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr,
@@ -480,6 +481,8 @@ def _dispatch_kernel(
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
+    if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers_in_call)
+        _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word)
     if pid < send_programs:
         lanes, lane, part = _send_lane(pid, send_programs, token_parts)  # lane sends t = lane (mod lanes)
         counts = tl.zeros([BLOCK_R], tl.int32)  # tokens of earlier chunks bound for each rank
@@ -510,16 +513,16 @@ def _dispatch_kernel(
                          x_offset, scales_offset, ids_offset, weights_offset, src_offset, count_offset,
                          expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr, out_topk_ids_ptr,
                          out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr, out_tokens_per_expert_ptr, offs_r,
-                         mask_r, recv_parts, HIDDEN, TOPK, EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY,
-                         BLOCK_R, BLOCK_E, ALIGNED)
+                         mask_r, recv_parts, announce_offset, call_word, HIDDEN, TOPK, EXPERTS_PER_RANK, NUM_SCALES,
+                         OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "count_offset",
-            "expert_counts_offset", "signal_offset")
+            "expert_counts_offset", "signal_offset", "announce_offset")
 _launch_dispatch = Launcher(_dispatch_kernel)
 register(_dispatch_kernel,
-         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs")},
+         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "call_word")},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32",
           "out_topk_ids_ptr": "*i32", "out_topk_weights_ptr": "*fp32", "out_src_ptr": "*i32",
@@ -647,8 +650,9 @@ def launch_stage(heap, sync, cfg, params, staging, x, x_scales, topk_ids, send_m
     return x, x_scales
 
 
-def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out) -> None:
-    """Launch the LL dispatch of this rank's tokens into ``out`` (a ``DispatchOutput``).
+def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, call_word: int) -> None:
+    """Launch the LL dispatch of this rank's tokens into ``out`` (a ``DispatchOutput``);
+    ``call_word``: this call's number and path (``SyncState.call_word``).
 
     ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
@@ -661,7 +665,7 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
         return dict(
             peer_bases_ptr=heap.peer_bases,
             **{f"{name}_offset": heap.offset("ll_dispatch_" + region) for name, region in _LL_REGIONS},
-            counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+            announce_offset=heap.offset("dispatch_calls"), counters_ptr=sync.counters("dispatch_ll"), status_ptr=sync.status, rank=heap.rank, world_size=world,
             max_tokens=cfg.ll_tokens, max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk,
             EXPERTS_PER_RANK=cfg.experts_per_rank(world), NUM_SCALES=cfg.num_scales,
             QUANTIZE=cfg.fp8 and not prequantized, X_FP8=prequantized, FP8_FORMAT=fp8_format(cfg.dispatch_dtype),
@@ -681,7 +685,7 @@ def launch_dispatch(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
         send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0], out_rows=out.topk_ids.shape[0],
-        ALIGNED=rows_aligned(cfg, x, out))
+        call_word=call_word, ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()
 
 

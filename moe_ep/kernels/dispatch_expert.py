@@ -46,9 +46,9 @@ from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
-                                         PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _arrive,
-                                         _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
-                                         _signal_peers, _wait_peers)
+                                         PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _announce_call,
+                                         _arrive, _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
+                                         _signal_peers, _wait_peers_in_call)
 
 # Which programs a launch holds (the RECV_HOOK launch is the receive program alone).
 PHASE_ALL = tl.constexpr(0)  # send programs, then the receive program
@@ -120,11 +120,11 @@ def _pair_slots(topk_ids_ptr, t, ids, peer_bases_ptr, counts_offset, rank, num_e
 
 
 @triton.jit(do_not_specialize=("num_tokens", "num_experts", "slots", "send_programs", "token_parts", "num_programs",
-                               "half"))
+                               "half", "call_word"))
 def _dispatch_expert_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, out_tokens_per_expert_ptr, pair_ids_ptr,
         pair_weights_ptr, peer_bases_ptr, x_offset, scales_offset, src_offset, weights_offset, slot_offset,
-        counts_offset, count_signal_offset, signal_offset, counters_ptr, status_ptr,
+        counts_offset, count_signal_offset, signal_offset, announce_offset, call_word, counters_ptr, status_ptr,
         rank, world_size, num_tokens, num_experts, slots, half, max_polls,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, send_programs, token_parts,
@@ -145,12 +145,13 @@ def _dispatch_expert_kernel(
     if pid < send_programs and PHASE != PHASE_RECV:
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < TOPK
-        if pid == 0:
+        if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers_in_call)
+            _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word)
             _publish_counts(topk_ids_ptr, peer_bases_ptr, counts_offset, count_signal_offset, status_ptr, rank,
                             world_size, num_tokens, num_experts, epoch, offs_r, mask_r, TOPK, BLOCK_T, BLOCK_K,
                             BLOCK_ALL_E)
-        _wait_peers(peer_bases_ptr, count_signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
-                    PHASE_DISPATCH_COUNTS, max_polls, BLOCK_R)
+        _wait_peers_in_call(peer_bases_ptr, count_signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
+                            PHASE_DISPATCH_COUNTS, max_polls, announce_offset, call_word, BLOCK_R)
         if pid == 0:
             _expert_totals(peer_bases_ptr, counts_offset, out_tokens_per_expert_ptr, status_ptr, rank, world_size,
                           num_experts, slots, epoch, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_ALL_E)
@@ -189,8 +190,8 @@ def _dispatch_expert_kernel(
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, _mask_if(mask_r, tl.max(last.to(tl.int32)) > 0),
                       epoch)
     elif PHASE != PHASE_SEND:  # the receive program: every rank's rows of this call have landed
-        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
-                    PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+        _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
+                            PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
     if PHASE != PHASE_RECV:
         _finish_half_launch(counters_ptr, epoch, half, num_programs)
 
@@ -208,11 +209,11 @@ def _finish_half_launch(counters_ptr, epoch, half, num_programs):
 
 
 _OFFSETS = ("x_offset", "scales_offset", "src_offset", "weights_offset", "slot_offset", "counts_offset",
-            "count_signal_offset", "signal_offset")
+            "count_signal_offset", "signal_offset", "announce_offset")
 _launch_dispatch_expert = Launcher(_dispatch_expert_kernel)
 register(_dispatch_expert_kernel,
          {**{name: "i32" for name in ("rank", "world_size", "num_tokens", "num_experts", "slots", "half", "max_polls",
-                                      "send_programs", "token_parts", "num_programs")},
+                                      "send_programs", "token_parts", "num_programs", "call_word")},
           **{name: "i64" for name in _OFFSETS},
           "x_ptr": "*bf16", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "out_tokens_per_expert_ptr": "*i32", "pair_ids_ptr": "*i32", "pair_weights_ptr": "*fp32",
@@ -229,10 +230,12 @@ register(_dispatch_expert_kernel, {**KERNELS[-3].signature, "x_ptr": "*fp8e4b8"}
 
 
 def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, half: int,
-                           phase: int) -> None:
+                           phase: int, call_word: int) -> None:
     """The expert-layout dispatch of this rank's tokens (``phase``: PHASE_ALL, PHASE_SEND or
     PHASE_RECV, the hook's launch) into half ``half`` of the ``ex_dispatch_*`` regions, whose views
     ``out`` (an ``ExpertDispatchOutput``) holds; its handle gets this rank's pairs for the combine.
+    ``call_word``: the call's number and path (``SyncState.call_word``; the hook's launch passes its
+    send launch's).
 
     ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
@@ -255,6 +258,7 @@ def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_
             counts_offset=heap.offset("ex_dispatch_counts") + half * world * cfg.num_experts * 4,
             count_signal_offset=heap.offset("ex_dispatch_count_signal") + half * world * 4,
             signal_offset=heap.offset("ex_dispatch_signal") + half * world * 4,
+            announce_offset=heap.offset("dispatch_calls"),
             peer_bases_ptr=heap.peer_bases, counters_ptr=sync.counters("dispatch_expert"), status_ptr=sync.status,
             rank=heap.rank, world_size=world, num_experts=cfg.num_experts, slots=slots, half=half,
             max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=experts,
@@ -272,6 +276,6 @@ def launch_dispatch_expert(heap, sync, cfg, params, x, x_scales, topk_ids, topk_
         (static["num_programs"],), static, x_ptr=_platform.kernel_arg(x),
         x_scales_ptr=x_scales if prequantized else topk_weights, topk_ids_ptr=topk_ids, topk_weights_ptr=topk_weights,
         out_tokens_per_expert_ptr=out.tokens_per_expert, pair_ids_ptr=handle.pair_ids,
-        pair_weights_ptr=handle.pair_weights, num_tokens=x.shape[0],
+        pair_weights_ptr=handle.pair_weights, num_tokens=x.shape[0], call_word=call_word,
         ALIGNED=(cfg.hidden * value_bytes) % 16 == 0 and x.data_ptr() % 16 == 0)
     sync.after_launch()

@@ -55,8 +55,8 @@ from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
-                                         _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr, _signal_peers,
-                                         _wait_peers)
+                                         _announce_call, _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr,
+                                         _signal_peers, _wait_peers_in_call)
 
 
 @triton.jit
@@ -81,14 +81,15 @@ def _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, counts
 
 # Token and program counts are runtime values, unspecialised: every token count and bucket
 # shares one compiled kernel (no compilation storm as batch sizes vary).
-@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs", "groups"))
+@triton.jit(do_not_specialize=("num_tokens", "send_programs", "token_parts", "recv_parts", "num_programs", "groups",
+                               "call_word"))
 def _dispatch_ht_kernel(
         x_ptr, x_scales_ptr, topk_ids_ptr, topk_weights_ptr, slots_ptr, block_hist_ptr, range_rows_ptr,
         out_x_ptr, out_scales_ptr, out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr,
         out_num_tokens_ptr, out_tokens_per_expert_ptr, out_part_rows_ptr, send_mask_ptr,
         peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset, src_offset, ranges_offset,
-        counts_offset, expert_counts_offset, signal_offset, range_signal_offset, credit_offset, counters_ptr,
-        status_ptr,
+        counts_offset, expert_counts_offset, signal_offset, range_signal_offset, credit_offset, announce_offset,
+        call_word, counters_ptr, status_ptr,
         rank, world_size, num_tokens, max_polls, out_rows,
         HIDDEN: tl.constexpr, TOPK: tl.constexpr, EXPERTS_PER_RANK: tl.constexpr, NUM_SCALES: tl.constexpr,
         QUANTIZE: tl.constexpr, X_FP8: tl.constexpr, FP8_FORMAT: tl.constexpr, send_programs, token_parts,
@@ -108,18 +109,20 @@ def _dispatch_ht_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     counts_offset += (epoch % 2) * world_size * world_size * 4  # this call's half
+    if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers_in_call)
+        _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word)
     if pid < send_programs:
         lanes, lane, part = _send_lane(pid, send_programs, token_parts)
-        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
-                    PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
+        _wait_peers_in_call(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
+                            PHASE_DISPATCH_CREDIT, max_polls, announce_offset, call_word, BLOCK_R)
         if pid == 0:
             hist = _staged_histogram(block_hist_ptr, num_tokens, EXPERTS_PER_RANK * world_size, BLOCK_T, BLOCK_ALL_E)
             _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, counts_offset, expert_counts_offset,
                              signal_offset, rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
         # Every rank's announcement of this call: the rows of the lower ranks place this rank's
         # rows in each destination, and a rank that announced is done with its previous outputs.
-        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
-                    PHASE_DISPATCH_CREDIT, max_polls, BLOCK_R)
+        _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
+                            PHASE_DISPATCH_CREDIT, max_polls, announce_offset, call_word, BLOCK_R)
         counts_ptr = _peer_ptr(peer_bases_ptr, rank, counts_offset, tl.int32)  # [R, R]
         lower = offs_r[:, None] < rank
         row_base = tl.sum(tl.load(counts_ptr + offs_r[:, None] * world_size + offs_r[None, :],
@@ -147,8 +150,8 @@ def _dispatch_ht_kernel(
         meta = j == world_size * recv_parts  # the program that writes the totals and part_rows
         src_rank = tl.where(meta, world_size - 1, j // recv_parts)
         mask_wait = mask_r & (offs_r <= src_rank)
-        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
-                    PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+        _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
+                            PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
         ranges_ptr = _peer_ptr(peer_bases_ptr, rank, ranges_offset, tl.int32)  # [R, RANGES + 1]
         counts = tl.load(ranges_ptr + offs_r * (RANGES + 1) + RANGES, mask=mask_wait, other=0,
                          volatile=True)  # [BLOCK_R] rows from each source
@@ -167,8 +170,9 @@ def _dispatch_ht_kernel(
             offset = tl.sum(tl.where(offs_r == src_rank, offsets, 0), axis=0)
             for g in range(0, groups):  # ranges [g * RANGES // groups, (g + 1) * RANGES // groups): after the last
                 q_last = (g + 1) * RANGES // groups - 1
-                _wait_peers(peer_bases_ptr, range_signal_offset + q_last * world_size * 4, status_ptr, rank, offs_r,
-                            offs_r, offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, BLOCK_R)
+                _wait_peers_in_call(peer_bases_ptr, range_signal_offset + q_last * world_size * 4, status_ptr, rank,
+                                    offs_r, offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls,
+                                    announce_offset, call_word, BLOCK_R)
                 lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + g * RANGES // groups, volatile=True)
                 hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + (g + 1) * RANGES // groups, volatile=True)
                 _receive_rows(src_rank, offset + lo, hi - lo, offset + lo, j % recv_parts, recv_parts, rank,
@@ -182,10 +186,12 @@ def _dispatch_ht_kernel(
 
 
 _OFFSETS = ("x_offset", "scales_offset", "ids_offset", "weights_offset", "src_offset", "ranges_offset",
-            "counts_offset", "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset")
+            "counts_offset", "expert_counts_offset", "signal_offset", "range_signal_offset", "credit_offset",
+            "announce_offset")
 _launch_dispatch_ht = Launcher(_dispatch_ht_kernel)
 register(_dispatch_ht_kernel,
-         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "groups")},
+         {**{name: "i32" for name in ("send_programs", "token_parts", "recv_parts", "num_programs", "groups",
+                                      "call_word")},
           "x_ptr": "*fp8e4nv", "x_scales_ptr": "*fp32", "topk_ids_ptr": "*i64", "topk_weights_ptr": "*fp32",
           "slots_ptr": "*i32", "block_hist_ptr": "*i32", "range_rows_ptr": "*i32",
           "out_x_ptr": "*fp8e4nv", "out_scales_ptr": "*fp32", "out_topk_ids_ptr": "*i32",
@@ -212,12 +218,13 @@ _REGIONS = (("x", "x"), ("scales", "scales"), ("ids", "topk_ids"), ("weights", "
             ("range_signal", "range_signal"), ("credit", "credit"))
 
 
-def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, staging,
+def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weights, out, staging, call_word: int,
                        zero_copy: bool = False) -> None:
     """The HT dispatch of this rank's tokens into ``out`` (a ``DispatchOutput``): the stage
     kernel into ``staging`` (``kernels.dispatch.HtStaging``), then the dispatch kernel.
     ``zero_copy``: ``out``'s x, x_scales, topk_ids and topk_weights are the receive regions
     themselves (``Buffer.dispatch(zero_copy=True)``), so no row is copied out of them.
+    ``call_word``: this call's number and path (``SyncState.call_word``).
 
     ``x`` [T, hidden] bf16, or fp8 with ``x_scales`` [T, hidden // 128] float32;
     ``topk_ids`` [T, topk] int32/int64 (-1: no expert); ``topk_weights`` [T, topk] float32.
@@ -233,6 +240,7 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         return dict(
             slots_ptr=staging.slots, block_hist_ptr=staging.block_hist(params.block_t),
             range_rows_ptr=staging.range_rows, peer_bases_ptr=heap.peer_bases,
+            announce_offset=heap.offset("dispatch_calls"),
             **{f"{name}_offset": heap.offset("ht_dispatch_" + region) for name, region in _REGIONS},
             counters_ptr=sync.counters("dispatch_ht"), status_ptr=sync.status, rank=heap.rank, world_size=world,
             max_polls=sync.max_polls, HIDDEN=cfg.hidden, TOPK=cfg.topk, EXPERTS_PER_RANK=cfg.experts_per_rank(world),
@@ -260,5 +268,5 @@ def launch_dispatch_ht(heap, sync, cfg, params, x, x_scales, topk_ids, topk_weig
         out_topk_ids_ptr=out.topk_ids, out_topk_weights_ptr=out.topk_weights, out_src_ptr=out.src,
         out_num_tokens_ptr=out.num_tokens, out_tokens_per_expert_ptr=out.tokens_per_expert,
         out_part_rows_ptr=out.handle.part_rows, send_mask_ptr=out.handle.send_mask, num_tokens=x.shape[0],
-        out_rows=out.topk_ids.shape[0], ALIGNED=rows_aligned(cfg, x, out))
+        out_rows=out.topk_ids.shape[0], call_word=call_word, ALIGNED=rows_aligned(cfg, x, out))
     sync.after_launch()

@@ -301,8 +301,9 @@ def _dispatch_internode_kernel(
                          max_polls, out_rows, peer_bases_ptr, x_offset, scales_offset, ids_offset, weights_offset,
                          src_offset, count_offset, expert_counts_offset, signal_offset, status_ptr, out_x_ptr, out_scales_ptr,
                          out_topk_ids_ptr, out_topk_weights_ptr, out_src_ptr, out_num_tokens_ptr,
-                         out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, HIDDEN, TOPK, EXPERTS_PER_RANK,
-                         NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E, ALIGNED)
+                         out_tokens_per_expert_ptr, offs_r, mask_r, recv_parts, 0, 0, HIDDEN, TOPK,
+                         EXPERTS_PER_RANK, NUM_SCALES, OUT_DTYPE, BLOCK_COPY, BLOCK_R, BLOCK_E,
+                         ALIGNED)  # (0, 0: inter-node calls are not announced)
     _finish_launch(counters_ptr + 1, counters_ptr, epoch, num_programs)
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from moe_ep.transport.errors import BadCallError, PeerTimeoutError
+from moe_ep.transport.errors import BadCallError, PathMismatchError, PeerTimeoutError
 from moe_ep.transport.heap import ALIGN, BACKENDS, Region, SymmetricHeap, carve, default_backend
 
 if TYPE_CHECKING:
     from moe_ep.transport.sync import SyncState
 
 __all__ = ["ALIGN", "BACKENDS", "Region", "SymmetricHeap", "carve", "default_backend",
-           "BadCallError", "PeerTimeoutError", "SyncState"]
+           "BadCallError", "PathMismatchError", "PeerTimeoutError", "SyncState"]
 
 
 def __getattr__(name: str):

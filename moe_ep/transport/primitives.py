@@ -34,9 +34,15 @@ STATUS_WORDS = 10
 ALERT_ADDRESS = tl.constexpr(8)
 STATUS_OK = tl.constexpr(0)
 STATUS_TIMEOUT = tl.constexpr(1)
+STATUS_PATH_MISMATCH = tl.constexpr(2)  # peer, (peer's path << 8) | this rank's path, dispatch call number
 INPUT_STATUS = tl.constexpr(4)  # the first word of a bad call's record
 INPUT_BAD_EXPERT_ID = tl.constexpr(1)  # value: the id, detail: the token
 INPUT_SLOTS_OVERFLOW = tl.constexpr(2)  # value: the global expert, detail: its pairs this call
+# The paths a dispatch call can take, as its kernels announce them to the peers (``_announce_call``):
+# a call word is (the Buffer's dispatch call number << CALL_PATH_BITS) | path.
+CALL_PATH_BITS = tl.constexpr(3)
+CALL_PATH_MASK = tl.constexpr(7)  # (1 << CALL_PATH_BITS) - 1
+PATH_CODES = {"ll": 1, "ht": 2, "expert": 3, "inter": 4, "inter_ht": 5}
 # Phases a wait can time out in; the host turns them into words.
 PHASE_BARRIER = tl.constexpr(1)
 PHASE_DISPATCH_CREDIT = tl.constexpr(2)
@@ -216,18 +222,26 @@ def _alert_host(status_ptr):
 
 
 @triton.jit
-def _record_timeout(status_ptr, peer, phase, epoch):
-    """Record in the local status words that a wait for ``peer`` timed out in ``phase`` (the first
-    timeout of the launch: its program takes the code from OK to TIMEOUT)."""
+def _record_failure(status_ptr, code, peer, detail, epoch):
+    """Record in the local status words that a wait for ``peer`` failed (``code``: STATUS_TIMEOUT,
+    ``detail`` the phase; STATUS_PATH_MISMATCH, ``detail`` the two paths; the first failure of the
+    launch wins: its program takes the code from OK to ``code``; the word keeps a later exchange's
+    code where two race on AMD, whose record is then the winner's in every other word)."""
     if _fences_own_releases():  # Triton's AMD compare-and-swap is acq_rel whatever its sem: an exchange
-        first = tl.atomic_xchg(status_ptr, STATUS_TIMEOUT, sem="acquire", scope="gpu") == STATUS_OK
+        first = tl.atomic_xchg(status_ptr, code, sem="acquire", scope="gpu") == STATUS_OK
     else:
-        first = tl.atomic_cas(status_ptr, STATUS_OK, STATUS_TIMEOUT) == STATUS_OK
+        first = tl.atomic_cas(status_ptr, STATUS_OK, code) == STATUS_OK
     if first:
         tl.store(status_ptr + 1, peer)
-        tl.store(status_ptr + 2, phase)
+        tl.store(status_ptr + 2, detail)
         tl.store(status_ptr + 3, epoch)
         _alert_host(status_ptr)
+
+
+@triton.jit
+def _record_timeout(status_ptr, peer, phase, epoch):
+    """Record in the local status words that a wait for ``peer`` timed out in ``phase``."""
+    _record_failure(status_ptr, STATUS_TIMEOUT, peer, phase, epoch)
 
 
 @triton.jit
@@ -303,6 +317,50 @@ def _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask, epoch):
     ptrs = _peer_ptr(peer_bases_ptr, offs_r, flags_offset + rank * 4, tl.int32)
     tl.debug_barrier()
     tl.atomic_xchg(ptrs, tl.zeros_like(offs_r) + epoch, mask=mask, sem=_release_sem("release", "sys"), scope="sys")
+
+
+@triton.jit
+def _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word):
+    """Write this dispatch's ``call_word`` (its call number and path) into slot ``rank`` of every
+    peer's announcement words, which a peer's waits read only to find ranks on another path."""
+    ptrs = _peer_ptr(peer_bases_ptr, offs_r, announce_offset + rank * 4, tl.int32)
+    tl.atomic_xchg(ptrs, tl.zeros_like(offs_r) + call_word, mask=mask_r, sem="relaxed", scope="sys")
+
+
+@triton.jit
+def _wait_peers_in_call(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, mask, target, epoch, phase,
+                        max_polls, announce_offset, call_word, BLOCK_R: tl.constexpr):
+    """``_wait_peers`` for a dispatch kernel's waits on its peers (slot r written by rank r): it
+    also gives up as soon as a peer it still waits for has announced this same dispatch call on
+    another path (the ranks disagree: a different ``num_tokens_hint``, or layout), and records the
+    mismatch instead of waiting for the timeout. Nothing more is read while the peers are on time:
+    the announcements are polled only in the loop of a wait that did not succeed at once.
+    ``call_word`` 0: no announcements (the inter-node kernels): a plain ``_wait_peers``."""
+    ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
+    words = _peer_ptr(peer_bases_ptr, rank, announce_offset, tl.int32) + offs_r
+    # One poll only once this rank has recorded a failure (this call, or an earlier one, failed).
+    polls = tl.where(tl.load(status_ptr, volatile=True) == STATUS_OK, max_polls, 0)
+    values = tl.where(mask, _poll(ptrs, mask), target)
+    other = tl.zeros_like(offs_r)  # per peer: the path it announced for this call, when not ours
+    n = 0
+    while (tl.max((values < target).to(tl.int32), axis=0) > 0) & (n < polls) & (tl.max(other, axis=0) == 0):
+        _pause()
+        waiting = mask & (values < target)
+        values = tl.where(waiting, _poll(ptrs, waiting), values)
+        announced = _poll(words, waiting)
+        differs = waiting & ((announced >> CALL_PATH_BITS) == (call_word >> CALL_PATH_BITS)) & (announced != call_word)
+        differs = differs & (call_word != 0)  # 0: a kernel whose calls are not announced (inter-node)
+        other = tl.where(differs, announced & CALL_PATH_MASK, other)
+        n += 1
+    offs = tl.arange(0, BLOCK_R)
+    mismatch = tl.min(tl.where(other != 0, offs, BLOCK_R), axis=0)
+    if mismatch < BLOCK_R:
+        theirs = tl.sum(tl.where(offs == mismatch, other, 0), axis=0)
+        _record_failure(status_ptr, STATUS_PATH_MISMATCH, mismatch,
+                        (theirs << 8) | (call_word & CALL_PATH_MASK), call_word >> CALL_PATH_BITS)
+    else:
+        missing = tl.min(tl.where(values < target, offs, BLOCK_R), axis=0)
+        _check_wait(status_ptr, tl.where(missing == BLOCK_R, -1, missing), phase, epoch)
 
 
 @triton.jit

@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 
 from moe_ep import _platform
-from moe_ep.transport.errors import BadCallError, PeerTimeoutError
-from moe_ep.transport.primitives import (ALERT_ADDRESS, COUNTER_WORDS, INPUT_BAD_EXPERT_ID, INPUT_SLOTS_OVERFLOW, INPUT_STATUS,
-                                         PHASE_NAMES, STATUS_TIMEOUT, STATUS_WORDS)
+from moe_ep.transport.errors import BadCallError, PathMismatchError, PeerTimeoutError
+from moe_ep.transport.primitives import (ALERT_ADDRESS, CALL_PATH_BITS, COUNTER_WORDS, INPUT_BAD_EXPERT_ID,
+                                         INPUT_SLOTS_OVERFLOW, INPUT_STATUS, PATH_CODES, PHASE_NAMES,
+                                         STATUS_PATH_MISMATCH, STATUS_TIMEOUT, STATUS_WORDS)
 
 
 class SyncState:
@@ -60,6 +61,14 @@ class SyncState:
         self._raised_epoch = None  # the call of the last bad call raised (a late copy shows it again)
         self.failed: PeerTimeoutError | None = None
         self._bad: BadCallError | None = None  # a bad call recorded, not yet raised
+        self.dispatch_calls = 0  # dispatch calls made (every rank makes the same ones: see call_word)
+
+    def call_word(self, path: str) -> int:
+        """The word the next dispatch call announces to the peers (``_announce_call``): its number
+        (every rank counts its dispatch calls alike) and ``path``. A peer's wait that finds the same
+        number with another path reports a PathMismatchError instead of timing out."""
+        self.dispatch_calls += 1
+        return ((self.dispatch_calls % (1 << 27)) << CALL_PATH_BITS.value) | PATH_CODES[path]
 
     def counters(self, op: str) -> torch.Tensor:
         """``[COUNTER_WORDS]`` int32 view of ``op``'s counters (epoch first)."""
@@ -109,6 +118,11 @@ class SyncState:
         code, peer, phase, epoch = words[:4]
         if code == STATUS_TIMEOUT.value:
             self.failed = PeerTimeoutError(self.rank, peer, PHASE_NAMES.get(phase, f"phase {phase}"), epoch)
+            raise self.failed
+        if code == STATUS_PATH_MISMATCH.value:  # phase: (the peer's path << 8) | this rank's; epoch: the call
+            names = {c: p for p, c in PATH_CODES.items()}
+            self.failed = PathMismatchError(self.rank, peer, names.get(phase & 255, "?"), names.get(phase >> 8, "?"),
+                                            epoch)
             raise self.failed
         bad, value, detail, bad_epoch = words[INPUT_STATUS.value:INPUT_STATUS.value + 4]
         if bad and (bad, value, detail, bad_epoch) == self._raised_epoch:  # raised already (a late copy)
