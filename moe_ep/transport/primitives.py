@@ -42,6 +42,7 @@ INPUT_SLOTS_OVERFLOW = tl.constexpr(2)  # value: the global expert, detail: its 
 # a call word is (the Buffer's dispatch call number << CALL_PATH_BITS) | path.
 CALL_PATH_BITS = tl.constexpr(3)
 CALL_PATH_MASK = tl.constexpr(7)  # (1 << CALL_PATH_BITS) - 1
+ANNOUNCE_EVERY = tl.constexpr(16)  # a wait that did not succeed at once reads the announcements every this many polls
 PATH_CODES = {"ll": 1, "ht": 2, "expert": 3, "inter": 4, "inter_ht": 5}
 # Phases a wait can time out in; the host turns them into words.
 PHASE_BARRIER = tl.constexpr(1)
@@ -334,10 +335,12 @@ def _wait_peers_in_call(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, 
     also gives up as soon as a peer it still waits for has announced this same dispatch call on
     another path (the ranks disagree: a different ``num_tokens_hint``, or layout), and records the
     mismatch instead of waiting for the timeout. Nothing more is read while the peers are on time:
-    the announcements are polled only in the loop of a wait that did not succeed at once.
-    ``call_word`` 0: no announcements (the inter-node kernels): a plain ``_wait_peers``."""
+    the announcements are polled inside the loop of a wait that did not succeed at once, one poll
+    in ANNOUNCE_EVERY (the loop's period stays a single poll's). ``call_word`` 0: no announcements
+    (the inter-node kernels): a plain ``_wait_peers``."""
     ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
     words = _peer_ptr(peer_bases_ptr, rank, announce_offset, tl.int32) + offs_r
+    mine = tl.zeros_like(offs_r) + call_word  # [BLOCK_R]
     # One poll only once this rank has recorded a failure (this call, or an earlier one, failed).
     polls = tl.where(tl.load(status_ptr, volatile=True) == STATUS_OK, max_polls, 0)
     values = tl.where(mask, _poll(ptrs, mask), target)
@@ -347,17 +350,19 @@ def _wait_peers_in_call(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, 
         _pause()
         waiting = mask & (values < target)
         values = tl.where(waiting, _poll(ptrs, waiting), values)
-        announced = _poll(words, waiting)
-        differs = waiting & ((announced >> CALL_PATH_BITS) == (call_word >> CALL_PATH_BITS)) & (announced != call_word)
-        differs = differs & (call_word != 0)  # 0: a kernel whose calls are not announced (inter-node)
-        other = tl.where(differs, announced & CALL_PATH_MASK, other)
         n += 1
+        if n % ANNOUNCE_EVERY == 0:
+            announced = _poll(words, waiting & (mine != 0))
+            differs = waiting & (mine != 0) & ((announced >> CALL_PATH_BITS) == (mine >> CALL_PATH_BITS)) \
+                & (announced != mine)
+            other = tl.where(differs, announced & CALL_PATH_MASK, other)
     offs = tl.arange(0, BLOCK_R)
     mismatch = tl.min(tl.where(other != 0, offs, BLOCK_R), axis=0)
     if mismatch < BLOCK_R:
         theirs = tl.sum(tl.where(offs == mismatch, other, 0), axis=0)
-        _record_failure(status_ptr, STATUS_PATH_MISMATCH, mismatch,
-                        (theirs << 8) | (call_word & CALL_PATH_MASK), call_word >> CALL_PATH_BITS)
+        word = tl.max(mine, axis=0)
+        _record_failure(status_ptr, STATUS_PATH_MISMATCH, mismatch, (theirs << 8) | (word & CALL_PATH_MASK),
+                        word >> CALL_PATH_BITS)
     else:
         missing = tl.min(tl.where(values < target, offs, BLOCK_R), axis=0)
         _check_wait(status_ptr, tl.where(missing == BLOCK_R, -1, missing), phase, epoch)
