@@ -8,7 +8,7 @@ TRITON ?= triton==3.6.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-full test-triton-versions bench tune
+.PHONY: install demo test test-full test-triton-versions test-triton-latest bench tune
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_CPU)" \
@@ -36,6 +36,12 @@ test-full: install
 # The CPU contract subset under Triton 3.6, 3.8 and 3.9, one venv each (scripts/test_triton_versions.sh).
 test-triton-versions:
 	PYTHON=$(PYTHON) TORCH_CPU="$(TORCH_CPU)" TORCH_CPU_INDEX=$(TORCH_CPU_INDEX) scripts/test_triton_versions.sh
+
+# CI's second lane: the same subset under the current Triton release, in a venv over the installed
+# torch (only Triton is downloaded).
+test-triton-latest: install
+	PYTHON=$(PYTHON) VENV_SYSTEM_SITE=1 TRITON_VERSIONS=3.9.0 VENV_ROOT=$${VENV_ROOT:-/tmp/moe_ep-ci-venvs} \
+		scripts/test_triton_versions.sh
 
 bench: install
 	$(PYTHON) benchmarks/bench_ep.py

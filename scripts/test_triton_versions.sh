@@ -7,7 +7,9 @@
 #   TRITON_VERSIONS="3.9.0" scripts/test_triton_versions.sh
 #
 # Venvs are kept under $VENV_ROOT (default /tmp/moe_ep-triton-venvs) and reused; each version
-# prints its set-up and test times.
+# prints its set-up and test times. VENV_SYSTEM_SITE=1 builds each venv on top of the running
+# Python's packages (its torch, numpy, pytest), so only Triton is installed: what CI does for 3.9
+# (`make test-triton-latest`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,11 +26,17 @@ summary=()
 for version in $TRITON_VERSIONS; do
     venv="$VENV_ROOT/triton-$version"
     start=$(date +%s)
-    [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+    if [ "${VENV_SYSTEM_SITE:-0}" = 1 ]; then
+        [ -x "$venv/bin/python" ] || "$PYTHON" -m venv --system-site-packages "$venv"
+    else
+        [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+    fi
     "$venv/bin/python" -c "import torch" 2>/dev/null || "$venv/bin/pip" install -q "$TORCH_CPU" \
         || "$venv/bin/pip" install -q "$TORCH_CPU" --index-url "$TORCH_CPU_INDEX"
     "$venv/bin/pip" install -q "triton==$version" "${requirements[@]}" pytest pytest-timeout
     set_up=$(( $(date +%s) - start ))
+    found=$("$venv/bin/python" -c 'import triton; print(triton.__version__)')
+    [ "$found" = "$version" ] || { echo "the venv for Triton $version imports Triton $found"; exit 1; }
     echo "== triton $version ($("$venv/bin/python" -c 'import numpy, torch; print(f"numpy {numpy.__version__}, torch {torch.__version__}")'))"
     start=$(date +%s)
     PYTHONPATH="$PWD" TRITON_INTERPRET= "$venv/bin/python" -m pytest -q -p no:cacheprovider \
