@@ -245,6 +245,44 @@ def test_paths_that_disagree_fail_fast(ranks, case):
         assert elapsed < (10 if ranks.device != "cpu" else 200), elapsed  # the timeout is an hour
 
 
+def _inter_node_variants_mixed(ctx, shape):
+    """Across nodes the two variants of the inter-node path (LL, HT staged) share one protocol, the
+    regions and the counters: ranks whose hints pick different variants for one call still get the
+    reference's dispatch and combine (which is why their calls are not announced)."""
+    from ep_cases import expert_outputs
+    from rank_checks import assert_equal
+
+    world, me, dev = ctx.world_size, ctx.rank, ctx.device
+    per_node = world // 2 if world % 2 == 0 else 1
+    cfg = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * world, topk=shape.topk,
+                          max_tokens_per_rank=shape.max_tokens_per_rank, dispatch_dtype=torch.float8_e4m3fn,
+                          mode="auto", crossover_tokens=4, gpus_per_node=per_node)
+    buf = moe_ep.Buffer(ctx.group, cfg)
+    try:
+        for call in range(2):
+            xs, ids, weights = make_inputs(call, "uniform", shape, world, seed=41)
+            xs, ids, weights = [t[:4] for t in xs], [t[:4] for t in ids], [t[:4] for t in weights]
+            hint = 4 if (me + call) % 2 == 0 else shape.max_tokens_per_rank  # inter here, inter_ht there
+            out = buf.dispatch(xs[me].to(dev), ids[me].to(dev), weights[me].to(dev), num_tokens_hint=hint)
+            assert out.handle.path == ("inter" if hint == 4 else "inter_ht")
+            exp = reference.dispatch(xs, ids, weights, cfg.num_experts, cfg.dispatch_dtype)
+            check_dispatch(out, exp[me], buf.capacity)
+            ys = [expert_outputs(exp[r], r) for r in range(world)]
+            y = torch.zeros(buf.capacity, shape.hidden, dtype=torch.bfloat16)
+            y[:exp[me].num_tokens] = ys[me]
+            z = buf.combine(y.to(dev), out.handle)
+            assert_equal("combine", reference.combine(ys, exp, [len(i) for i in ids], per_node)[me], z.cpu())
+        buf.check()
+    finally:
+        buf.close()
+    return True
+
+
+def test_inter_node_variants_interoperate(ranks):
+    shape = CPU_SHAPE if ranks.device == "cpu" else GPU_SHAPE
+    assert all(ranks.run(_inter_node_variants_mixed, shape))
+
+
 def _stale_and_own_memory(ctx, shape):
     """A handle whose outputs a later dispatch rewrote (out=), and dispatch inputs that are views of
     the Buffer's own receive memory, are refused before any launch; the Buffer stays usable."""
