@@ -432,6 +432,7 @@ class _ExpertState:
             weights = heap.view("ex_dispatch_topk_weights", torch.float32, (2, experts, slots))[half]
             src = heap.view("ex_dispatch_src", torch.int32, (2, experts, slots, 2))[half]
             self.views.append((x, scales, weights, src))
+        self._pair_views: dict = {}  # (half, tokens) -> views of tokens_per_expert, pair_ids, pair_weights
         self.dispatches = 0  # expert-layout dispatches issued (call c uses half c % 2)
         self.combines = 0
         self.pending = {"dispatch": set(), "combine": set()}  # calls whose hook is still to run
@@ -459,9 +460,13 @@ class _ExpertState:
         call = self._issue("dispatch")
         half = call % 2
         num_tokens = x.shape[0]
-        handle = ExpertHandle(half=half, call=call, num_tokens=num_tokens, tokens_per_expert=self.tokens_per_expert[half],
-                              pair_ids=self.pair_ids[half, :num_tokens], pair_weights=self.pair_weights[half, :num_tokens],
-                              buffer_id=id(buf))
+        pair_views = self._pair_views.get((half, num_tokens))
+        if pair_views is None:  # views of the persistent pair tensors, made once per (half, tokens)
+            pair_views = self._pair_views[(half, num_tokens)] = (
+                self.tokens_per_expert[half], self.pair_ids[half, :num_tokens], self.pair_weights[half, :num_tokens])
+        counts, pair_ids, pair_weights = pair_views
+        handle = ExpertHandle(half=half, call=call, num_tokens=num_tokens, tokens_per_expert=counts, pair_ids=pair_ids,
+                              pair_weights=pair_weights, buffer_id=id(buf))
         rows, scales, weights, src = self.views[half]
         out = ExpertDispatchOutput(x=rows, x_scales=scales, topk_weights=weights, src=src,
                                    tokens_per_expert=handle.tokens_per_expert, handle=handle)
