@@ -85,7 +85,22 @@ class Launcher:
         prepared = static.prepared.get(self)
         if prepared is None:
             prepared = static.prepared[self] = self._prepare(static, dynamic)
-        template, plan, compiled_by_key = prepared
+        args, key = self._args_and_key(prepared, dynamic)
+        compiled_by_key = prepared[2]
+        compiled = compiled_by_key.get(key)
+        if compiled is None:
+            compiled_by_key[key] = self.kernel[grid](**static.kwargs, **dynamic, num_warps=static.num_warps,
+                                                     **static.options)
+        else:
+            compiled[(grid + (1, 1))[:3]](*args)
+
+    @staticmethod
+    def _args_and_key(prepared: tuple, dynamic: dict) -> tuple[list, tuple]:
+        """The argument list of a launch (``prepared``'s static values, then ``dynamic``'s, pointers
+        as integers) and the key of the compiled kernel it needs: what Triton specialises on among
+        the dynamic arguments (a tensor's dtype and address mod 16, an integer's ``== 1``, ``% 16``
+        and width, a constexpr's value)."""
+        template, plan, _ = prepared
         args = template.copy()
         key = []
         for position, name, kind in plan:
@@ -106,13 +121,7 @@ class Launcher:
             else:  # an unspecialised integer, or anything else
                 key.append((type(value), -2**31 <= value < 2**31 if type(value) is int else None))
                 args[position] = value
-        key = tuple(key)
-        compiled = compiled_by_key.get(key)
-        if compiled is None:
-            compiled_by_key[key] = self.kernel[grid](**static.kwargs, **dynamic, num_warps=static.num_warps,
-                                                     **static.options)
-        else:
-            compiled[(grid + (1, 1))[:3]](*args)
+        return args, tuple(key)
 
     def _prepare(self, static: "LaunchArgs", dynamic: dict) -> tuple:
         """For ``static``: the argument list with its values in place (pointers as integers), per
