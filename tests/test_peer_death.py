@@ -143,15 +143,15 @@ def _killed_mid_call(ctx, setup: Setup, victim: int, op: str):
 
 def _count_polls() -> list:
     """From now on count each wait's polls (CPU ranks: a wait pauses in ``_platform.yield_cpu``
-    before each poll after its first; a wait's loop is ``_wait_geq``, or ``_wait_peers_in_call`` in
-    a dispatch kernel); returns the list of counts, one per wait that polled."""
+    before each poll after its first; a wait's loop is ``_wait_geq``); returns the list of counts,
+    one per wait that polled."""
     from moe_ep import _platform
 
     counts, pause, current = [], _platform.yield_cpu, [None]
 
     def counted():
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_name not in ("_wait_geq", "_wait_peers_in_call"):
+        while frame is not None and frame.f_code.co_name != "_wait_geq":
             frame = frame.f_back
         if frame is not current[0]:  # a new wait (the last one's frame is kept: no id is reused)
             current[0] = frame

@@ -82,7 +82,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
     if local < send_programs:
         if CREDITS:
             _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
-                        PHASE_COMBINE_CREDIT, max_polls, BLOCK_R)
+                        PHASE_COMBINE_CREDIT, max_polls, 0, 0, BLOCK_R)
         if PARTS > 1:  # range q of every source: rows [first[s], first[s] + lens[s])
             first = tl.load(part_rows_ptr + offs_r * (PARTS + 1) + q, mask=mask_r, other=0)
             lens = tl.load(part_rows_ptr + offs_r * (PARTS + 1) + q + 1, mask=mask_r, other=0) - first
@@ -115,7 +115,7 @@ def _combine_kernel(y_ptr, src_ptr, num_recv_ptr, send_mask_ptr, part_rows_ptr, 
                       _mask_if(mask_r, tl.max(last.to(tl.int32), axis=0) > 0), epoch)
     else:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
-                    PHASE_COMBINE_RECV, max_polls, BLOCK_R)
+                    PHASE_COMBINE_RECV, max_polls, 0, 0, BLOCK_R)
         base = _peer_ptr(peer_bases_ptr, rank, x_offset, tl.bfloat16)
         per_range = tl.cdiv(num_tokens, PARTS)
         for t in range(q * per_range + local - send_programs, tl.minimum((q + 1) * per_range, num_tokens),

@@ -28,12 +28,12 @@ import triton
 import triton.language as tl
 
 from moe_ep.kernels.combine import _rotated
-from moe_ep.kernels.dispatch_expert import PHASE_RECV, PHASE_SEND, _finish_half_launch
+from moe_ep.kernels.dispatch_expert import PHASE_RECV, PHASE_SEND, _finish_half_launch, _half_launch_epoch
 from moe_ep.kernels.numerics import _to_bf16
 from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, PHASE_COMBINE_CREDIT, PHASE_COMBINE_RECV, RECV_ARRIVALS,
-                                         SEND_ARRIVALS, _arrive, _launch_epoch, _mask_if, _peer_ptr, _row,
+                                         SEND_ARRIVALS, _arrive, _mask_if, _peer_ptr, _row,
                                          _signal_peers, _wait_peers)
 
 
@@ -51,14 +51,11 @@ def _combine_expert_kernel(
     pid = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
-    if PHASE == PHASE_RECV:
-        epoch = tl.load(counters_ptr + HALF_EPOCHS + half, volatile=True)  # the send launch's
-    else:
-        epoch = _launch_epoch(counters_ptr)
+    epoch = _half_launch_epoch(counters_ptr, half, PHASE)
     if pid < send_programs and PHASE != PHASE_RECV:
         previous = tl.load(counters_ptr + HALF_EPOCHS + half, volatile=True)  # the last call of this half
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, previous, epoch,
-                    PHASE_COMBINE_CREDIT, max_polls, BLOCK_R)
+                    PHASE_COMBINE_CREDIT, max_polls, 0, 0, BLOCK_R)
         offs_e = tl.arange(0, BLOCK_E)
         counts = tl.load(tokens_per_expert_ptr + offs_e, mask=offs_e < EXPERTS_PER_RANK, other=0)  # [BLOCK_E]
         ends = tl.cumsum(counts, axis=0)
@@ -88,7 +85,7 @@ def _combine_expert_kernel(
                       epoch)
     elif PHASE != PHASE_SEND:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
-                    PHASE_COMBINE_RECV, max_polls, BLOCK_R)
+                    PHASE_COMBINE_RECV, max_polls, 0, 0, BLOCK_R)
         base = _peer_ptr(peer_bases_ptr, rank, x_offset, tl.bfloat16)  # [num_tokens * TOPK, HIDDEN] received
         for t in range(pid - send_programs, num_tokens, reduce_programs):
             for start in range(0, HIDDEN, BLOCK_H):

@@ -46,7 +46,7 @@ from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, _quantize_fp8, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (INPUT_BAD_EXPERT_ID, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _announce_call,
                                          _arrive, _copy_span, _finish_launch, _launch_epoch, _mask_if, _peer_ptr,
-                                         _record_input_error, _row, _signal_peers, _wait_peers_in_call)
+                                         _record_input_error, _row, _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -434,8 +434,8 @@ def _receive_program(j, epoch, rank, world_size, max_tokens, max_polls, out_rows
     meta = j == world_size * recv_parts  # the program that writes num_tokens / tokens_per_expert
     src_rank = tl.where(meta, world_size - 1, j // recv_parts)
     mask_wait = mask_r & (offs_r <= src_rank)
-    _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
-                        PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
+    _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
+                PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
     counts = tl.load(_peer_ptr(peer_bases_ptr, rank, count_offset, tl.int32) + offs_r, mask=mask_wait,
                      other=0, volatile=True)  # [BLOCK_R] rows from each source
     if meta:
@@ -481,7 +481,7 @@ def _dispatch_kernel(
     mask_r = offs_r < world_size
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
-    if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers_in_call)
+    if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers)
         _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word)
     if pid < send_programs:
         lanes, lane, part = _send_lane(pid, send_programs, token_parts)  # lane sends t = lane (mod lanes)

@@ -48,7 +48,7 @@ from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (HALF_EPOCHS, INPUT_SLOTS_OVERFLOW,
                                          PHASE_DISPATCH_COUNTS, PHASE_DISPATCH_RECV, SEND_ARRIVALS, _announce_call,
                                          _arrive, _launch_epoch, _mask_if, _peer_ptr, _record_input_error, _row,
-                                         _signal_peers, _wait_peers_in_call)
+                                         _signal_peers, _wait_peers)
 
 # Which programs a launch holds (the RECV_HOOK launch is the receive program alone).
 PHASE_ALL = tl.constexpr(0)  # send programs, then the receive program
@@ -138,20 +138,17 @@ def _dispatch_expert_kernel(
     pid = tl.program_id(0)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < world_size
-    if PHASE == PHASE_RECV:
-        epoch = tl.load(counters_ptr + HALF_EPOCHS + half, volatile=True)  # the send launch's
-    else:
-        epoch = _launch_epoch(counters_ptr)
+    epoch = _half_launch_epoch(counters_ptr, half, PHASE)
     if pid < send_programs and PHASE != PHASE_RECV:
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < TOPK
-        if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers_in_call)
+        if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers)
             _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word)
             _publish_counts(topk_ids_ptr, peer_bases_ptr, counts_offset, count_signal_offset, status_ptr, rank,
                             world_size, num_tokens, num_experts, epoch, offs_r, mask_r, TOPK, BLOCK_T, BLOCK_K,
                             BLOCK_ALL_E)
-        _wait_peers_in_call(peer_bases_ptr, count_signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
-                            PHASE_DISPATCH_COUNTS, max_polls, announce_offset, call_word, BLOCK_R)
+        _wait_peers(peer_bases_ptr, count_signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
+                    PHASE_DISPATCH_COUNTS, max_polls, announce_offset, call_word, BLOCK_R)
         if pid == 0:
             _expert_totals(peer_bases_ptr, counts_offset, out_tokens_per_expert_ptr, status_ptr, rank, world_size,
                           num_experts, slots, epoch, offs_r, mask_r, EXPERTS_PER_RANK, BLOCK_ALL_E)
@@ -190,10 +187,21 @@ def _dispatch_expert_kernel(
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, _mask_if(mask_r, tl.max(last.to(tl.int32)) > 0),
                       epoch)
     elif PHASE != PHASE_SEND:  # the receive program: every rank's rows of this call have landed
-        _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
-                            PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
+                    PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
     if PHASE != PHASE_RECV:
         _finish_half_launch(counters_ptr, epoch, half, num_programs)
+
+
+@triton.jit
+def _half_launch_epoch(counters_ptr, half, PHASE: tl.constexpr):
+    """The epoch of a launch over host-alternated halves: in the hook's launch (PHASE_RECV) the
+    one its send launch recorded for ``half``, else the next call's (``_launch_epoch``)."""
+    if PHASE == PHASE_RECV:
+        epoch = tl.load(counters_ptr + HALF_EPOCHS + half, volatile=True)
+    else:
+        epoch = _launch_epoch(counters_ptr)
+    return epoch
 
 
 @triton.jit

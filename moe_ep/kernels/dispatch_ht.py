@@ -56,7 +56,7 @@ from moe_ep.kernels.numerics import E4M3FN, E4M3FNUZ, fp8_format
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_DISPATCH_CREDIT, PHASE_DISPATCH_RECV, RECV_ARRIVALS, SEND_ARRIVALS,
                                          _announce_call, _arrive, _finish_launch, _launch_epoch, _mask_if, _peer_ptr,
-                                         _signal_peers, _wait_peers_in_call)
+                                         _signal_peers, _wait_peers)
 
 
 @triton.jit
@@ -109,20 +109,20 @@ def _dispatch_ht_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < TOPK
     counts_offset += (epoch % 2) * world_size * world_size * 4  # this call's half
-    if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers_in_call)
+    if pid == 0:  # this call's number and path, for peers that wait on this rank (see _wait_peers)
         _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_word)
     if pid < send_programs:
         lanes, lane, part = _send_lane(pid, send_programs, token_parts)
-        _wait_peers_in_call(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, mask_r, epoch - 1, epoch,
-                            PHASE_DISPATCH_CREDIT, max_polls, announce_offset, call_word, BLOCK_R)
+        _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
+                    PHASE_DISPATCH_CREDIT, max_polls, announce_offset, call_word, BLOCK_R)
         if pid == 0:
             hist = _staged_histogram(block_hist_ptr, num_tokens, EXPERTS_PER_RANK * world_size, BLOCK_T, BLOCK_ALL_E)
             _announce_ranges(range_rows_ptr, hist, peer_bases_ptr, ranges_offset, counts_offset, expert_counts_offset,
                              signal_offset, rank, world_size, epoch, offs_r, mask_r, EXPERTS_PER_RANK, RANGES, BLOCK_Q)
         # Every rank's announcement of this call: the rows of the lower ranks place this rank's
         # rows in each destination, and a rank that announced is done with its previous outputs.
-        _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_r, epoch, epoch,
-                            PHASE_DISPATCH_CREDIT, max_polls, announce_offset, call_word, BLOCK_R)
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
+                    PHASE_DISPATCH_CREDIT, max_polls, announce_offset, call_word, BLOCK_R)
         counts_ptr = _peer_ptr(peer_bases_ptr, rank, counts_offset, tl.int32)  # [R, R]
         lower = offs_r[:, None] < rank
         row_base = tl.sum(tl.load(counts_ptr + offs_r[:, None] * world_size + offs_r[None, :],
@@ -150,8 +150,8 @@ def _dispatch_ht_kernel(
         meta = j == world_size * recv_parts  # the program that writes the totals and part_rows
         src_rank = tl.where(meta, world_size - 1, j // recv_parts)
         mask_wait = mask_r & (offs_r <= src_rank)
-        _wait_peers_in_call(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, mask_wait, epoch, epoch,
-                            PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
+        _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_r, offs_r, mask_wait, epoch, epoch,
+                    PHASE_DISPATCH_RECV, max_polls, announce_offset, call_word, BLOCK_R)
         ranges_ptr = _peer_ptr(peer_bases_ptr, rank, ranges_offset, tl.int32)  # [R, RANGES + 1]
         counts = tl.load(ranges_ptr + offs_r * (RANGES + 1) + RANGES, mask=mask_wait, other=0,
                          volatile=True)  # [BLOCK_R] rows from each source
@@ -170,9 +170,9 @@ def _dispatch_ht_kernel(
             offset = tl.sum(tl.where(offs_r == src_rank, offsets, 0), axis=0)
             for g in range(0, groups):  # ranges [g * RANGES // groups, (g + 1) * RANGES // groups): after the last
                 q_last = (g + 1) * RANGES // groups - 1
-                _wait_peers_in_call(peer_bases_ptr, range_signal_offset + q_last * world_size * 4, status_ptr, rank,
-                                    offs_r, offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls,
-                                    announce_offset, call_word, BLOCK_R)
+                _wait_peers(peer_bases_ptr, range_signal_offset + q_last * world_size * 4, status_ptr, rank,
+                            offs_r, offs_r, offs_r == src_rank, epoch, epoch, PHASE_DISPATCH_RECV, max_polls,
+                            announce_offset, call_word, BLOCK_R)
                 lo = tl.load(ranges_ptr + src_rank * (RANGES + 1) + g * RANGES // groups, volatile=True)
                 hi = tl.load(ranges_ptr + src_rank * (RANGES + 1) + (g + 1) * RANGES // groups, volatile=True)
                 _receive_rows(src_rank, offset + lo, hi - lo, offset + lo, j % recv_parts, recv_parts, rank,

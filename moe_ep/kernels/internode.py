@@ -258,7 +258,7 @@ def _dispatch_internode_kernel(
             offs_one = tl.arange(0, 1) + node
             # 64-bit slots: the epoch is the low half of slot `node` (int32 index 2 * node)
             _wait_peers(peer_bases_ptr, isignal_offset, status_ptr, rank, offs_one * 2, offs_one * 0 + src_rank,
-                        offs_one < NUM_NODES, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, 1)
+                        offs_one < NUM_NODES, epoch, epoch, PHASE_DISPATCH_RECV, max_polls, 0, 0, 1)
             staged = tl.load(_peer_ptr(peer_bases_ptr, rank, icount_offset + node * 8, tl.int64),
                              volatile=True).to(tl.int32)
             if part == 0:
@@ -364,7 +364,7 @@ def _combine_internode_kernel(
     elif pid < send_programs + proxy_programs:
         q = pid - send_programs
         _wait_peers(peer_bases_ptr, inter_signal_offset, status_ptr, rank, offs_g, my_node * GPUS_PER_NODE + offs_g,
-                    offs_g < GPUS_PER_NODE, epoch, epoch, PHASE_COMBINE_RECV, max_polls, BLOCK_G)
+                    offs_g < GPUS_PER_NODE, epoch, epoch, PHASE_COMBINE_RECV, max_polls, 0, 0, BLOCK_G)
         base = _peer_ptr(peer_bases_ptr, rank, inter_offset, tl.bfloat16)
         for k in range(0, NUM_NODES):  # from the next node on: the proxies do not all send to node 0 first
             node = (my_node + 1 + k) % NUM_NODES
@@ -400,9 +400,9 @@ def _combine_internode_kernel(
                           ssignal_offset + node * 8, epoch, SHMEM)
     else:
         _wait_peers(peer_bases_ptr, direct_signal_offset, status_ptr, rank, offs_r, offs_r, local_r, epoch, epoch,
-                    PHASE_COMBINE_RECV, max_polls, BLOCK_R)
+                    PHASE_COMBINE_RECV, max_polls, 0, 0, BLOCK_R)
         _wait_peers(peer_bases_ptr, node_signal_offset, status_ptr, rank, offs_n * 2, same_local, remote_n, epoch,
-                    epoch, PHASE_COMBINE_RECV, max_polls, BLOCK_N)  # the low halves of 64-bit slots
+                    epoch, PHASE_COMBINE_RECV, max_polls, 0, 0, BLOCK_N)  # the low halves of 64-bit slots
         direct = _peer_ptr(peer_bases_ptr, rank, direct_offset, tl.bfloat16)
         from_nodes = _peer_ptr(peer_bases_ptr, rank, node_offset, tl.bfloat16)
         for t in range(pid - send_programs - proxy_programs, num_tokens, reduce_programs):

@@ -62,17 +62,17 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < world_size
             _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch - 1, epoch,
-                        PHASE_COPY_CREDIT, max_polls, BLOCK_R)
+                        PHASE_COPY_CREDIT, max_polls, 0, 0, BLOCK_R)
             _signal_peers(peer_bases_ptr, signal_offset, rank, offs_r, mask_r, epoch)
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch,
-                    epoch, PHASE_COPY_RECV, max_polls, 1)
+                    epoch, PHASE_COPY_RECV, max_polls, 0, 0, 1)
         _copy_part(_row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED),
                    _row(out_ptr, peer, chunk, ALIGNED), part, part_len, chunk, BLOCK)
         last = _arrive(counters_ptr + RECV_ARRIVALS + offs_one, mask_one, PARTS)
         _signal_peers(peer_bases_ptr, credit_offset, rank, offs_one, last, epoch)
     elif sending:
         _wait_peers(peer_bases_ptr, credit_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch - 1,
-                    epoch, PHASE_COPY_CREDIT, max_polls, 1)
+                    epoch, PHASE_COPY_CREDIT, max_polls, 0, 0, 1)
         _copy_part(_row(src_ptr, peer, chunk, ALIGNED),
                    _row(_peer_ptr(peer_bases_ptr, peer, data_offset, tl.int32), rank, chunk, ALIGNED), part,
                    part_len, chunk, BLOCK)
@@ -80,7 +80,7 @@ def _peer_copy_kernel(src_ptr, out_ptr, peer_bases_ptr, data_offset, signal_offs
         _signal_peers(peer_bases_ptr, signal_offset, rank, offs_one, last, epoch)
     else:
         _wait_peers(peer_bases_ptr, signal_offset, status_ptr, rank, offs_one, offs_one, mask_one, epoch,
-                    epoch, PHASE_COPY_RECV, max_polls, 1)
+                    epoch, PHASE_COPY_RECV, max_polls, 0, 0, 1)
         if COPY_OUT:
             _copy_part(_row(_peer_ptr(peer_bases_ptr, rank, data_offset, tl.int32), peer, chunk, ALIGNED),
                        _row(out_ptr, peer, chunk, ALIGNED), part, part_len, chunk, BLOCK)

@@ -42,7 +42,7 @@ INPUT_SLOTS_OVERFLOW = tl.constexpr(2)  # value: the global expert, detail: its 
 # a call word is (the Buffer's dispatch call number << CALL_PATH_BITS) | path.
 CALL_PATH_BITS = tl.constexpr(3)
 CALL_PATH_MASK = tl.constexpr(7)  # (1 << CALL_PATH_BITS) - 1
-ANNOUNCE_EVERY = tl.constexpr(16)  # a wait that did not succeed at once reads the announcements every this many polls
+ANNOUNCE_EVERY = tl.constexpr(16)  # a wait that did not succeed at once reads the announcements every this many polls (_wait_geq)
 PATH_CODES = {"ll": 1, "ht": 2, "expert": 3, "inter": 4, "inter_ht": 5}
 # Phases a wait can time out in; the host turns them into words.
 PHASE_BARRIER = tl.constexpr(1)
@@ -190,22 +190,36 @@ else:
 
 
 @triton.jit
-def _wait_geq(ptrs, targets, mask, max_polls, BLOCK: tl.constexpr):
+def _wait_geq(ptrs, targets, mask, max_polls, words, call_word, BLOCK: tl.constexpr):
     """Poll the ``[BLOCK]`` flags ``ptrs`` until each (where ``mask``) is >= ``targets``.
 
-    Returns ``(values, missing)``: the last values read, and the lowest index of the block
-    that never reached its target (-1 when all did). Gives up after ``max_polls`` polls.
+    With a nonzero ``call_word`` (a dispatch's number and path, see ``_announce_call``) a wait that
+    did not succeed at once also reads, one poll in ANNOUNCE_EVERY (the loop's period stays a
+    single poll's), the announcement word ``words`` of each flag still short, and stops as soon as
+    one announces the same call on another path. Nothing more is read while the flags are on time.
+
+    Returns ``(values, missing, other)``: the last values read, the lowest index of the block
+    that never reached its target (-1 when all did), and per index the other path its writer
+    announced (0: none). Gives up after ``max_polls`` polls.
     """
     values = tl.where(mask, _poll(ptrs, mask), targets)
+    mine = tl.zeros_like(values) + call_word
+    other = tl.zeros_like(values)
     polls = 0
-    while (tl.max((values < targets).to(tl.int32), axis=0) > 0) & (polls < max_polls):
+    while (tl.max((values < targets).to(tl.int32), axis=0) > 0) & (polls < max_polls) & (tl.max(other, axis=0) == 0):
         _pause()
-        values = tl.where(values < targets, _poll(ptrs, mask & (values < targets)), values)
+        waiting = mask & (values < targets)
+        values = tl.where(waiting, _poll(ptrs, waiting), values)
         polls += 1
+        if polls % ANNOUNCE_EVERY == 0:
+            announced = _poll(words, waiting & (mine != 0))
+            differs = waiting & (mine != 0) & ((announced >> CALL_PATH_BITS) == (mine >> CALL_PATH_BITS)) \
+                & (announced != mine)
+            other = tl.where(differs, announced & CALL_PATH_MASK, other)
     offs = tl.arange(0, BLOCK)
     missing = tl.min(tl.where(values < targets, offs, BLOCK), axis=0)
     missing = tl.where(missing == BLOCK, -1, missing)
-    return values, missing
+    return values, missing, other
 
 
 @triton.jit
@@ -329,56 +343,29 @@ def _announce_call(peer_bases_ptr, announce_offset, rank, offs_r, mask_r, call_w
 
 
 @triton.jit
-def _wait_peers_in_call(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, mask, target, epoch, phase,
-                        max_polls, announce_offset, call_word, BLOCK_R: tl.constexpr):
-    """``_wait_peers`` for a dispatch kernel's waits on its peers (slot r written by rank r): it
-    also gives up as soon as a peer it still waits for has announced this same dispatch call on
-    another path (the ranks disagree: a different ``num_tokens_hint``, or layout), and records the
-    mismatch instead of waiting for the timeout. Nothing more is read while the peers are on time:
-    the announcements are polled inside the loop of a wait that did not succeed at once, one poll
-    in ANNOUNCE_EVERY (the loop's period stays a single poll's). ``call_word`` 0: no announcements
-    (the inter-node kernels): a plain ``_wait_peers``."""
+def _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, peers, mask, target, epoch,
+                phase, max_polls, announce_offset, call_word, BLOCK_R: tl.constexpr):
+    """Wait until each masked slot ``offs_r`` of this rank's flags holds at least ``target``;
+    record a timeout naming the rank (``peers``, the writer of each slot) that never got there.
+    A dispatch kernel passes its ``call_word`` and the ``dispatch_calls`` region's offset: then a
+    wait that a peer would leave waiting because it announced this same call on another path (the
+    ranks disagree: a different ``num_tokens_hint``, or layout) gives up at once and records the
+    mismatch instead (``_wait_geq``). Every other wait passes 0, 0: no announcements."""
     ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
     words = _peer_ptr(peer_bases_ptr, rank, announce_offset, tl.int32) + offs_r
-    mine = tl.zeros_like(offs_r) + call_word  # [BLOCK_R]
     # One poll only once this rank has recorded a failure (this call, or an earlier one, failed).
     polls = tl.where(tl.load(status_ptr, volatile=True) == STATUS_OK, max_polls, 0)
-    values = tl.where(mask, _poll(ptrs, mask), target)
-    other = tl.zeros_like(offs_r)  # per peer: the path it announced for this call, when not ours
-    n = 0
-    while (tl.max((values < target).to(tl.int32), axis=0) > 0) & (n < polls) & (tl.max(other, axis=0) == 0):
-        _pause()
-        waiting = mask & (values < target)
-        values = tl.where(waiting, _poll(ptrs, waiting), values)
-        n += 1
-        if n % ANNOUNCE_EVERY == 0:
-            announced = _poll(words, waiting & (mine != 0))
-            differs = waiting & (mine != 0) & ((announced >> CALL_PATH_BITS) == (mine >> CALL_PATH_BITS)) \
-                & (announced != mine)
-            other = tl.where(differs, announced & CALL_PATH_MASK, other)
+    _, missing, other = _wait_geq(ptrs, target, mask, polls, words, call_word, BLOCK_R)
     offs = tl.arange(0, BLOCK_R)
     mismatch = tl.min(tl.where(other != 0, offs, BLOCK_R), axis=0)
     if mismatch < BLOCK_R:
         theirs = tl.sum(tl.where(offs == mismatch, other, 0), axis=0)
-        word = tl.max(mine, axis=0)
-        _record_failure(status_ptr, STATUS_PATH_MISMATCH, mismatch, (theirs << 8) | (word & CALL_PATH_MASK),
-                        word >> CALL_PATH_BITS)
+        word = tl.max(tl.zeros_like(offs_r) + call_word, axis=0)
+        _record_failure(status_ptr, STATUS_PATH_MISMATCH, tl.sum(tl.where(offs == mismatch, peers, 0), axis=0),
+                        (theirs << 8) | (word & CALL_PATH_MASK), word >> CALL_PATH_BITS)
     else:
-        missing = tl.min(tl.where(values < target, offs, BLOCK_R), axis=0)
-        _check_wait(status_ptr, tl.where(missing == BLOCK_R, -1, missing), phase, epoch)
-
-
-@triton.jit
-def _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, peers, mask, target, epoch,
-                phase, max_polls, BLOCK_R: tl.constexpr):
-    """Wait until each masked slot ``offs_r`` of this rank's flags holds at least ``target``;
-    record a timeout naming the rank (``peers``, the writer of each slot) that never got there."""
-    ptrs = _peer_ptr(peer_bases_ptr, rank, flags_offset, tl.int32) + offs_r
-    # One poll only once this rank has recorded a timeout (this call, or an earlier one, failed).
-    polls = tl.where(tl.load(status_ptr, volatile=True) == STATUS_OK, max_polls, 0)
-    _, missing = _wait_geq(ptrs, target, mask, polls, BLOCK_R)
-    peer = tl.sum(tl.where(tl.arange(0, BLOCK_R) == missing, peers, 0), axis=0)
-    _check_wait(status_ptr, tl.where(missing >= 0, peer, -1), phase, epoch)
+        peer = tl.sum(tl.where(offs == missing, peers, 0), axis=0)
+        _check_wait(status_ptr, tl.where(missing >= 0, peer, -1), phase, epoch)
     tl.debug_barrier()
 
 
@@ -402,4 +389,4 @@ def _barrier(peer_bases_ptr, flags_offset, status_ptr, rank, world_size, epoch, 
     mask_r = offs_r < world_size
     _signal_peers(peer_bases_ptr, flags_offset, rank, offs_r, mask_r, epoch)
     _wait_peers(peer_bases_ptr, flags_offset, status_ptr, rank, offs_r, offs_r, mask_r, epoch, epoch,
-                PHASE_BARRIER, max_polls, BLOCK_R)
+                PHASE_BARRIER, max_polls, 0, 0, BLOCK_R)
