@@ -431,6 +431,16 @@ def test_short_soak(ranks):
                                         "inter_ht"}, results[0]["paths"]
 
 
+def _assert_same_fields(label: str, want, got) -> None:
+    """Every field of two reference results (dataclasses of one type) is identical, None included."""
+    for f in dataclasses.fields(got):
+        a, b = getattr(want, f.name), getattr(got, f.name)
+        if a is None or b is None:
+            assert a is b, f"{label}{f.name}"
+        else:
+            assert_equal(f"{label}{f.name}", a, b)
+
+
 @pytest.mark.parametrize("world, gpus_per_node", [(2, None), (3, None), (4, 2), (4, 1)])
 def test_fast_reference_matches_reference(world, gpus_per_node):
     """tests/fast_reference.py against moe_ep.reference, bit for bit, on one process: every
@@ -462,12 +472,7 @@ def test_fast_reference_matches_reference(world, gpus_per_node):
         values, value_scales = fast_reference.payload(batch, dtype)
         for r in range(world):
             fast = fast_reference.expected_dispatch(batch, values, value_scales, num_experts, r)
-            for f in dataclasses.fields(fast):
-                want, got = getattr(expected[r], f.name), getattr(fast, f.name)
-                if want is None or got is None:
-                    assert want is got, f"case {case}, rank {r}: {f.name}"
-                else:
-                    assert_equal(f"case {case}, rank {r}: {f.name}", want, got)
+            _assert_same_fields(f"case {case}, rank {r}: ", expected[r], fast)
             assert_equal(f"case {case}, rank {r}: combine", combined[r],
                          fast_reference.expected_combine(batch, values, value_scales, num_experts, r, gpus_per_node))
         ids_of, weights_of = [p[1] for p in per_rank], [p[2] for p in per_rank]
@@ -481,12 +486,7 @@ def test_fast_reference_matches_reference(world, gpus_per_node):
                                                                     weighted))
         for r in range(world):
             fast = fast_reference.expected_dispatch_expert(batch, values, value_scales, num_experts, r)
-            for f in dataclasses.fields(fast):
-                want, got = getattr(pairs[r], f.name), getattr(fast, f.name)
-                if want is None or got is None:
-                    assert want is got, f"case {case}, rank {r}: expert layout {f.name}"
-                else:
-                    assert_equal(f"case {case}, rank {r}: expert layout {f.name}", want, got)
+            _assert_same_fields(f"case {case}, rank {r}: expert layout ", pairs[r], fast)
             slots = int(fast.tokens_per_expert.max()) + 1  # the most pairs of an expert, and a row past them
             local, index = fast_reference.expert_row_index(fast.tokens_per_expert, fast.x.shape[0], slots)
             placed = torch.full((experts_per_rank * slots, hidden), float("nan"), dtype=torch.bfloat16)

@@ -9,7 +9,7 @@ calls need no reset and a captured graph replays correctly.
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import register
 from moe_ep.transport.primitives import _barrier, _finish_launch, _launch_epoch
 
@@ -35,10 +35,10 @@ def barrier_region_bytes(world_size: int) -> int:
 
 def launch_barrier(heap, sync, region: str = "barrier_flags") -> None:
     """Block every rank of ``heap``'s group until all have launched it (device-side)."""
+    static = static_args(heap, ("barrier", id(sync), region), lambda: dict(
+        peer_bases_ptr=heap.peer_bases, flags_offset=heap.offset(region), counters_ptr=sync.counters("barrier"),
+        status_ptr=sync.status, rank=heap.rank, world_size=heap.world_size, max_polls=sync.max_polls,
+        BLOCK_R=triton.next_power_of_2(heap.world_size)))
     sync.before_launch()
-    _launch_barrier((1,),
-        peer_bases_ptr=heap.peer_bases, flags_offset=heap.offset(region),
-        counters_ptr=sync.counters("barrier"), status_ptr=sync.status, rank=heap.rank,
-        world_size=heap.world_size, max_polls=sync.max_polls,
-        BLOCK_R=triton.next_power_of_2(heap.world_size))
+    _launch_barrier.launch((1,), static)
     sync.after_launch()

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ep.kernels.launch import Launcher
+from moe_ep.kernels.launch import Launcher, static_args
 from moe_ep.kernels.registry import KERNELS, register
 from moe_ep.transport.primitives import (PHASE_COPY_CREDIT, PHASE_COPY_RECV, RECV_ARRIVALS,
                                          SEND_ARRIVALS, _arrive, _finish_launch, _launch_epoch,
@@ -120,14 +120,20 @@ def launch_peer_copy(heap, sync, src, out=None, parts: int = 4, block: int = 204
     read the previous call's: after a barrier), and ``src`` only gives the shape (and receives
     the rows when ``out`` is None)."""
     world = heap.world_size
+    chunk, copy_out = src.shape[1], out is not None
+
+    def make():
+        num_programs = (1 if pull else 2) * world * parts
+        return dict(
+            peer_bases_ptr=heap.peer_bases, data_offset=heap.offset("copy_data"),
+            signal_offset=heap.offset("copy_signal"), credit_offset=heap.offset("copy_credit"),
+            counters_ptr=sync.counters("peer_copy"), status_ptr=sync.status, rank=heap.rank, world_size=world,
+            chunk=chunk, max_polls=sync.max_polls, PARTS=parts, BLOCK=block, COPY_OUT=copy_out,
+            NUM_PROGRAMS=num_programs, num_warps=num_warps, PULL=pull, BLOCK_R=triton.next_power_of_2(world))
+
+    static = static_args(heap, ("peer_copy", id(sync), chunk, copy_out, parts, block, num_warps, pull), make)
     sync.before_launch()
-    num_programs = (1 if pull else 2) * world * parts
-    _launch_peer_copy((num_programs,),
-        src_ptr=src, out_ptr=src if out is None else out, peer_bases_ptr=heap.peer_bases,
-        data_offset=heap.offset("copy_data"), signal_offset=heap.offset("copy_signal"),
-        credit_offset=heap.offset("copy_credit"), counters_ptr=sync.counters("peer_copy"),
-        status_ptr=sync.status, rank=heap.rank, world_size=world, chunk=src.shape[1],
-        max_polls=sync.max_polls, PARTS=parts, BLOCK=block, COPY_OUT=out is not None,
-        NUM_PROGRAMS=num_programs, num_warps=num_warps, PULL=pull, BLOCK_R=triton.next_power_of_2(world),
-        ALIGNED=src.shape[1] % 4 == 0 and src.data_ptr() % 16 == 0 and (out is None or out.data_ptr() % 16 == 0))
+    _launch_peer_copy.launch(
+        (static["NUM_PROGRAMS"],), static, src_ptr=src, out_ptr=src if out is None else out,
+        ALIGNED=chunk % 4 == 0 and src.data_ptr() % 16 == 0 and (out is None or out.data_ptr() % 16 == 0))
     sync.after_launch()
