@@ -45,8 +45,9 @@ class Sections:
             finally:
                 current[label] += time.perf_counter() - start
                 counts[label] += 1
-        self._patches.append((owner, name, original))
-        setattr(owner, name, timed)
+        raw = getattr(owner, "__dict__", {}).get(name)
+        self._patches.append((owner, name, raw if isinstance(raw, staticmethod) else original))
+        setattr(owner, name, staticmethod(timed) if isinstance(raw, staticmethod) else timed)
 
     def end_call(self) -> None:
         for label, seconds in self.current.items():
@@ -90,8 +91,8 @@ def instrument(sections: Sections) -> None:
                          (dispatch_expert, "launch_dispatch_expert"), (combine, "launch_combine"),
                          (combine_expert, "launch_combine_expert")):
         sections.wrap(buffer if hasattr(buffer, name) else module, name, f"{name} (all of it)")
-    sections.wrap(Launcher, "__call__", "Launcher.__call__ (key + launch)")
-    sections.wrap(Launcher, "_key")
+    sections.wrap(Launcher, "launch", "Launcher.launch (arguments, key, launch)")
+    sections.wrap(Launcher, "_args_and_key", "Launcher._args_and_key (static method)")
     sections.wrap(SyncState, "before_launch")
     sections.wrap(SyncState, "after_launch")
     sections.wrap(torch, "empty", "torch.empty")
@@ -134,7 +135,25 @@ def floors(device, calls: int = 500) -> dict:
     args = tensors + ints + list(consts.values())
     pointer_ints = [t.data_ptr() for t in tensors] + ints + list(consts.values())
     runner = compiled[(4, 1, 1)]
+    stream = torch.cuda.current_stream(device).cuda_stream
+    run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    block = torch.empty(1 << 20, dtype=torch.uint8, device=device)
+    words = block.view(torch.int32)
+    from moe_ep.outputs import DispatchHandle, DispatchOutput
+
+    def outputs():
+        handle = DispatchHandle(src=words, num_recv_tokens=words, send_mask=words, num_tokens=1, path="ll",
+                                buffer_id=1, part_rows=None, forwarded_token=None, forwarded_mask=None,
+                                forwarded_count=None)
+        return DispatchOutput(x=words, x_scales=words, topk_ids=words, topk_weights=words, src=words,
+                              num_tokens=words, tokens_per_expert=words, handle=handle)
     return {
+        "block.view(torch.int32) (CUDA)": median(lambda: block.view(torch.int32)),
+        "words.as_strided((128, 2), (2, 1), 64) (CUDA)": median(lambda: words.as_strided((128, 2), (2, 1), 64)),
+        "DispatchHandle + DispatchOutput construction": median(outputs),
+        "torch.cuda.current_stream(device).cuda_stream": median(lambda: torch.cuda.current_stream(device).cuda_stream),
+        "compiled.run(grid, stream, function, metadata, ...), pointers as ints":
+            median(lambda: run(4, 1, 1, stream, function, metadata, None, None, None, *pointer_ints)),
         "torch.empty [128, 7168] fp8": median(lambda: torch.empty(128, 7168, dtype=torch.float8_e4m3fn, device=device)),
         "torch.empty [1] int32": median(lambda: torch.empty(1, dtype=torch.int32, device=device)),
         "status copy_ (32 B D2H, non_blocking, pinned)": median(lambda: mirror.copy_(status, non_blocking=True)),

@@ -1,7 +1,7 @@
 """Host time of eager dispatch / combine calls, and where it goes (one GPU, or CPU ranks for a smoke).
 
     python benchmarks/host_overhead.py                       # one GPU: world 1, DeepSeek-V3 shape
-    python benchmarks/host_overhead.py --profile --out DIR   # plus a cProfile of each path's calls
+    python benchmarks/host_overhead.py --profile --out DIR   # plus a cProfile of each path's calls (profiles.txt)
 
 A serving stack captures decode in CUDA graphs, but prefill runs eagerly, and every eager call
 pays Python, validation and Triton's launch before the GPU sees a kernel. This script times just
@@ -170,11 +170,11 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "host_overhead.json"), "w") as f:
             json.dump({"env": env, "args": vars(args), "results": results, "floors": floor}, f, indent=1)
-        for r in results:
-            for op in ("dispatch", "combine"):
-                if f"{op}_profile" in r:
-                    with open(os.path.join(args.out, f"profile_{r['path']}_{op}.txt"), "w") as f:
-                        f.write(r[f"{op}_profile"])
+        profiles = [f"== {r['path']} {op}\n{r[f'{op}_profile']}" for r in results for op in ("dispatch", "combine")
+                    if f"{op}_profile" in r]
+        if profiles:
+            with open(os.path.join(args.out, "profiles.txt"), "w") as f:
+                f.write("\n".join(profiles))
     dist.destroy_process_group()
 
 

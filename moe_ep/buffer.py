@@ -29,7 +29,7 @@ from moe_ep.kernels.dispatch_expert import PHASE_ALL, PHASE_RECV, PHASE_SEND, la
 from moe_ep.kernels.dispatch_ht import launch_dispatch_ht
 from moe_ep.kernels.internode import launch_combine_internode, launch_dispatch_internode
 from moe_ep.kernels.release_check import check_release_ordering
-from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook
+from moe_ep.outputs import DispatchHandle, DispatchOutput, ExpertDispatchOutput, ExpertHandle, RecvHook, make_frozen
 from moe_ep.regions import heap_bytes, heap_regions
 from moe_ep.transport import BadCallError, PeerTimeoutError, SymmetricHeap, SyncState
 from moe_ep.transport.primitives import MAX_RANKS
@@ -182,8 +182,12 @@ class Buffer:
             raise TypeError("out must be a DispatchOutput made by this Buffer")
         else:  # the tensors are rewritten: an earlier handle on them goes stale
             out.handle.stamp[0] += 1
+            part_rows = out.handle.part_rows
+            if part_rows is None and path == "ht":  # outputs of an LL call: HT's part_rows is in their allocation
+                part_rows = self._part_rows(out.handle)
             out = dataclasses.replace(out, handle=dataclasses.replace(out.handle, num_tokens=num_tokens, path=path,
-                                                                      generation=out.handle.stamp[0]))
+                                                                      generation=out.handle.stamp[0],
+                                                                      part_rows=part_rows))
         params = self.launch_params(path, num_tokens, zero_copy).dispatch
         call_word = self.sync.call_word(path)  # (the inter-node kernels do not announce their calls)
         if path in INTER_PATHS:
@@ -199,21 +203,27 @@ class Buffer:
 
     def empty_dispatch_output(self) -> DispatchOutput:
         """Freshly allocated (uninitialised) dispatch outputs."""
-        return self._new_dispatch_output(False)
+        return self._new_dispatch_output(False, every_field=True)
 
-    def _new_dispatch_output(self, views: bool, num_tokens: int = 0, path: str = "ll") -> DispatchOutput:
+    def _new_dispatch_output(self, views: bool, num_tokens: int = 0, path: str = "ll",
+                             every_field: bool = False) -> DispatchOutput:
         """Dispatch outputs (of a call of ``num_tokens`` tokens over ``path``); with ``views`` x,
         x_scales, topk_ids and topk_weights are views of the HT receive regions, which hold the rows
         in the outputs' layout (``moe_ep.regions``). The other tensors share one allocation (one
-        call into the caching allocator instead of one per tensor: the eager host path)."""
+        call into the caching allocator instead of one per tensor: the eager host path), of int32
+        words, so only the other dtypes need a typed view of it. ``part_rows`` (HT's) is made only
+        for an HT call or with ``every_field``; its bytes are in the allocation either way."""
         layout = self._output_layouts.get(views)
         if layout is None:
             layout = self._output_layouts[views] = self._output_layout(views)
-        total, fields = layout
-        block = torch.empty(total, dtype=torch.uint8, device=self.device)
-        typed = {}
+        words, fields = layout
+        block = torch.empty(words, dtype=torch.int32, device=self.device)
+        typed = {torch.int32: block}
         out = {}
+        skip = None if every_field or path == "ht" else "part_rows"
         for name, dtype, shape, strides, offset in fields:
+            if name == skip:
+                continue
             base = typed.get(dtype)
             if base is None:
                 base = typed[dtype] = block.view(dtype)
@@ -223,20 +233,30 @@ class Buffer:
                 self._ht_views = {name: self.heap.view("ht_dispatch_" + name, dtype, (self.capacity, width))
                                   for name, dtype, width in self._row_fields()}
             out.update(self._ht_views)
-        handle = DispatchHandle(src=out["src"], num_recv_tokens=out["num_recv_tokens"], send_mask=out["send_mask"],
-                                num_tokens=num_tokens, path=path, buffer_id=id(self), part_rows=out.get("part_rows"),
-                                forwarded_token=out.get("forwarded_token"), forwarded_mask=out.get("forwarded_mask"),
-                                forwarded_count=out.get("forwarded_count"))
-        return DispatchOutput(
-            x=out["x"], x_scales=out.get("scales"), topk_ids=out["topk_ids"], topk_weights=out["topk_weights"],
-            src=out["src"], num_tokens=out["num_recv_tokens"], tokens_per_expert=out["tokens_per_expert"],
-            handle=handle)
+        get = out.get
+        src, count = out["src"], out["num_recv_tokens"]
+        handle = make_frozen(DispatchHandle, src=src, num_recv_tokens=count, send_mask=out["send_mask"],
+                             num_tokens=num_tokens, path=path, buffer_id=id(self), forwarded_token=get("forwarded_token"),
+                             forwarded_mask=get("forwarded_mask"), forwarded_count=get("forwarded_count"),
+                             part_rows=get("part_rows"), generation=0, stamp=[0], block=block)
+        return make_frozen(DispatchOutput, x=out["x"], x_scales=get("scales"), topk_ids=out["topk_ids"],
+                           topk_weights=out["topk_weights"], src=src, num_tokens=count,
+                           tokens_per_expert=out["tokens_per_expert"], handle=handle, layout="flat")
+
+    def _part_rows(self, handle: DispatchHandle) -> torch.Tensor:
+        """``part_rows`` of outputs made without it (an LL call's): the first field of their
+        allocation in either layout (``_output_layout``)."""
+        return handle.block.as_strided((self.world_size, self.cfg.ht_parts + 1), (self.cfg.ht_parts + 1, 1), 0)
 
     def _output_layout(self, views: bool) -> tuple:
-        """(bytes, fields) of the one allocation behind a dispatch's outputs: per field (name, dtype,
-        shape, strides, offset in elements of dtype), each field starting on a 256-byte boundary."""
+        """(int32 words, fields) of the one allocation behind a dispatch's outputs: per field (name,
+        dtype, shape, strides, offset in elements of dtype), each field starting on a 256-byte
+        boundary; HT's part_rows first (``_part_rows``)."""
         cfg, cap = self.cfg, self.capacity
-        fields = [] if views else [(name, dtype, (cap, width)) for name, dtype, width in self._row_fields()]
+        fields = [("part_rows", torch.int32, (self.world_size, cfg.ht_parts + 1))] \
+            if self.nodes == 1 and cfg.ht_tokens else []
+        if not views:
+            fields += [(name, dtype, (cap, width)) for name, dtype, width in self._row_fields()]
         fields += [("src", torch.int32, (cap, 2)), ("num_recv_tokens", torch.int32, (1,)),
                    ("send_mask", torch.int64, (cfg.max_tokens_per_rank,)),
                    ("tokens_per_expert", torch.int32, (self.experts_per_rank,))]
@@ -244,15 +264,13 @@ class Buffer:
             fields += [("forwarded_token", torch.int32, (self.nodes, cfg.max_tokens_per_rank)),
                        ("forwarded_mask", torch.int64, (self.nodes, cfg.max_tokens_per_rank)),
                        ("forwarded_count", torch.int32, (self.nodes,))]
-        elif cfg.ht_tokens:
-            fields.append(("part_rows", torch.int32, (self.world_size, cfg.ht_parts + 1)))
         placed, offset = [], 0
         for name, dtype, shape in fields:
             size = dtype.itemsize
             strides = tuple(int(torch.Size(shape[i + 1:]).numel()) for i in range(len(shape)))
             placed.append((name, dtype, shape, strides, offset // size))
             offset += -(-torch.Size(shape).numel() * size // 256) * 256
-        return max(offset, 256), tuple(placed)
+        return max(offset, 256) // 4, tuple(placed)
 
     def _row_fields(self) -> tuple:
         """(name, dtype, values per row) of the flat outputs' row tensors (scales for fp8 only)."""
@@ -465,11 +483,11 @@ class _ExpertState:
             pair_views = self._pair_views[(half, num_tokens)] = (
                 self.tokens_per_expert[half], self.pair_ids[half, :num_tokens], self.pair_weights[half, :num_tokens])
         counts, pair_ids, pair_weights = pair_views
-        handle = ExpertHandle(half=half, call=call, num_tokens=num_tokens, tokens_per_expert=counts, pair_ids=pair_ids,
-                              pair_weights=pair_weights, buffer_id=id(buf))
+        handle = make_frozen(ExpertHandle, half=half, call=call, num_tokens=num_tokens, tokens_per_expert=counts,
+                             pair_ids=pair_ids, pair_weights=pair_weights, buffer_id=id(buf), path="expert")
         rows, scales, weights, src = self.views[half]
-        out = ExpertDispatchOutput(x=rows, x_scales=scales, topk_weights=weights, src=src,
-                                   tokens_per_expert=handle.tokens_per_expert, handle=handle)
+        out = make_frozen(ExpertDispatchOutput, x=rows, x_scales=scales, topk_weights=weights, src=src,
+                          tokens_per_expert=counts, handle=handle, layout="expert")
         params = buf.launch_params(EXPERT_PATH, num_tokens).dispatch
         call_word = buf.sync.call_word(EXPERT_PATH)
 

@@ -55,8 +55,7 @@ def check_dispatch(cfg: EpConfig, device: torch.device, x, topk_ids, topk_weight
         check_tensor("x_scales", x_scales, (torch.float32,), (num_tokens, cfg.num_scales), device)
     check_tensor("topk_ids", topk_ids, (torch.int32, torch.int64), (num_tokens, cfg.topk), device)
     check_tensor("topk_weights", topk_weights, (torch.float32,), (num_tokens, cfg.topk), device)
-    capturing = device.type != "cpu" and torch.cuda.is_current_stream_capturing()
-    if check_ids and num_tokens and not capturing:
+    if check_ids and num_tokens and not (device.type != "cpu" and torch.cuda.is_current_stream_capturing()):
         low, high = int(topk_ids.min()), int(topk_ids.max())
         if low < -1 or high >= cfg.num_experts:
             raise ValueError(f"topk_ids must lie in [-1, {cfg.num_experts}); got values in [{low}, {high}]")

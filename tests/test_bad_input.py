@@ -1,5 +1,7 @@
 """Bad input gets a clear Python error before any kernel runs, and the Buffer stays usable."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -97,7 +99,6 @@ def test_heap_bytes_grow_linearly():
     cfg = moe_ep.EpConfig(hidden=7168, num_experts=256, topk=8, max_tokens_per_rank=128,
                           dispatch_dtype=torch.float8_e4m3fn)
     one = moe_ep.heap_bytes(cfg, 4)
-    import dataclasses
     four = moe_ep.heap_bytes(dataclasses.replace(cfg, max_tokens_per_rank=512), 4)
     assert 3.9 < four / one < 4.01
     assert 22_000_000 < one < 22_600_000  # the figure moe_ep/regions.py documents
@@ -169,7 +170,6 @@ def test_kernels_check_expert_ids(ranks, path):
 def _disagreeing_buffers(ctx, shape):
     """Ranks that build their Buffers differently each get the same ValueError naming the field,
     before anything is allocated (no hang in a barrier, no shared memory left); then alike, it works."""
-    import dataclasses
     import glob
 
     base = moe_ep.EpConfig(hidden=shape.hidden, num_experts=shape.num_experts_per_rank * ctx.world_size,
@@ -285,8 +285,9 @@ def test_inter_node_variants_interoperate(ranks):
 
 def _stale_and_own_memory(ctx, shape):
     """A handle whose outputs a later dispatch rewrote (out=), and dispatch inputs that are views of
-    the Buffer's own receive memory, are refused before any launch; the Buffer stays usable."""
-    from ep_cases import check_dispatch
+    the Buffer's own receive memory, are refused before any launch; the Buffer stays usable; an LL
+    call's outputs may be reused by an HT call."""
+    from ep_cases import check_dispatch, check_part_rows
     from expert_cases import expert_config
     from moe_ep import reference
 
@@ -320,6 +321,19 @@ def _stale_and_own_memory(ctx, shape):
         buf.combine(torch.zeros(pairs.x.shape, dtype=torch.bfloat16, device=ctx.device), pairs.handle)
         again = buf.dispatch(pairs.x[0, :3].clone(), ids, w)  # a copy is fine
         buf.combine(y, again.handle)
+        # An LL call's outputs (made without HT's part_rows) reused by an HT call: part_rows comes
+        # from their allocation, and the results are the reference's.
+        ll = buf.dispatch(x, ids, w, num_tokens_hint=3)
+        assert ll.handle.path == "ll" and ll.handle.part_rows is None
+        ht = buf.dispatch(x, ids, w, out=ll, num_tokens_hint=shape.max_tokens_per_rank)
+        assert ht.handle.path == "ht" and ht.handle.part_rows is not None
+        check_dispatch(ht, expected, buf.capacity)
+        check_part_rows(ht, expected, [3] * ctx.world_size, cfg.ht_parts)
+        buf.combine(y, ht.handle)
+        # Outputs built without their dataclass's __init__ (make_frozen) carry every field.
+        for made in (ht, ht.handle, views, views.handle, pairs, pairs.handle, buf.empty_dispatch_output()):
+            assert set(vars(made)) == {f.name for f in dataclasses.fields(made)}, type(made).__name__
+            assert dataclasses.replace(made) == made
         buf.check()
     finally:
         buf.close()

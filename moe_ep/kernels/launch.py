@@ -7,9 +7,13 @@ arguments: those that depend only on its key (heap offsets and tensors, launch p
 call by what Triton specialises on among the per-call arguments alone (a tensor's dtype and
 address mod 16, an integer's ``== 1`` / ``% 16`` and width, a constexpr's value); the first launch
 of a key goes through Triton (compiling if needed) and keeps the compiled kernel, later ones call
-it directly (``CompiledKernel[grid](*args)``: Triton 3.6 to 3.9 launch the same way) with every
-pointer as an integer. Under Triton's interpreter every launch goes through ``kernel[grid]``.
-``MOE_EP_FAST_LAUNCH=0`` turns the direct launches off (to compare).
+its launcher directly (``CompiledKernel.run(grid, stream, function, metadata, hooks, *args)``, which
+Triton 3.6 to 3.9 call alike on NVIDIA and AMD) with every pointer as an integer and the stream of
+the Buffer's device. That skips what Triton's own runner (``CompiledKernel[grid](*args)``) does per
+launch: look up the current device, build the launch metadata for the launch hooks, and have the
+launcher call the two hook chains, empty unless a profiler registered hooks, in which case every
+launch goes through the runner. Under Triton's interpreter every launch goes through
+``kernel[grid]``. ``MOE_EP_FAST_LAUNCH=0`` turns the direct launches off (to compare).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 
 import torch
+from triton import knobs
 
 FAST = os.environ.get("MOE_EP_FAST_LAUNCH", "1") != "0"
 
@@ -48,10 +53,10 @@ class Launcher:
         compiled_by_key = prepared[2]
         compiled = compiled_by_key.get(key)
         if compiled is None:
-            compiled_by_key[key] = self.kernel[grid](**static.kwargs, **dynamic, num_warps=static.num_warps,
-                                                     **static.options)
+            compiled_by_key[key] = _Compiled(self.kernel[grid](**static.kwargs, **dynamic, num_warps=static.num_warps,
+                                                               **static.options))
         else:
-            compiled[(grid + (1, 1))[:3]](*args)
+            compiled.launch(grid, static.device_index, args)
 
     @staticmethod
     def _args_and_key(prepared: tuple, dynamic: dict) -> tuple[list, tuple]:
@@ -106,14 +111,45 @@ class Launcher:
         return template, tuple(plan), {}
 
 
+class _Compiled:
+    """A compiled kernel and what its direct launches need (see the module's docstring)."""
+
+    __slots__ = ("kernel", "run", "function", "metadata")
+    _stream = None  # Triton's current-stream function of the active driver: (device index) -> stream handle
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.run = kernel.run  # the launcher (loads the module on first use)
+        self.function = kernel.function
+        self.metadata = kernel.packed_metadata
+        if _Compiled._stream is None:
+            from triton.runtime import driver
+
+            _Compiled._stream = driver.active.get_current_stream
+
+    def launch(self, grid: tuple, device_index: int, args: list) -> None:
+        runtime = knobs.runtime
+        if _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook):
+            self.kernel[(grid + (1, 1))[:3]](*args)  # a profiler's hooks: Triton's runner calls them
+            return
+        x, y, z = (grid + (1, 1))[:3]
+        self.run(x, y, z, _Compiled._stream(device_index), self.function, self.metadata, None, None, None, *args)
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook of Triton's knobs does anything (a HookChain with hooks, or a function)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class LaunchArgs:
     """The arguments of a launch that depend only on its cache key (heap offsets and tensors, launch
     parameters, halves, flags): ``kwargs`` by name, ``num_warps`` and compile ``options`` apart;
     ``prepared`` keeps, per Launcher, what its fast launches derive from them."""
 
-    __slots__ = ("kwargs", "num_warps", "options", "prepared")
+    __slots__ = ("kwargs", "num_warps", "options", "prepared", "device_index")
 
-    def __init__(self, kwargs: dict):
+    def __init__(self, kwargs: dict, device_index: int = 0):
+        self.device_index = device_index  # the device whose current stream the direct launches use
         self.num_warps = kwargs.pop("num_warps", 4)
         self.options = kwargs.pop("options", None) or {}
         self.kwargs = kwargs
@@ -130,5 +166,8 @@ def static_args(owner, key, make) -> LaunchArgs:
     cache = owner.__dict__.setdefault("_launch_args", {})
     args = cache.get(key)
     if args is None:
-        args = cache[key] = LaunchArgs(make())
+        device = getattr(owner, "device", None)
+        index = device.index if device is not None and device.index is not None else \
+            torch.cuda.current_device() if device is not None and device.type == "cuda" else 0
+        args = cache[key] = LaunchArgs(make(), index)
     return args
