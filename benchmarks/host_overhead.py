@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=20)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--breakdown", action="store_true", help="time the sections of each call (host_breakdown.py)")
+    p.add_argument("--inference-mode", action="store_true",
+                   help="make every call under torch.inference_mode(), as vLLM and SGLang run their forward passes")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     on_gpu = torch.cuda.is_available()
@@ -144,14 +146,16 @@ def main(argv=None):
     import triton
 
     env = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "torch": torch.__version__,
-           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
-    results = [measure(path, args, device) for path in args.paths.split(",")]
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "inference_mode": args.inference_mode}
+    with torch.inference_mode(args.inference_mode):
+        results = [measure(path, args, device) for path in args.paths.split(",")]
     floor = None
     if args.breakdown and on_gpu:
         from host_breakdown import floors
 
         floor = floors(device)
-    print(f"host time per eager call, {env['device']}, torch {env['torch']}, triton {env['triton']} (median / p90 us)")
+    print(f"host time per eager call, {env['device']}, torch {env['torch']}, triton {env['triton']}"
+          f"{', under torch.inference_mode()' if args.inference_mode else ''} (median / p90 us)")
     for r in results:
         print(f"  {r['path']:7s} {r['tokens']:5d} tokens: dispatch {r['dispatch_host_us']:7.1f} / "
               f"{r['dispatch_host_p90_us']:7.1f}   combine {r['combine_host_us']:7.1f} / {r['combine_host_p90_us']:7.1f}")
