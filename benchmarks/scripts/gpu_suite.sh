@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The -m gpu suite at world size 4, then 2 (WORLDS="8 4 2" on an 8-GPU machine), then (SOAK=1)
+# The -m gpu suite at world size 4, then 2 (WORLDS="8 4 2" on an 8-GPU machine; "1": one rank on
+# one GPU, tests/test_single_rank.py), then (SOAK=1)
 # the 4-GPU soak, one after another:
 # never run two multi-rank jobs on the same GPUs at once (each GPU time-slices the process
 # groups, and kernels that wait for all ranks then crawl; benchmarks/NOTES.md run 8).
@@ -16,7 +17,8 @@ run() {  # name, time limit, pytest args...
   timeout -k 10 "$limit" python3 -m pytest -v -p no:cacheprovider -o console_output_style=times --durations=12 -rfEs "$@" >"$OUT/$name.log" 2>&1
   echo "$name: exit $?" >>"$OUT/$name.log"
 }
-for w in ${WORLDS:-4 2}; do
+for w in ${WORLDS:-4 2 1}; do
+  if [ "$w" = 1 ]; then CUDA_VISIBLE_DEVICES=0 run gpu1 "${SUITE_TIMEOUT:-500}" -m gpu tests/test_single_rank.py "$@"; fi
   if [ "$w" = 4 ]; then run gpu4 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu4 or cuda-4" "$@"; fi
   if [ "$w" = 8 ]; then run gpu8 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu8 or cuda-8" "$@"; fi
   if [ "$w" = 2 ]; then CUDA_VISIBLE_DEVICES=0,1 run gpu2 "${SUITE_TIMEOUT:-500}" -m gpu -k "gpu2 or cuda-2" "$@"; fi
