@@ -273,11 +273,7 @@ def _one_pair(ctx, buf, plan: Plan, tokens: list, bound: int, target: int, data:
     if bool(torch.stack(bad).any()):
         problems.append(_dispatch_message(out, expected, tokens, cfg.ht_parts, plan.poisoned, buf.capacity))
     if bool(combine_bad):
-        try:
-            assert_equal("combine", z_expected.cpu(), z.cpu())
-            problems.append("combine: the device comparison differed, the host check did not")
-        except AssertionError as err:
-            problems.append(str(err))
+        problems.append(_combine_message(z_expected, z))
     if plan.zero_copy:  # the next call must rewrite every row it returns (receive regions included)
         poison_rows(out)
     return problems, rows
@@ -329,8 +325,7 @@ def _expert_pair(ctx, buf, plan: Plan, batch, bound: int, state: ExpertState) ->
     if out.handle.path != "expert":
         problems.append(f"took the {out.handle.path} path, expected expert")
     if bool(torch.stack(bad).any()):
-        host = dataclasses.replace(expected, **{f.name: getattr(expected, f.name).cpu() if getattr(expected, f.name)
-                                                is not None else None for f in dataclasses.fields(expected)})
+        host = _on_host(expected)
         try:
             expert_cases.check_expert_dispatch(out, host, "")
             if untouched:
@@ -339,11 +334,7 @@ def _expert_pair(ctx, buf, plan: Plan, batch, bound: int, state: ExpertState) ->
         except AssertionError as err:
             problems.append(f"dispatch: {err}")
     if bool(combine_bad):
-        try:
-            assert_equal("combine", z_expected.cpu(), z.cpu())
-            problems.append("combine: the device comparison differed, the host check did not")
-        except AssertionError as err:
-            problems.append(str(err))
+        problems.append(_combine_message(z_expected, z))
     if plan.poisoned:  # the call that reuses this half must rewrite every valid row and no other
         expert_cases.poison(out)
         state.poisoned.add(half)
@@ -371,10 +362,24 @@ def _differs(expected: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
     return (expected.contiguous().reshape(-1).view(torch.uint8) != got.contiguous().reshape(-1).view(torch.uint8)).any()
 
 
+def _on_host(expected):
+    """A reference result (a dataclass of tensors) with every tensor copied to the host."""
+    return dataclasses.replace(expected, **{f.name: getattr(expected, f.name).cpu() if getattr(expected, f.name)
+                                            is not None else None for f in dataclasses.fields(expected)})
+
+
+def _combine_message(z_expected: torch.Tensor, z: torch.Tensor) -> str:
+    """The host check's message for a combine the device comparison found different."""
+    try:
+        assert_equal("combine", z_expected.cpu(), z.cpu())
+    except AssertionError as err:
+        return str(err)
+    return "combine: the device comparison differed, the host check did not"
+
+
 def _dispatch_message(out, expected, tokens, parts, poisoned, capacity) -> str:
     """ep_cases' checks on host copies, for the message of a dispatch mismatch."""
-    host = dataclasses.replace(expected, **{f.name: getattr(expected, f.name).cpu() if getattr(expected, f.name)
-                                            is not None else None for f in dataclasses.fields(expected)})
+    host = _on_host(expected)
     try:
         n = check_dispatch(out, host, capacity)
         if out.handle.path == "ht":
