@@ -245,8 +245,10 @@ class Buffer:
 
     def _part_rows(self, handle: DispatchHandle) -> torch.Tensor:
         """``part_rows`` of outputs made without it (an LL call's): the first field of their
-        allocation in either layout (``_output_layout``)."""
-        return handle.block.as_strided((self.world_size, self.cfg.ht_parts + 1), (self.cfg.ht_parts + 1, 1), 0)
+        allocation, alike in either layout (``_output_layout``)."""
+        name, _, shape, strides, offset = next(iter(self._output_layouts.values()))[1][0]
+        assert name == "part_rows", name
+        return handle.block.as_strided(shape, strides, offset)
 
     def _output_layout(self, views: bool) -> tuple:
         """(int32 words, fields) of the one allocation behind a dispatch's outputs: per field (name,

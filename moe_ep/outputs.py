@@ -91,7 +91,7 @@ def make_frozen(cls, **values):
     """An instance of the frozen dataclass ``cls`` from the value of every one of its fields,
     without its generated ``__init__``: one dict update instead of an ``object.__setattr__`` per
     field (a flat dispatch makes two such objects of 9 and 13 fields on every call's host path;
-    ``tests/test_launch.py`` checks the result equals the constructor's)."""
+    ``test_stale_handles_and_own_memory_are_refused`` checks every field is set)."""
     obj = object.__new__(cls)
     obj.__dict__.update(values)
     return obj
